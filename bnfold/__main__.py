@@ -1,0 +1,3 @@
+from bnfold.cli import main
+
+raise SystemExit(main())

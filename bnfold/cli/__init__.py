@@ -1,0 +1,87 @@
+"""The ``bnfold`` command line: parse, call one library function, present the result.
+
+Each sub-command lives in its own module ``bnfold/cli/<name>.py`` exposing ``register(sub)``
+(adds its parser, with ``func=run``) and ``run(args) -> int``. Command modules import heavy
+libraries inside ``run`` so ``bnfold --help`` and ``bnfold serve`` stay fast and torch-free.
+
+Errors: a :class:`~bnfold.errors.BnfoldError` (or ``ValueError``/``OSError`` from bad input)
+becomes one line on stderr and exit code 2 (1 for a failed verification); ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+from collections.abc import Sequence
+
+from bnfold._version import __version__
+from bnfold.errors import BnfoldError
+
+# Sub-command modules, in the order `bnfold --help` lists them.
+COMMANDS = ("quickstart", "train", "fold", "inspect", "verify", "bench", "serve")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep the examples in epilogs as written and show defaults."""
+
+
+def common_parser() -> argparse.ArgumentParser:
+    """Options every sub-command accepts (pass as ``parents=[common_parser()]``)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bnfold",
+        description="Fold batch normalization exactly, verify it, export to ONNX and serve it.",
+        epilog="examples:\n  bnfold quickstart\n  bnfold fold model.pt -o model.onnx\n"
+        "  bnfold serve --model-repository models",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"bnfold {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"bnfold.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"bnfold.cli.{name}":
+                continue  # command not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("bnfold: interrupted", file=sys.stderr)
+        return 130
+    except BnfoldError as exc:
+        return _fail(args, exc, exc.exit_code)
+    except (ValueError, TypeError, OSError) as exc:
+        return _fail(args, exc, 2)
+    except Exception as exc:  # an internal error: still one line, but say how to get details
+        return _fail(args, exc, 3, internal=True)
+
+
+def _fail(args: argparse.Namespace, exc: BaseException, code: int, internal: bool = False) -> int:
+    if getattr(args, "debug", False):
+        traceback.print_exc()
+    else:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if internal:
+            message = f"internal error ({type(exc).__name__}): {message}; rerun with --debug and report it"
+        print(f"bnfold: error: {message}", file=sys.stderr)
+    return code

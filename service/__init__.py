@@ -1,0 +1,1 @@
+"""The bnfold inference service: Open Inference Protocol over FastAPI + onnxruntime (no torch)."""
