@@ -1,0 +1,213 @@
+"""A mutable view of one ONNX graph for the rewrites: who produces and who consumes each value,
+which values are constants, and the few edits a fold needs (replace a constant, rewire, remove).
+
+Constants are initializers that are *not* graph inputs (a graph input with an initializer is a
+default the caller may override) and outputs of ``Constant`` nodes. A rewrite never edits a
+constant that has another user: it writes a private copy under a fresh name instead.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+_FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.BFLOAT16,
+}
+
+
+@dataclass(frozen=True)
+class Const:
+    """A constant value: its name, its array (float64) and its ONNX element type."""
+
+    name: str
+    value: np.ndarray
+    elem_type: int
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The graphs held in ``node``'s attributes (If branches, Loop/Scan bodies)."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def _names_used_inside(graph: onnx.GraphProto) -> Iterator[str]:
+    for node in graph.node:
+        yield from (name for name in node.input if name)
+        for sub in subgraphs(node):
+            yield from _names_used_inside(sub)
+    yield from (out.name for out in graph.output)
+
+
+def _all_names(graph: onnx.GraphProto) -> Iterator[str]:
+    for group in (graph.input, graph.output, graph.value_info):
+        yield from (v.name for v in group)
+    yield from (t.name for t in graph.initializer)
+    for node in graph.node:
+        yield node.name
+        yield from node.input
+        yield from node.output
+        for sub in subgraphs(node):
+            yield from _all_names(sub)
+
+
+class Graph:
+    """Index over ``graph`` (edited in place). Call :meth:`reindex` after structural edits."""
+
+    def __init__(self, graph: onnx.GraphProto, ranks: dict[str, int]) -> None:
+        self.graph = graph
+        self.ranks = ranks  # value name -> tensor rank, from shape inference
+        self._taken = set(_all_names(graph))
+        self.orphan_candidates: set[str] = set()  # constants a rewrite stopped using
+        self.reindex()
+
+    def reindex(self) -> None:
+        g = self.graph
+        self.inputs = {v.name for v in g.input}
+        self.outputs = {v.name for v in g.output}
+        self.initializers = {t.name: t for t in g.initializer}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+        self.uses: Counter[str] = Counter()  # node inputs, subgraph references and graph outputs
+        for node in g.node:
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            for i, name in enumerate(node.input):
+                if name:
+                    self.consumers.setdefault(name, []).append((node, i))
+                    self.uses[name] += 1
+            for sub in subgraphs(node):
+                self.uses.update(set(_names_used_inside(sub)))
+        self.uses.update(self.outputs)
+
+    # -- questions -------------------------------------------------------------------------
+
+    def describe(self, node: onnx.NodeProto) -> str:
+        return f"{node.op_type} '{node_id(node)}'"
+
+    def constant(self, name: str, role: str) -> Const | str:
+        """The constant ``name`` or the reason it is not one (``role`` names it in the reason)."""
+        if name in self.inputs:
+            where = "an initializer that is also a graph input" if name in self.initializers else "a graph input"
+            return f"{role} '{name}' is {where}, so it can change at run time; it must be a constant initializer"
+        if name in self.initializers:
+            tensor = self.initializers[name]
+        else:
+            node = self.producer.get(name)
+            if node is None:
+                return f"{role} '{name}' is not produced by any node or initializer"
+            if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+                return f"{role} '{name}' is computed by {self.describe(node)} at run time, not a constant"
+            tensor = _constant_tensor(node)
+            if tensor is None:
+                return f"{role} '{name}' comes from a Constant node without a dense float value"
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            return (f"{role} '{name}' is stored as external data; load the model with "
+                    "onnx.load(path, load_external_data=True)")
+        if tensor.data_type not in _FLOAT_TYPES:
+            dtype = onnx.TensorProto.DataType.Name(tensor.data_type)
+            return f"{role} '{name}' has element type {dtype}; only float16/bfloat16/float/double fold"
+        value = numpy_helper.to_array(tensor).astype(np.float64)
+        return Const(name=name, value=value, elem_type=tensor.data_type)
+
+    def sole_consumer(self, name: str, owner: str) -> tuple[onnx.NodeProto, int] | str:
+        """The one node input reading ``name``, or why the value has to stay as it is."""
+        if name in self.outputs:
+            return f"{owner} output '{name}' is a graph output, so it must stay unchanged"
+        users = self.consumers.get(name, [])
+        if self.uses[name] != 1 or len(users) != 1:
+            others = ", ".join(sorted({self.describe(n) for n, _ in users})) or "a subgraph"
+            return (f"{owner} output '{name}' has {self.uses[name]} uses ({others}), so it must stay "
+                    "unchanged")
+        return users[0]
+
+    # -- edits -----------------------------------------------------------------------------
+
+    def fresh(self, base: str) -> str:
+        """A name not used anywhere in the model, derived from ``base``."""
+        name, i = base, 1
+        while name in self._taken:
+            name, i = f"{base}_{i}", i + 1
+        self._taken.add(name)
+        return name
+
+    def set_constant(self, node: onnx.NodeProto, index: int, value: np.ndarray, elem_type: int, base: str) -> None:
+        """Make ``node.input[index]`` a constant holding ``value`` (cast to ``elem_type``).
+
+        An initializer used only here is overwritten under its own name; anything else (shared
+        initializer, Constant node, missing optional input) gets a new initializer with a fresh name.
+        """
+        arr = value.astype(helper.tensor_dtype_to_np_dtype(elem_type))
+        old = node.input[index] if index < len(node.input) else ""
+        if old in self.initializers and self.uses[old] == 1 and old not in self.inputs:
+            self.initializers[old].CopyFrom(numpy_helper.from_array(arr, old))
+            return
+        name = self.add_initializer(value, elem_type, old or base)
+        while len(node.input) <= index:
+            node.input.append("")
+        if old:
+            self.orphan_candidates.add(old)
+        node.input[index] = name
+
+    def add_initializer(self, value: np.ndarray, elem_type: int, base: str) -> str:
+        """Add a new initializer holding ``value`` cast to ``elem_type``; return its fresh name."""
+        name = self.fresh(f"{base}_bnfold")
+        arr = value.astype(helper.tensor_dtype_to_np_dtype(elem_type))
+        self.graph.initializer.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def remove_node(self, node: onnx.NodeProto) -> None:
+        self.orphan_candidates.update(name for name in node.input if name)
+        self.graph.node.remove(node)
+
+    def insert_after(self, anchor: onnx.NodeProto, node: onnx.NodeProto) -> None:
+        nodes = self.graph.node
+        position = next(i for i, n in enumerate(nodes) if n is anchor)
+        nodes.insert(position + 1, node)
+
+    def drop_value_info(self, name: str) -> None:
+        for vi in list(self.graph.value_info):
+            if vi.name == name:
+                self.graph.value_info.remove(vi)
+
+    def remove_orphans(self) -> None:
+        """Remove initializers and Constant nodes a rewrite orphaned (never anything else)."""
+        self.reindex()
+        pending = sorted(n for n in self.orphan_candidates if self.uses[n] == 0 and n not in self.inputs)
+        for name in pending:
+            if name in self.initializers:
+                self.graph.initializer.remove(self.initializers[name])
+            node = self.producer.get(name)
+            if node is not None and node.op_type == "Constant" and len(node.output) == 1:
+                self.graph.node.remove(node)
+            self.drop_value_info(name)
+        self.orphan_candidates.clear()
+        self.reindex()
+
+
+def node_id(node: onnx.NodeProto) -> str:
+    """The node's name, or its first output when it has none."""
+    return node.name or (node.output[0] if node.output else node.op_type)
+
+
+def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    for attr in node.attribute:
+        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+            return attr.t
+        if attr.name == "value_float":
+            return numpy_helper.from_array(np.array(attr.f, dtype=np.float32))
+        if attr.name == "value_floats":
+            return numpy_helper.from_array(np.array(list(attr.floats), dtype=np.float32))
+    return None
