@@ -40,11 +40,14 @@ def to_onnx(
     input_name: str = "input",
     output_name: str = "logits",
     exporter: Exporter = "torchscript",
+    keep_batchnorm: bool = False,
 ) -> onnx.ModelProto:
     """Export ``model`` (a ``torch.nn.Module``, run in eval mode) for inputs ``(batch, *input_shape)``.
 
     The batch dimension is dynamic (``dim_param="batch"``); the graph has one input and one
     output with the given names and passes the full ONNX checker. ``opset`` must be >= 17.
+    ``keep_batchnorm`` turns off the TorchScript exporter's constant folding (which fuses
+    Conv+BatchNorm on its own) to export an *unfolded* baseline for benchmarks and tests.
     Raises :class:`BnfoldError` if the exporter or the checker fails.
     """
     import torch
@@ -66,14 +69,14 @@ def to_onnx(
                     model, (example,), buf, dynamo=False, opset_version=opset,  # type: ignore[arg-type]
                     input_names=[input_name], output_names=[output_name],
                     dynamic_axes={input_name: {0: BATCH_DIM}, output_name: {0: BATCH_DIM}},
-                    do_constant_folding=True,
+                    do_constant_folding=not keep_batchnorm,
                 )
                 proto = onnx.load_from_string(buf.getvalue())
             elif exporter == "dynamo":
                 program = torch.onnx.export(
                     model, (example,), dynamo=True, opset_version=opset, verbose=False,
                     input_names=[input_name], output_names=[output_name],
-                    dynamic_shapes=({0: torch.export.Dim(BATCH_DIM)},), optimize=True,
+                    dynamic_shapes=({0: torch.export.Dim(BATCH_DIM)},), optimize=not keep_batchnorm,
                 )
                 proto = program.model_proto  # type: ignore[union-attr]
             else:

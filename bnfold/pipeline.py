@@ -1,0 +1,453 @@
+"""The fold pipeline behind the CLI: load -> fold -> verify -> export -> check -> certify -> write.
+
+Every step either succeeds or raises; nothing is written until every check has passed:
+
+1. *load* a bnfold checkpoint / state_dict (:func:`bnfold.checkpoint.load_model`) or an ONNX file;
+2. *fold* with :func:`bnfold.fold`;
+3. *verify* folded vs original against a float64 reference (:func:`bnfold.verification.verify`)
+   on random N(0, 1) inputs of the model's input shape and, when a data set is known, on real
+   validation samples;
+4. *export* to ONNX (:func:`bnfold.export.to_onnx`, full checker) and verify onnxruntime
+   (optimizations off) against the original PyTorch model on the same inputs;
+5. *certify*: attach a :class:`~bnfold.certificate.Certificate` with the measured errors and a
+   self-test vector, and re-check that vector on the serialized bytes;
+6. *write* atomically: an output file, a new repository version, a JSON report.
+
+An ONNX input is folded with the ONNX rewriter and verified with onnxruntime (original vs
+folded); steps 5 and 6 are the same. The CLI commands ``fold``, ``inspect`` and ``verify`` are
+thin wrappers over :func:`run`, :func:`inspect_file` and :func:`compare_files`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+
+import bnfold
+from bnfold import atomic, certificate, export, repository
+from bnfold._version import __version__
+from bnfold.errors import BnfoldError, VerificationFailed
+from bnfold.result import FoldResult
+from bnfold.tolerance import Comparison, Tolerance
+from bnfold.verification import VerifyReport, ort_runner, verify
+
+Status = Callable[[str], None]
+Kind = Literal["checkpoint", "onnx"]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to rebuild a model from a plain state_dict (a bnfold checkpoint names its own)."""
+
+    arch: str | None = None  # a bnfold architecture name, e.g. "cnn"
+    arch_config: dict[str, Any] | None = None  # keyword overrides for the architecture
+    model_factory: str | None = None  # "package.module:factory" returning an nn.Module
+
+
+@dataclass(frozen=True)
+class Config:
+    """Options of the verification and export steps; defaults are what ``bnfold fold`` uses."""
+
+    tolerance: Tolerance = field(default_factory=Tolerance)
+    n_random: int = 64  # random N(0, 1) samples per check
+    seed: int = 0  # seeds the random inputs
+    data: str | None = None  # bundled data set name or data path; default: the checkpoint's data set
+    use_data: bool = True  # verify on real validation samples when a data set is known
+    max_data: int = 1024  # at most this many validation samples
+    selftest_samples: int = 4  # samples in the certificate's self-test vector
+    opset: int = 17
+    exporter: export.Exporter = "torchscript"
+    input_name: str = "input"
+    output_name: str = "logits"
+
+
+@dataclass
+class Source:
+    """A loaded input file: a PyTorch model (from a checkpoint) or an ONNX model."""
+
+    path: Path
+    sha256: str
+    kind: Kind
+    model: Any  # torch.nn.Module (eval, float32) or onnx.ModelProto
+    architecture: str
+    input_shape: list[int]  # per sample, no batch axis
+    class_labels: list[str]
+    dataset: str | None = None
+    data_seed: int = 0  # the seed the checkpoint's train/validation split used
+
+
+@dataclass
+class Check:
+    """One verification: ``stage`` is the runtime of the candidate ("pytorch" or "onnxruntime")."""
+
+    stage: str
+    report: VerifyReport
+
+    @property
+    def key(self) -> str:
+        return f"{self.stage}/{self.report.inputs}"
+
+
+@dataclass
+class Outcome:
+    """Everything the pipeline measured, and the certified ONNX model (not yet written)."""
+
+    source: Source
+    fold: FoldResult[Any]
+    checks: list[Check]
+    onnx_model: onnx.ModelProto
+    certificate: certificate.Certificate
+    selftest: Comparison
+    timings: dict[str, float]
+    written: list[str] = field(default_factory=list)
+
+    @property
+    def batchnorm_nodes(self) -> int:
+        return sum(1 for n in self.onnx_model.graph.node if n.op_type == "BatchNormalization")
+
+    def to_dict(self) -> dict[str, Any]:
+        src = self.source
+        return {
+            "bnfold_version": __version__,
+            "source": {
+                "path": str(src.path), "sha256": src.sha256, "kind": src.kind, "architecture": src.architecture,
+                "input_shape": src.input_shape, "class_labels": src.class_labels, "dataset": src.dataset,
+            },
+            "fold": {
+                "counts": self.fold.counts,
+                "batchnorms": [{"bn": bn, "status": st, "detail": detail} for bn, st, detail in self.fold.rows()],
+                "notes": list(self.fold.notes),
+            },
+            "checks": {c.key: {"stage": c.stage, **c.report.to_dict()} for c in self.checks},
+            "onnx": {
+                "opset": _opset(self.onnx_model),
+                "ops": export.op_counts(self.onnx_model),
+                "batchnorm_nodes": self.batchnorm_nodes,
+                "input": export.graph_input(self.onnx_model)[0],
+                "output": self.onnx_model.graph.output[0].name,
+                "dynamic_batch": export.has_dynamic_batch(self.onnx_model),
+            },
+            "selftest": {"max_abs_error": self.selftest.max_abs, "allowed": self.selftest.allowed,
+                         "passed": self.selftest.passed},
+            "tolerance": self.certificate.tolerance.to_dict(),
+            "timings_s": self.timings,
+            "written": self.written,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_input_file(path: str | Path) -> Path:
+    """``path`` must be an existing, non-empty regular file; raises :class:`BnfoldError` otherwise."""
+    p = Path(path)
+    if not p.exists():
+        raise BnfoldError(f"{p}: no such file")
+    if p.is_dir():
+        raise BnfoldError(f"{p} is a directory, expected a checkpoint (.pt) or an ONNX file (.onnx)")
+    if p.stat().st_size == 0:
+        raise BnfoldError(f"{p} is empty (0 bytes), expected a checkpoint (.pt) or an ONNX file (.onnx)")
+    return p
+
+
+def load_source(path: str | Path, options: LoadOptions | None = None) -> Source:
+    """Load a checkpoint/state_dict (``options`` say how to rebuild a bare state_dict) or an ONNX file."""
+    p = check_input_file(path)
+    digest = sha256_file(p)
+    if export.is_onnx_file(p):
+        model = export.read_onnx(p)
+        meta = {e.key: e.value for e in model.metadata_props}
+        cert = _certificate_or_none(meta)
+        shape = export.sample_shape(model)
+        name = model.graph.name or p.stem
+        return Source(p, digest, "onnx", model, cert.architecture if cert and cert.architecture else f"onnx:{name}",
+                      shape, cert.class_labels if cert else [], None)
+    from bnfold.checkpoint import load_model
+
+    opts = options or LoadOptions()
+    loaded = load_model(p, arch=opts.arch, arch_config=opts.arch_config, model_factory=opts.model_factory)
+    return Source(p, digest, "checkpoint", loaded.model, str(loaded.arch or type(loaded.model).__name__),
+                  [int(d) for d in loaded.input_shape], [str(c) for c in (loaded.class_labels or [])],
+                  loaded.dataset, _int_or(loaded.meta.get("seed"), 0))
+
+
+def _int_or(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _certificate_or_none(meta: dict[str, str]) -> certificate.Certificate | None:
+    try:
+        return certificate.read(meta)
+    except ValueError:
+        return None
+
+
+def input_sets(source: Source, config: Config) -> list[tuple[str, np.ndarray]]:
+    """The inputs to verify on: random N(0, 1) samples, plus real validation samples if a data set is known."""
+    sets = [("random", export.random_inputs(source.input_shape, config.n_random, seed=config.seed))]
+    name = config.data or (source.dataset if config.use_data else None)
+    if name:
+        sets.append(_validation_set(name, source, config, explicit=config.data is not None))
+    return sets
+
+
+def _validation_set(name: str, source: Source, config: Config, *, explicit: bool) -> tuple[str, np.ndarray]:
+    from bnfold.data import BUNDLED, load_dataset
+
+    arch = source.architecture if source.kind == "checkpoint" else None
+    try:
+        from bnfold.archs import get_arch
+
+        get_arch(arch or "")
+    except (ImportError, BnfoldError, KeyError, ValueError):
+        arch = None  # a custom model: keep the data set's own sample layout
+    where: dict[str, Any] = {"name": name} if name in BUNDLED else {"path": name}
+    data = load_dataset(**where, arch=arch, seed=source.data_seed)
+    x = data.X_val[: config.max_data]
+    if list(x.shape[1:]) != list(source.input_shape):
+        if explicit or x[0].size != int(np.prod(source.input_shape)):
+            raise BnfoldError(
+                f"validation samples of {data.name} have shape {list(x.shape[1:])} "
+                f"but the model expects {source.input_shape}"
+            )
+        x = x.reshape(x.shape[0], *source.input_shape)
+    return f"{data.name} validation", x.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+
+
+@contextmanager
+def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[step] = timings.get(step, 0.0) + time.perf_counter() - start
+
+
+def fold_and_certify(source: Source, config: Config | None = None, *, status: Status = _quiet) -> Outcome:
+    """Fold, verify, export, certify ``source``; raise :class:`VerificationFailed` if any check fails.
+
+    Returns the certified ONNX model without writing it anywhere.
+    """
+    config = config or Config()
+    timings: dict[str, float] = {}
+    with _timed(timings, "inputs"):
+        sets = input_sets(source, config)
+    status("folding batch norms")
+    with _timed(timings, "fold"):
+        result = bnfold.fold(source.model)
+    checks: list[Check] = []
+    stage = "pytorch" if source.kind == "checkpoint" else "onnxruntime"
+    status(f"verifying the folded model ({stage})")
+    with _timed(timings, "verify"):
+        for label, x in sets:
+            rep = verify(source.model, result.model, x, tolerance=config.tolerance, inputs_label=label)
+            checks.append(Check(stage, rep))
+            rep.raise_if_failed()
+    if source.kind == "checkpoint":
+        status("exporting to ONNX")
+        with _timed(timings, "export"):
+            proto = export.to_onnx(result.model, source.input_shape, opset=config.opset, exporter=config.exporter,
+                                   input_name=config.input_name, output_name=config.output_name)
+        status("verifying onnxruntime against PyTorch")
+        with _timed(timings, "verify_onnx"):
+            for label, x in sets:
+                rep = verify(source.model, proto, x, tolerance=config.tolerance, inputs_label=label,
+                             names=("original", "onnx"))
+                checks.append(Check("onnxruntime", rep))
+                rep.raise_if_failed()
+    else:
+        proto = result.model
+        with _timed(timings, "export"):
+            export.check(proto, what="the folded ONNX model")
+    status("writing and checking the certificate")
+    with _timed(timings, "certify"):
+        cert, selftest = _certify(proto, source, result, checks, sets, config)
+        proto = onnx.load_from_string(proto.SerializeToString())  # what gets written
+    return Outcome(source, result, checks, proto, cert, selftest, timings)
+
+
+def _certify(proto: onnx.ModelProto, source: Source, result: FoldResult[Any], checks: list[Check],
+             sets: list[tuple[str, np.ndarray]], config: Config) -> tuple[certificate.Certificate, Comparison]:
+    x = sets[-1][1][: config.selftest_samples]  # real samples when there are some
+    input_name = export.graph_input(proto)[0]
+    cert = certificate.Certificate(
+        input_name=input_name,
+        output_name=proto.graph.output[0].name,
+        selftest_input=x,
+        selftest_output=ort_runner(proto)(x),
+        tolerance=config.tolerance,
+        bnfold_version=__version__,
+        source_sha256=source.sha256,
+        architecture=source.architecture,
+        input_shape=list(source.input_shape),
+        class_labels=list(source.class_labels),
+        folded=result.counts["folded"],
+        kept=result.counts["kept"],
+        errors={c.key: _error_summary(c.report) for c in checks},
+    )
+    certificate.attach(proto, cert)
+    # Re-read the certificate from the serialized bytes and re-run its self-test on them.
+    written = onnx.load_from_string(proto.SerializeToString())
+    again = certificate.read({e.key: e.value for e in written.metadata_props})
+    if again is None:
+        raise VerificationFailed("the certificate did not survive serialization")
+    selftest = again.check(ort_runner(written))
+    if not selftest.passed:
+        raise VerificationFailed(
+            f"the certificate's self-test does not reproduce: max abs error {selftest.max_abs:.3g} "
+            f"> allowed {selftest.allowed:.3g}"
+        )
+    return cert, selftest
+
+
+def _error_summary(rep: VerifyReport) -> dict[str, Any]:
+    return {
+        "reference": rep.reference, "n_samples": rep.n_samples, "max_abs_error": rep.max_abs_error,
+        "max_rel_error": rep.max_rel_error, "allowed": rep.allowed, "top1_agreement": rep.top1_agreement,
+        "baseline_max_abs_error": next((r.max_abs_error for r in rep.rows if not r.gating), None),
+    }
+
+
+def check_destinations(*, output: str | Path | None = None, repository_dir: str | Path | None = None,
+                       name: str | None = None, report: str | Path | None = None) -> None:
+    """Fail early (before any work) on destinations that cannot be written."""
+    if output is None and repository_dir is None:
+        raise BnfoldError("nothing to write: give an output file (-o OUT.onnx) or --repository DIR --name NAME")
+    if (repository_dir is None) != (name is None):
+        raise BnfoldError("--repository and --name go together: the model is written to DIR/NAME/<version>/model.onnx")
+    if name is not None:
+        repository.check_name(name)
+    for label, p in (("output", output), ("report", report)):
+        if p is None:
+            continue
+        p = Path(p)
+        if p.is_dir():
+            raise BnfoldError(f"{label} {p} is a directory, expected a file name")
+        if not p.parent.is_dir():
+            raise BnfoldError(f"{label} directory {p.parent} does not exist")
+    if repository_dir is not None and Path(repository_dir).exists() and not Path(repository_dir).is_dir():
+        raise BnfoldError(f"repository {repository_dir} exists and is not a directory")
+
+
+def write(outcome: Outcome, *, output: str | Path | None = None, repository_dir: str | Path | None = None,
+          name: str | None = None, report: str | Path | None = None) -> list[str]:
+    """Write the certified model (file and/or new repository version) and the JSON report, atomically."""
+    start = time.perf_counter()
+    data = outcome.onnx_model.SerializeToString()
+    if output is not None:
+        atomic.write_bytes(output, data)
+        outcome.written.append(str(output))
+    if repository_dir is not None and name is not None:
+        outcome.written.append(str(repository.publish(repository_dir, name, data)))
+    outcome.timings["write"] = time.perf_counter() - start
+    if report is not None:
+        outcome.written.append(str(report))
+        atomic.write_bytes(report, (json.dumps(outcome.to_dict(), indent=2) + "\n").encode())
+    return outcome.written
+
+
+def run(path: str | Path, *, output: str | Path | None = None, repository_dir: str | Path | None = None,
+        name: str | None = None, report: str | Path | None = None, options: LoadOptions | None = None,
+        config: Config | None = None, status: Status = _quiet) -> Outcome:
+    """``bnfold fold``: load ``path``, fold, verify, export, certify, then write (only if all passed)."""
+    check_destinations(output=output, repository_dir=repository_dir, name=name, report=report)
+    status(f"loading {path}")
+    start = time.perf_counter()
+    source = load_source(path, options)
+    load_s = time.perf_counter() - start
+    outcome = fold_and_certify(source, config, status=status)
+    outcome.timings = {"load": load_s, **outcome.timings}
+    status("writing")
+    write(outcome, output=output, repository_dir=repository_dir, name=name, report=report)
+    return outcome
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect / verify
+
+
+@dataclass
+class Inspection:
+    """What ``bnfold inspect`` shows: the model, its layers and its fold plan (nothing written)."""
+
+    source: Source
+    layer_counts: dict[str, int]  # leaf module types (PyTorch) or op types (ONNX)
+    parameters: int
+    fold: FoldResult[Any]
+    certificate: certificate.Certificate | None = None
+    opset: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        src = self.source
+        return {
+            "path": str(src.path), "sha256": src.sha256, "kind": src.kind, "architecture": src.architecture,
+            "input_shape": src.input_shape, "class_labels": src.class_labels, "dataset": src.dataset,
+            "layers": self.layer_counts, "parameters": self.parameters, "opset": self.opset,
+            "fold_plan": [{"bn": bn, "status": s, "detail": d} for bn, s, d in self.fold.rows()],
+            "notes": list(self.fold.notes),
+            "certificate": None if self.certificate is None else json.loads(self.certificate.to_json()),
+        }
+
+
+def inspect_file(path: str | Path, options: LoadOptions | None = None) -> Inspection:
+    """Load ``path`` and plan the fold on a copy (``bnfold.fold`` never modifies its input)."""
+    source = load_source(path, options)
+    result = bnfold.fold(source.model)
+    if source.kind == "onnx":
+        proto = source.model
+        params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
+        meta = {e.key: e.value for e in proto.metadata_props}
+        return Inspection(source, export.op_counts(proto), params, result, _certificate_or_none(meta), _opset(proto))
+    model = source.model
+    leaves = [type(m).__name__ for m in model.modules() if next(m.children(), None) is None]
+    params = sum(p.numel() for p in model.parameters())
+    return Inspection(source, dict(Counter(leaves).most_common()), int(params), result)
+
+
+def compare_files(a: str | Path, b: str | Path, *, options: LoadOptions | None = None,
+                  config: Config | None = None) -> list[VerifyReport]:
+    """``bnfold verify A B``: run both on random (and validation) inputs; A is the reference."""
+    config = config or Config()
+    first, second = load_source(a, options), load_source(b, options)
+    if first.input_shape != second.input_shape:
+        raise BnfoldError(f"{a} takes inputs of shape {first.input_shape} but {b} takes {second.input_shape}")
+    if second.dataset and not first.dataset:
+        first.dataset = second.dataset
+    names = (first.path.name, second.path.name)
+    if names[0] == names[1]:
+        names = (str(first.path), str(second.path))
+    return [
+        verify(first.model, second.model, x, tolerance=config.tolerance, inputs_label=label, names=names)
+        for label, x in input_sets(first, config)
+    ]
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
