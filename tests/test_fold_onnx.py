@@ -1,0 +1,289 @@
+"""bnfold.fold_onnx: every fold is checked four ways (how many folded, which nodes remain, outputs
+equal to the original under onnxruntime with optimizations disabled and against a float64 numpy
+reference, and the full ONNX checker), and every refusal has its own negative test. No torch."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from numpy.lib.stride_tricks import sliding_window_view
+from onnx import TensorProto, helper, numpy_helper
+
+from bnfold.fold_onnx import fold_onnx
+from bnfold.result import FoldResult
+from bnfold.tolerance import Tolerance
+
+NEWEST_BN_OPSET = max(
+    s.since_version for s in onnx.defs.get_all_schemas_with_history() if s.name == "BatchNormalization"
+)
+NEWEST_OPSET = onnx.defs.onnx_opset_version()
+IR_VERSION = 10  # what onnxruntime 1.17+ loads; onnx.helper would stamp a newer one
+
+
+# -- building models inline -------------------------------------------------------------------
+
+
+class Net:
+    """Accumulates nodes and initializers of a test graph; random but non-trivial BN statistics."""
+
+    def __init__(self, seed: int = 0, dtype: Any = np.float32) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.dtype = np.dtype(dtype)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def const(self, name: str, value: Any) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(value).astype(self.dtype), name))
+        return name
+
+    def rand(self, name: str, *shape: int) -> str:
+        return self.const(name, self.rng.normal(size=shape))
+
+    def node(self, op: str, inputs: list[str], output: str, name: str | None = None, **attrs: Any) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [output], name=name or output, **attrs))
+        return output
+
+    def bn(self, x: str, c: int, out: str, eps: float = 1e-3, **attrs: Any) -> str:
+        r = self.rng
+        params = [
+            self.const(f"{out}.scale", r.uniform(0.5, 2.0, c) * r.choice([-1, 1], c)),
+            self.const(f"{out}.B", r.normal(size=c)),
+            self.const(f"{out}.mean", r.normal(size=c)),
+            self.const(f"{out}.var", r.uniform(0.2, 3.0, c)),
+        ]
+        return self.node("BatchNormalization", [x, *params], out, name=f"{out}_node", epsilon=eps, **attrs)
+
+    def model(self, inputs: dict[str, tuple[int, ...]], outputs: list[str], opset: int = 15) -> onnx.ModelProto:
+        elem = helper.np_dtype_to_tensor_dtype(self.dtype)
+        graph = helper.make_graph(
+            self.nodes, "test",
+            [helper.make_tensor_value_info(n, elem, s) for n, s in inputs.items()],
+            [helper.make_tensor_value_info(n, elem, None) for n in outputs],
+            self.inits,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
+        inferred = onnx.shape_inference.infer_shapes(model)
+        del model.graph.output[:]
+        model.graph.output.extend(inferred.graph.output)
+        return model
+
+    def feeds(self, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+        out = {}
+        for vi in model.graph.input:
+            shape = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+            out[vi.name] = self.rng.normal(size=shape).astype(self.dtype)
+        return out
+
+
+# -- running models ---------------------------------------------------------------------------
+
+
+def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def _ints(attrs: dict[str, Any], name: str, default: list[int]) -> list[int]:
+    return list(attrs.get(name, default))
+
+
+def _conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, attrs: dict[str, Any]) -> np.ndarray:
+    nd, group = x.ndim - 2, attrs.get("group", 1)
+    assert attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET"), "reference handles explicit pads only"
+    strides, dil = _ints(attrs, "strides", [1] * nd), _ints(attrs, "dilations", [1] * nd)
+    pads = _ints(attrs, "pads", [0] * 2 * nd)
+    x = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
+    window = [(w.shape[2 + i] - 1) * dil[i] + 1 for i in range(nd)]
+    v = sliding_window_view(x, window, axis=tuple(range(2, 2 + nd)))
+    v = v[(slice(None), slice(None), *(slice(None, None, s) for s in strides), *(slice(None, None, d) for d in dil))]
+    cg, mg = w.shape[1], w.shape[0] // group
+    axes = ([1, *range(2 + nd, 2 + 2 * nd)], [1, *range(2, 2 + nd)])
+    y = np.concatenate(
+        [np.tensordot(v[:, i * cg:(i + 1) * cg], w[i * mg:(i + 1) * mg], axes=axes) for i in range(group)], axis=-1
+    )
+    y = np.moveaxis(y, -1, 1)
+    return y if b is None else y + b.reshape(1, -1, *[1] * nd)
+
+
+def _conv_transpose(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, attrs: dict[str, Any]) -> np.ndarray:
+    nd, group = x.ndim - 2, attrs.get("group", 1)
+    strides, dil = _ints(attrs, "strides", [1] * nd), _ints(attrs, "dilations", [1] * nd)
+    pads, out_pad = _ints(attrs, "pads", [0] * 2 * nd), _ints(attrs, "output_padding", [0] * nd)
+    size = [(x.shape[2 + i] - 1) * strides[i] + (w.shape[2 + i] - 1) * dil[i] + 1 + out_pad[i] for i in range(nd)]
+    cg, mg = x.shape[1] // group, w.shape[1]
+    y = np.zeros((x.shape[0], mg * group, *size))
+    for tap in itertools.product(*(range(k) for k in w.shape[2:])):
+        where = tuple(slice(t * d, t * d + (n - 1) * s + 1, s) for t, d, s, n in zip(tap, dil, strides, x.shape[2:]))
+        for i in range(group):
+            part = np.tensordot(x[:, i * cg:(i + 1) * cg], w[i * cg:(i + 1) * cg][(..., *tap)], axes=([1], [0]))
+            y[(slice(None), slice(i * mg, (i + 1) * mg), *where)] += np.moveaxis(part, -1, 1)
+    y = y[(slice(None), slice(None), *(slice(pads[i], size[i] - pads[i + nd]) for i in range(nd)))]
+    return y if b is None else y + b.reshape(1, -1, *[1] * nd)
+
+
+def reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Evaluate the graph in float64 with numpy, independent of bnfold.arith and onnxruntime."""
+    env = {k: np.asarray(v, np.float64) for k, v in feeds.items()}
+    env.update({t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer})
+    for node in model.graph.node:
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        ins = [env[n] if n else None for n in node.input]
+        op = node.op_type
+        if op == "Constant":
+            y = numpy_helper.to_array(a["value"]).astype(np.float64)
+        elif op == "Conv":
+            y = _conv(ins[0], ins[1], ins[2] if len(ins) > 2 else None, a)
+        elif op == "ConvTranspose":
+            y = _conv_transpose(ins[0], ins[1], ins[2] if len(ins) > 2 else None, a)
+        elif op == "BatchNormalization":
+            x, s, bias, mean, var = ins
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            y = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + a.get("epsilon", 1e-5))
+            y = y * s.reshape(shape) + bias.reshape(shape)
+        elif op == "Gemm":
+            A = ins[0].T if a.get("transA", 0) else ins[0]
+            B = ins[1].T if a.get("transB", 0) else ins[1]
+            y = a.get("alpha", 1.0) * A @ B
+            if len(ins) > 2 and ins[2] is not None:
+                y = y + a.get("beta", 1.0) * ins[2]
+        elif op == "MatMul":
+            y = ins[0] @ ins[1]
+        elif op == "Add":
+            y = ins[0] + ins[1]
+        elif op == "Relu":
+            y = np.maximum(ins[0], 0)
+        elif op == "GlobalAveragePool":
+            y = ins[0].mean(axis=tuple(range(2, ins[0].ndim)), keepdims=True)
+        elif op == "Flatten":
+            y = ins[0].reshape(ins[0].shape[0], -1)
+        else:
+            raise NotImplementedError(op)
+        env[node.output[0]] = y
+    return [env[o.name] for o in model.graph.output]
+
+
+def count_bns(model: onnx.ModelProto) -> int:
+    return sum(n.op_type == "BatchNormalization" for n in model.graph.node)
+
+
+def check_fold(
+    model: onnx.ModelProto,
+    feeds: dict[str, np.ndarray],
+    *,
+    folded: int,
+    bns_left: int,
+    nodes_left: int,
+    numpy_reference: bool = True,
+) -> FoldResult[onnx.ModelProto]:
+    """Fold and assert the four things: counts, remaining nodes, equal outputs, checker passes."""
+    before = model.SerializeToString()
+    result = fold_onnx(model)
+    assert model.SerializeToString() == before, "the input model was modified"
+    assert len(result.folded) == folded, result.skipped
+    assert len(result.folded) + len(result.skipped) == count_bns(model)
+    assert count_bns(result.model) == bns_left
+    assert len(result.model.graph.node) == nodes_left, [n.op_type for n in result.model.graph.node]
+    onnx.checker.check_model(result.model, full_check=True)
+    assert [(o.name, o.type) for o in result.model.graph.output] == [(o.name, o.type) for o in model.graph.output]
+    assert [(i.name, i.type) for i in result.model.graph.input] == [(i.name, i.type) for i in model.graph.input]
+    expected, actual = ort_run(model, feeds), ort_run(result.model, feeds)
+    refs = reference(model, feeds) if numpy_reference else expected
+    for want, got, ref in zip(expected, actual, refs, strict=True):
+        cmp = Tolerance().compare(got, want)
+        assert cmp.passed, f"folded vs original (onnxruntime): {cmp}"
+        cmp = Tolerance().compare(got, ref)
+        assert cmp.passed, f"folded (onnxruntime) vs float64 reference: {cmp}"
+    if numpy_reference:
+        for got, ref in zip(reference(result.model, feeds), refs, strict=True):
+            assert Tolerance().compare(got, ref).passed
+    return result
+
+
+# -- BN after the layer -------------------------------------------------------------------------
+
+Case = Callable[[Net], tuple[onnx.ModelProto, int]]  # builds the model; returns it and its node count after
+
+
+def conv_after(dims: int, group: int = 1, bias: bool = True, **attrs: Any) -> Case:
+    def build(n: Net) -> tuple[onnx.ModelProto, int]:
+        w = n.rand("w", 6, 12 // group, *([3] * dims))
+        inputs = ["x", w, n.rand("b", 6)] if bias else ["x", w]
+        n.bn(n.node("Conv", inputs, "y", group=group, **attrs), 6, "z")
+        return n.model({"x": (2, 12, *([7] * dims))}, ["z"]), 1
+
+    return build
+
+
+def conv_transpose_after(group: int = 1, bias: bool = True, **attrs: Any) -> Case:
+    def build(n: Net) -> tuple[onnx.ModelProto, int]:
+        w = n.rand("w", 6, 8 // group, 3, 3)
+        inputs = ["x", w, n.rand("b", 8)] if bias else ["x", w]
+        n.bn(n.node("ConvTranspose", inputs, "y", group=group, **attrs), 8, "z")
+        return n.model({"x": (2, 6, 5, 5)}, ["z"]), 1
+
+    return build
+
+
+def gemm_after(trans_b: int = 0, c_shape: tuple[int, ...] | None = (5,), **attrs: Any) -> Case:
+    def build(n: Net) -> tuple[onnx.ModelProto, int]:
+        w = n.rand("w", *((5, 4) if trans_b else (4, 5)))
+        inputs = ["x", w] + ([n.rand("c", *c_shape)] if c_shape is not None else [])
+        a_shape = (4, 3) if attrs.get("transA") else (3, 4)
+        n.bn(n.node("Gemm", inputs, "y", transB=trans_b, **attrs), 5, "z")
+        return n.model({"x": a_shape}, ["z"]), 1
+
+    return build
+
+
+def matmul_after(bias_shape: tuple[int, ...] | None = None, bias_first: bool = False) -> Case:
+    def build(n: Net) -> tuple[onnx.ModelProto, int]:
+        y = n.node("MatMul", ["x", n.rand("w", 4, 5)], "y")
+        if bias_shape is not None:
+            b = n.rand("b", *bias_shape)
+            y = n.node("Add", [b, y] if bias_first else [y, b], "yb")
+        n.bn(y, 5, "z")
+        return n.model({"x": (3, 4)}, ["z"]), 2
+
+    return build
+
+
+AFTER_CASES = [
+    pytest.param(conv_after(1), id="conv1d"),
+    pytest.param(conv_after(2, pads=[1, 1, 1, 1]), id="conv2d-padded"),
+    pytest.param(conv_after(3, strides=[2, 1, 2], dilations=[1, 2, 1]), id="conv3d-strided-dilated"),
+    pytest.param(conv_after(2, group=3, bias=False), id="conv2d-grouped-no-bias"),
+    pytest.param(conv_after(2, group=6, pads=[1, 0, 1, 0]), id="conv2d-depthwise"),
+    pytest.param(conv_after(2, auto_pad="SAME_UPPER", strides=[2, 2]), id="conv2d-auto-pad-same"),
+    pytest.param(conv_transpose_after(), id="convtranspose"),
+    pytest.param(conv_transpose_after(group=2, bias=False, strides=[2, 2], pads=[1, 0, 1, 0]), id="convtranspose-grouped"),
+    pytest.param(conv_transpose_after(strides=[2, 2], output_padding=[1, 1]), id="convtranspose-output-padding"),
+    pytest.param(gemm_after(), id="gemm"),
+    pytest.param(gemm_after(trans_b=1, transA=1, alpha=0.7, beta=1.3), id="gemm-transposed-alpha-beta"),
+    pytest.param(gemm_after(c_shape=None), id="gemm-no-c"),
+    pytest.param(gemm_after(c_shape=(1,), beta=0.5), id="gemm-c-scalar"),
+    pytest.param(gemm_after(c_shape=(1, 5)), id="gemm-c-row"),
+    pytest.param(gemm_after(c_shape=(3, 1), trans_b=1), id="gemm-c-column"),
+    pytest.param(gemm_after(c_shape=(3, 5), beta=0.0), id="gemm-c-full-beta0"),
+    pytest.param(matmul_after(), id="matmul"),
+    pytest.param(matmul_after((5,)), id="matmul-add"),
+    pytest.param(matmul_after((1, 5), bias_first=True), id="matmul-add-bias-first"),
+]
+
+
+@pytest.mark.parametrize("build", AFTER_CASES)
+def test_bn_after_layer_folds(build: Case) -> None:
+    n = Net()
+    model, nodes_left = build(n)
+    numpy_ok = not any(a.name == "auto_pad" for node in model.graph.node for a in node.attribute)
+    result = check_fold(model, n.feeds(model), folded=1, bns_left=0, nodes_left=nodes_left,
+                        numpy_reference=numpy_ok)
+    assert result.folded[0].side == "output"
+    assert result.folded[0].into in {"y", "yb"}
