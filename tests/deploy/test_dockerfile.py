@@ -106,6 +106,7 @@ def test_runtime_requirements_match_pyproject() -> None:
         lower = {str(s) for s in declared[name].specifier}
         assert lower <= {str(s) for s in req.specifier}, f"{name}: {req} does not keep pyproject's {lower}"
         assert any(s.operator == "<" for s in req.specifier), f"{name}: {req} has no upper bound"
+        assert req.marker == declared[name].marker, f"{name}: {req.marker} != {declared[name].marker}"
 
 
 def test_runtime_runs_as_a_non_root_user(dockerfile: Any) -> None:
