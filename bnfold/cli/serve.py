@@ -1,0 +1,44 @@
+"""``bnfold serve``: run the inference service over a model repository (thin: flags -> settings -> run)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    from bnfold.cli import HelpFormatter, common_parser
+
+    parser = sub.add_parser(
+        "serve", parents=[common_parser()], formatter_class=HelpFormatter,
+        help="serve ONNX models over REST (Open Inference Protocol)",
+        description="Serve every DIR/<name>/<version>/model.onnx with onnxruntime over the Open Inference\n"
+                    "Protocol (KServe v2 / Triton HTTP), a v1 ':predict' endpoint and Prometheus /metrics.\n"
+                    "Certified models serve only after their self-test reproduces in this runtime.\n"
+                    "Unset flags fall back to BNFOLD_* environment variables; the other settings\n"
+                    "(BNFOLD_API_KEY, BNFOLD_MAX_BATCH_SIZE, ...) are listed in service/config.py.",
+        epilog="examples:\n"
+               "  bnfold serve --model-repository models\n"
+               "  bnfold serve --model-repository models --host 0.0.0.0 --port 8080 --workers 2\n"
+               "  BNFOLD_API_KEY=secret bnfold serve --model-repository models\n"
+               "  curl localhost:8000/v2/health/ready",
+    )
+    unset = argparse.SUPPRESS  # unset flags leave the environment / settings default in force
+    parser.add_argument("--model-repository", metavar="DIR", default=unset,
+                        help="model repository (default: $BNFOLD_MODEL_REPOSITORY or ./models)")
+    parser.add_argument("--host", default=unset, help="bind address (default: $BNFOLD_HOST or 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=unset, help="TCP port (default: $BNFOLD_PORT or 8000)")
+    parser.add_argument("--workers", type=int, default=unset,
+                        help="worker processes, each loading every model (default: $BNFOLD_WORKERS or 1)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=unset,
+                        help="log level (default: $BNFOLD_LOG_LEVEL or info)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from service.config import Settings
+    from service.main import run as serve
+
+    names = ("model_repository", "host", "port", "workers", "log_level")
+    serve(Settings(**{name: getattr(args, name) for name in names if hasattr(args, name)}))
+    return 0

@@ -1,0 +1,66 @@
+"""Dependencies declared once and injected: app state, the API key check, and the size-capped body."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+
+from service.config import Settings
+from service.metrics import ServiceMetrics
+from service.repository import ModelRepository
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_repository(request: Request) -> ModelRepository:
+    return request.app.state.repository  # type: ignore[no-any-return]
+
+
+def get_metrics(request: Request) -> ServiceMetrics:
+    return request.app.state.metrics  # type: ignore[no-any-return]
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RepositoryDep = Annotated[ModelRepository, Depends(get_repository)]
+MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
+
+
+def require_api_key(request: Request, settings: SettingsDep) -> None:
+    """With ``BNFOLD_API_KEY`` set, demand ``Authorization: Bearer <key>`` (constant-time comparison)."""
+    if settings.api_key is None:
+        return
+    expected = b"Bearer " + settings.api_key.get_secret_value().encode()
+    given = request.headers.get("authorization", "").encode("latin-1", "replace")
+    if not hmac.compare_digest(given, expected):
+        raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+async def read_body(request: Request, settings: SettingsDep) -> bytes:
+    """The request body, refused with 413 from Content-Length before reading, and capped while streaming."""
+    limit = settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not (declared.isascii() and declared.isdigit()):
+            raise HTTPException(400, f"Content-Length must be a non-negative integer, got {declared[:40]!r}")
+        if int(declared) > limit:
+            raise HTTPException(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+        body = await request.body()
+        if len(body) > limit:  # pragma: no cover - the server enforces Content-Length
+            raise HTTPException(413, f"request body exceeds the limit of {limit} bytes")
+        return body
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+BodyDep = Annotated[bytes, Depends(read_body)]

@@ -1,0 +1,151 @@
+"""Dynamic batching: coalesce concurrent requests for one model into one onnxruntime run.
+
+Each model has one worker thread and a bounded queue. The worker takes the oldest request, then
+every queued request with the same per-row shapes and dtypes until ``max_batch_size`` rows (waiting
+at most ``max_queue_delay`` for more; 0 = take only what is already queued, so a lone request never
+waits), concatenates inputs along axis 0, runs once, and hands each caller the slice ``[a, b)`` of
+rows it sent. Under load, requests pile up while a batch runs, so batches grow with concurrency.
+If a coalesced run fails, its requests are retried one by one so one bad input fails only itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from service.errors import InvalidInput, Overloaded
+
+RunFn = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+
+
+class BatchObserver(Protocol):
+    def batch(self, rows: int, queue_seconds: list[float]) -> None: ...
+
+
+@dataclass
+class _Item:
+    feeds: dict[str, np.ndarray]
+    rows: int
+    key: tuple[Any, ...]
+    future: asyncio.Future[list[np.ndarray]]
+    loop: asyncio.AbstractEventLoop
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+_STOP = object()
+
+
+def _resolve(future: asyncio.Future[list[np.ndarray]], result: list[np.ndarray] | BaseException) -> None:
+    if future.done():  # the caller went away
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
+class Batcher:
+    """A worker thread running ``run`` over coalesced requests; :meth:`submit` is called on the event loop."""
+
+    def __init__(self, name: str, run: RunFn, *, batches: bool, max_batch_size: int, max_queue_delay_s: float,
+                 max_queue_size: int, observer: BatchObserver | None = None) -> None:
+        self.name = name
+        self._run = run
+        self.batches = batches
+        self.max_batch_size = max_batch_size if batches else 1
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self._observer = observer
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name=f"bnfold-batcher-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    async def submit(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Queue one request and wait for its own outputs. Raises :class:`Overloaded` when the queue is full."""
+        if self._queue.qsize() >= self.max_queue_size:
+            raise Overloaded(f"model {self.name!r} already has {self.max_queue_size} requests queued "
+                             "(max_queue_size); retry later")
+        loop = asyncio.get_running_loop()
+        first = next(iter(feeds.values()))
+        rows = first.shape[0] if self.batches and first.ndim else 1
+        key = tuple((n, a.shape[1:], a.dtype.str) for n, a in feeds.items()) if self.batches else ()
+        item = _Item(feeds, rows, key, loop.create_future(), loop)
+        self._queue.put(item)
+        return await item.future
+
+    def close(self) -> None:
+        """Stop the worker after the queued requests."""
+        self._queue.put(_STOP)
+        self._thread.join(timeout=10)
+
+    def _work(self) -> None:
+        carry: _Item | None = None
+        while True:
+            first = carry if carry is not None else self._queue.get()
+            carry = None
+            if first is _STOP:
+                return
+            batch, carry, stop = self._collect(first)
+            self._execute(batch)
+            if stop:
+                return
+
+    def _collect(self, first: _Item) -> tuple[list[_Item], _Item | None, bool]:
+        batch, rows = [first], first.rows
+        if not self.batches:
+            return batch, None, False
+        deadline = time.perf_counter() + self.max_queue_delay_s
+        while rows < self.max_batch_size:
+            try:
+                remaining = deadline - time.perf_counter()
+                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return batch, None, True
+            if item.key != first.key or rows + item.rows > self.max_batch_size:
+                return batch, item, False
+            batch.append(item)
+            rows += item.rows
+        return batch, None, False
+
+    def _execute(self, batch: list[_Item]) -> None:
+        start = time.perf_counter()
+        if self._observer is not None:
+            self._observer.batch(sum(i.rows for i in batch), [start - i.enqueued for i in batch])
+        if len(batch) == 1:
+            item = batch[0]
+            item.loop.call_soon_threadsafe(_resolve, item.future, self._run_one(item.feeds))
+            return
+        feeds = {name: np.concatenate([i.feeds[name] for i in batch]) for name in batch[0].feeds}
+        total = sum(i.rows for i in batch)
+        try:
+            outputs = self._run(feeds)
+            if any(o.ndim == 0 or o.shape[0] != total for o in outputs):
+                raise ValueError(f"outputs {[o.shape for o in outputs]} do not have {total} rows")
+        except Exception:  # retry one by one so only a bad input fails
+            for item in batch:
+                item.loop.call_soon_threadsafe(_resolve, item.future, self._run_one(item.feeds))
+            return
+        start_row = 0
+        for item in batch:
+            stop_row = start_row + item.rows
+            item.loop.call_soon_threadsafe(_resolve, item.future, [o[start_row:stop_row] for o in outputs])
+            start_row = stop_row
+
+    def _run_one(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray] | BaseException:
+        try:
+            return self._run(feeds)
+        except Exception as exc:  # onnxruntime rejects this input (e.g. an index out of range)
+            return InvalidInput(f"onnxruntime could not run this input: {' '.join(str(exc).split())[:500]}")

@@ -1,0 +1,278 @@
+"""Open Inference Protocol tensors <-> numpy, for JSON bodies and the binary tensor data extension.
+
+A request body is either one JSON object, or (binary extension) ``N`` bytes of JSON followed by the
+raw little-endian bytes of every input whose ``parameters.binary_data_size`` is set, in input order;
+``N`` comes from the ``Inference-Header-Content-Length`` header. Responses are framed the same way
+when the client asks for binary outputs. Everything is parsed without per-element Python work:
+JSON data goes through one ``np.asarray``, binary data through ``np.frombuffer`` (no copy).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from service.errors import InvalidInput
+
+# Open Inference Protocol datatype -> numpy dtype (little-endian, as the binary extension specifies).
+DATATYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"), "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
+}
+# onnxruntime's type strings -> protocol datatype ("tensor(string)" is BYTES, which is not served).
+ORT_TYPES: dict[str, str] = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16", "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8", "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(string)": "BYTES",
+}
+# numpy kinds JSON data may arrive as, per target kind ("b" bool, "i"/"u" integer, "f" float).
+_ACCEPTED_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output: protocol datatype and shape (``-1`` = any size)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def metadata(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass
+class InferRequest:
+    """A decoded inference request: validated input arrays and which outputs to return, how."""
+
+    inputs: dict[str, np.ndarray]
+    id: str | None = None
+    outputs: list[str] | None = None  # None = all outputs
+    binary_outputs: set[str] = field(default_factory=set)
+
+
+def _fail(message: str) -> InvalidInput:
+    return InvalidInput(message)
+
+
+def parse_header_length(value: str | None, body_length: int) -> int | None:
+    """Validate the ``Inference-Header-Content-Length`` header against the body length."""
+    if value is None:
+        return None
+    try:
+        length = int(value)
+    except ValueError:
+        raise _fail(f"Inference-Header-Content-Length must be an integer, got {value[:40]!r}") from None
+    if not 0 < length <= body_length:
+        raise _fail(f"Inference-Header-Content-Length is {length} but the body has {body_length} bytes")
+    return length
+
+
+def _loads(data: bytes | memoryview) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise _fail(f"malformed JSON: {exc}") from None
+
+
+def _shape(raw: Any, name: str) -> tuple[int, ...]:
+    if not isinstance(raw, list) or not all(type(d) is int and d >= 0 for d in raw):
+        raise _fail(f"input {name!r} shape must be a list of non-negative integers, got {raw!r:.80}")
+    return tuple(raw)
+
+
+def _check_shape(shape: tuple[int, ...], spec: TensorSpec) -> None:
+    if len(shape) != len(spec.shape) or any(want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True)):
+        raise _fail(f"input {spec.name!r} has shape {list(shape)}, the model expects {list(spec.shape)} (-1 = any)")
+
+
+def _as_array(data: Any, spec: TensorSpec, what: str = "data") -> np.ndarray:
+    """JSON numbers (flat or nested) as an array of the spec's dtype, refusing strings, ragged lists, overflow."""
+    dtype = DATATYPES[spec.datatype]
+    try:
+        array = np.asarray(data)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise _fail(f"input {spec.name!r} {what} is not a regular (non-ragged) array of numbers: {exc}") from None
+    if array.size and array.dtype.kind not in _ACCEPTED_KINDS[dtype.kind]:
+        got = {"U": "strings", "O": "mixed values or objects", "b": "booleans", "f": "floats"}.get(
+            array.dtype.kind, str(array.dtype))
+        raise _fail(f"input {spec.name!r} has datatype {spec.datatype} but its {what} holds {got}")
+    if array.size and dtype.kind in "iu" and array.dtype != dtype:
+        info = np.iinfo(dtype)
+        low, high = array.min(), array.max()
+        if low < info.min or high > info.max:
+            raise _fail(f"input {spec.name!r} values [{low}, {high}] do not fit {spec.datatype} "
+                        f"[{info.min}, {info.max}]")
+    return array.astype(dtype, copy=False)
+
+
+def _from_json(data: Any, shape: tuple[int, ...], spec: TensorSpec) -> np.ndarray:
+    array = _as_array(data, spec)
+    count = math.prod(shape)
+    if array.size != count:
+        raise _fail(f"input {spec.name!r} with shape {list(shape)} needs {count} elements, got {array.size}")
+    return array.reshape(shape)
+
+
+def _from_binary(buffer: memoryview, offset: int, size: Any, shape: tuple[int, ...], spec: TensorSpec) -> np.ndarray:
+    dtype = DATATYPES[spec.datatype]
+    count = math.prod(shape)
+    if type(size) is not int or size < 0:
+        raise _fail(f"input {spec.name!r} binary_data_size must be a non-negative integer, got {size!r:.40}")
+    if size != count * dtype.itemsize:
+        raise _fail(f"input {spec.name!r} {spec.datatype} with shape {list(shape)} needs "
+                    f"{count * dtype.itemsize} bytes, binary_data_size says {size}")
+    if offset + size > len(buffer):
+        raise _fail(f"input {spec.name!r} needs bytes {offset}..{offset + size} of the binary data, "
+                    f"which has only {len(buffer)}")
+    if dtype.kind == "b":
+        return (np.frombuffer(buffer, np.uint8, count, offset) != 0).reshape(shape)
+    array = np.frombuffer(buffer, dtype, count, offset).reshape(shape)
+    return array if array.flags.aligned else array.copy()
+
+
+def decode_infer_request(body: bytes, header_length: int | None, inputs: Sequence[TensorSpec],
+                         outputs: Sequence[TensorSpec]) -> InferRequest:
+    """Decode and validate an inference request for a model with these ``inputs`` and ``outputs``.
+
+    Raises :class:`InvalidInput` naming what was expected and what arrived.
+    """
+    view = memoryview(body)
+    header = _loads(view if header_length is None else view[:header_length])
+    binary = view[header_length:] if header_length is not None else view[:0]
+    if not isinstance(header, dict):
+        raise _fail(f"request must be a JSON object, got {type(header).__name__}")
+    raw_inputs = header.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise _fail("request needs a non-empty 'inputs' list")
+    specs = {spec.name: spec for spec in inputs}
+    arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    for raw in raw_inputs:
+        if not isinstance(raw, dict):
+            raise _fail(f"each input must be a JSON object, got {type(raw).__name__}")
+        raw_name = raw.get("name")
+        spec = specs.get(raw_name) if isinstance(raw_name, str) else None
+        if spec is None:
+            raise _fail(f"unknown input {raw_name!r:.80}; the model expects {sorted(specs)}")
+        name = spec.name
+        if name in arrays:
+            raise _fail(f"input {name!r} appears twice")
+        if raw.get("datatype") != spec.datatype:
+            raise _fail(f"input {name!r} has datatype {raw.get('datatype')!r:.40}, the model expects {spec.datatype}")
+        if spec.datatype not in DATATYPES:
+            raise _fail(f"input {name!r} has datatype {spec.datatype}, which this server does not accept")
+        shape = _shape(raw.get("shape"), name)
+        _check_shape(shape, spec)
+        params = raw.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise _fail(f"input {name!r} parameters must be an object")
+        if "binary_data_size" in params:
+            if header_length is None:
+                raise _fail(f"input {name!r} has binary_data_size but the request has no "
+                            "Inference-Header-Content-Length header")
+            arrays[name] = _from_binary(binary, offset, params["binary_data_size"], shape, spec)
+            offset += params["binary_data_size"]
+        elif "data" in raw:
+            arrays[name] = _from_json(raw["data"], shape, spec)
+        else:
+            raise _fail(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
+    if offset != len(binary):
+        raise _fail(f"binary data has {len(binary)} bytes but the inputs' binary_data_size add up to {offset}")
+    missing = sorted(set(specs) - set(arrays))
+    if missing:
+        raise _fail(f"missing inputs {missing}; the model expects {sorted(specs)}")
+    request = InferRequest(inputs=arrays)
+    request_id = header.get("id")
+    if request_id is not None:
+        if not isinstance(request_id, str):
+            raise _fail(f"'id' must be a string, got {type(request_id).__name__}")
+        request.id = request_id
+    _decode_outputs(header, {spec.name for spec in outputs}, request)
+    return request
+
+
+def _decode_outputs(header: Mapping[str, Any], known: set[str], request: InferRequest) -> None:
+    params = header.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise _fail("request parameters must be an object")
+    binary_default = params.get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise _fail(f"parameters.binary_data_output must be true or false, got {binary_default!r:.40}")
+    raw_outputs = header.get("outputs")
+    if raw_outputs is None:
+        request.binary_outputs = set(known) if binary_default else set()
+        return
+    if not isinstance(raw_outputs, list):
+        raise _fail("'outputs' must be a list")
+    names: list[str] = []
+    for raw in raw_outputs:
+        name = raw.get("name") if isinstance(raw, dict) else None
+        if not isinstance(name, str) or name not in known:
+            raise _fail(f"unknown output {name!r:.80}; the model has {sorted(known)}")
+        out_params = raw.get("parameters") or {}
+        if not isinstance(out_params, dict):
+            raise _fail(f"output {name!r} parameters must be an object")
+        binary = out_params.get("binary_data", binary_default)
+        if not isinstance(binary, bool):
+            raise _fail(f"output {name!r} parameters.binary_data must be true or false, got {binary!r:.40}")
+        if binary:
+            request.binary_outputs.add(name)
+        names.append(name)
+    request.outputs = names
+
+
+def _json_data(array: np.ndarray) -> Any:
+    flat = array.reshape(-1)
+    return flat.astype(np.float32) if flat.dtype == np.float16 else flat  # float16 -> float32 is exact
+
+
+def encode_infer_response(model_name: str, model_version: str, request: InferRequest,
+                          outputs: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) -> tuple[bytes, int | None]:
+    """Encode the response body; the second value is the JSON header length when binary outputs follow."""
+    datatypes = {spec.name: spec.datatype for spec in specs}
+    names = request.outputs if request.outputs is not None else list(outputs)
+    entries: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for name in names:
+        array = outputs[name]
+        entry: dict[str, Any] = {"name": name, "datatype": datatypes.get(name) or _datatype_of(array),
+                                 "shape": list(array.shape)}
+        if name in request.binary_outputs:
+            blob = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = _json_data(array)
+        entries.append(entry)
+    response: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": entries}
+    if request.id is not None:
+        response["id"] = request.id
+    header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)
+
+
+def _datatype_of(array: np.ndarray) -> str:
+    for name, dtype in DATATYPES.items():
+        if array.dtype == dtype:
+            return name
+    return "BYTES"
+
+
+def decode_instances(instances: list[Any], spec: TensorSpec) -> np.ndarray:
+    """KServe v1 ``instances`` (one entry per row) as one batch for input ``spec``."""
+    if spec.datatype not in DATATYPES:
+        raise _fail(f"input {spec.name!r} has datatype {spec.datatype}, which this server does not accept")
+    array = _as_array(instances, spec, "instances")
+    _check_shape(array.shape, spec)
+    return array

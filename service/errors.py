@@ -1,0 +1,23 @@
+"""What can go wrong while serving, as plain exceptions; only the route layer turns them into HTTP statuses."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class. ``str(exc)`` is the message the client sees, naming expected and received values."""
+
+
+class InvalidInput(ServiceError):
+    """The request is malformed or does not fit the model (name, datatype, shape, element count, framing)."""
+
+
+class ModelNotFound(ServiceError):
+    """No model, or no version, by that name in the repository."""
+
+
+class ModelNotReady(ServiceError):
+    """The model exists but failed to load or failed its certificate self-test."""
+
+
+class Overloaded(ServiceError):
+    """The model's request queue is full; the client should retry later."""

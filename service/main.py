@@ -1,0 +1,87 @@
+"""Wire the app: settings, logging, model repository lifespan, error bodies, routers.
+
+``create_app(settings)`` builds an app; the module-level ``app`` (settings from the environment)
+is what ``uvicorn service.main:app`` and worker processes import; :func:`run` starts uvicorn.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from bnfold._version import __version__
+from service.api.deps import require_api_key
+from service.api.routes import health, infer, metrics, models, predict, server
+from service.config import Settings
+from service.logs import event, log_config
+from service.metrics import ServiceMetrics
+from service.repository import ModelRepository
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    repository: ModelRepository = app.state.repository
+    repository.load()
+    try:
+        yield
+    finally:
+        repository.close()
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+    return JSONResponse({"error": f"invalid request: {problems}"}, status_code=400)
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    event(logging.ERROR, "internal error", path=request.url.path, error=f"{type(exc).__name__}: {exc}")
+    return JSONResponse({"error": "internal server error"}, status_code=500)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A FastAPI app serving ``settings.model_repository`` (models load when the app starts)."""
+    settings = settings or Settings()
+    logging.config.dictConfig(log_config(settings.log_level))
+    app = FastAPI(title="bnfold inference service", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = ServiceMetrics()
+    app.state.repository = ModelRepository(settings, app.state.metrics)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _internal_error)
+    protected = [Depends(require_api_key)]
+    app.include_router(health.router)
+    for module in (server, models, infer, predict, metrics):
+        app.include_router(module.router, dependencies=protected)
+    return app
+
+
+def run(settings: Settings | None = None) -> None:
+    """Start uvicorn with ``settings`` (worker processes read them back from ``BNFOLD_*``)."""
+    settings = settings or Settings()
+    common = {"host": settings.host, "port": settings.port, "log_config": log_config(settings.log_level),
+              "access_log": settings.access_log, "timeout_graceful_shutdown": 10}
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
+        return
+    for key, value in settings.model_dump(exclude_none=True).items():
+        os.environ[f"BNFOLD_{key.upper()}"] = str(value.get_secret_value() if key == "api_key" else value)
+    uvicorn.run("service.main:app", workers=settings.workers, **common)  # type: ignore[arg-type]
+
+
+app = create_app()

@@ -1,0 +1,46 @@
+"""One ONNX model version in onnxruntime: its tensor specs, whether it batches, and a run function.
+
+Names, datatypes and shapes come from the session, so any ONNX model is served generically. A
+model *batches* when every input and output has a leading dimension of unknown size: then the
+rows of several requests can be concatenated along axis 0 and split apart afterwards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.codec import ORT_TYPES, TensorSpec
+
+
+def _spec(arg: ort.NodeArg) -> TensorSpec:
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or []))
+    return TensorSpec(name=arg.name, datatype=ORT_TYPES.get(arg.type, arg.type), shape=shape)
+
+
+class ModelRuntime:
+    """An onnxruntime session for one ``model.onnx`` with ``threads`` intra-op threads."""
+
+    def __init__(self, path: Path, threads: int, spinning: bool = False) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Spinning workers burn a core between runs, starving the event loop on small machines.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
+        self.path = path
+        self.threads = threads
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        self.inputs = [_spec(arg) for arg in self.session.get_inputs()]
+        self.outputs = [_spec(arg) for arg in self.session.get_outputs()]
+        self.output_names = [spec.name for spec in self.outputs]
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.batches = all(len(s.shape) >= 1 and s.shape[0] == -1 for s in (*self.inputs, *self.outputs))
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """All outputs, in :attr:`outputs` order. Blocking: call it from a worker thread."""
+        return self.session.run(self.output_names, feeds)
