@@ -1,0 +1,320 @@
+"""Checkpoints: one file, readable with ``torch.load(path, weights_only=True)``, and one loader.
+
+A bnfold checkpoint is a plain dict (no pickled code)::
+
+    {"format": "bnfold.checkpoint", "format_version": 1,
+     "arch": "cnn", "arch_config": {"width": 16, ..., "norm": "bn"},
+     "state_dict": {...},                # weights and batch-norm running statistics
+     "input_shape": [1, 8, 8], "class_labels": ["0", ...],
+     "input_norm": {"mean": [...], "std": [...]},   # also inside the model as InputNorm
+     "metrics": {"history": [...], "best_epoch": 7, ...},
+     "dataset": "digits", "seed": 0, "train_config": {...},
+     "bnfold_version": "...", "torch_version": "..."}
+
+:func:`load_model` rebuilds the model from such a file, from a plain ``state_dict`` plus an
+architecture name (and config), or from a ``state_dict`` plus the user's own factory
+``"package.module:factory"``. Loading only ever uses ``weights_only=True``: a file whose pickle
+would run code is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnfold._version import __version__
+from bnfold.archs import ARCHITECTURES, build_model, get_arch
+from bnfold.atomic import atomic_path
+from bnfold.errors import BnfoldError
+
+FORMAT = "bnfold.checkpoint"
+FORMAT_VERSION = 1
+_SHOW = 3  # how many offending keys an error message lists
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module  # eval mode, float32, with model.input_shape
+    arch: str  # registry name, the factory string, or "" if unknown
+    arch_config: dict[str, Any]
+    input_shape: tuple[int, ...]  # without the batch dimension
+    class_labels: list[str]
+    dataset: str | None  # bundled data set name when known
+    meta: dict[str, Any] = field(default_factory=dict)  # metrics, seed, versions, input_norm, ...
+    sha256: str = ""
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    arch: str,
+    arch_config: Mapping[str, Any],
+    input_shape: tuple[int, ...] | list[int],
+    class_labels: list[str],
+    dataset: str | None = None,
+    seed: int | None = None,
+    input_norm: Mapping[str, list[float]] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    train_config: Mapping[str, Any] | None = None,
+) -> str:
+    """Write a bnfold checkpoint to ``path`` atomically; returns the file's sha256 (hex)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise BnfoldError(f"output directory {str(path.parent)!r} does not exist")
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": arch,
+        "arch_config": dict(arch_config),
+        "state_dict": {k: v.detach().to("cpu") for k, v in model.state_dict().items()},
+        "input_shape": [int(d) for d in input_shape],
+        "class_labels": [str(c) for c in class_labels],
+        "input_norm": dict(input_norm) if input_norm is not None else None,
+        "metrics": dict(metrics or {}),
+        "dataset": dataset,
+        "seed": seed,
+        "train_config": dict(train_config or {}),
+        "bnfold_version": __version__,
+        "torch_version": torch.__version__,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+        digest = _sha256(tmp)
+    return digest
+
+
+def load_model(
+    path: str | Path,
+    *,
+    arch: str | None = None,
+    arch_config: dict[str, Any] | None = None,
+    model_factory: str | None = None,
+) -> LoadedModel:
+    """Rebuild a model from a bnfold checkpoint or a ``state_dict`` file.
+
+    For a bare ``state_dict`` give ``arch`` (a registry name; ``arch_config`` may carry ``width``,
+    ``depth``, ``norm``, ``input_shape``, ``num_classes``) or ``model_factory``
+    (``"package.module:factory"``, called with ``arch_config`` minus ``input_shape``). Given with a
+    bnfold checkpoint, ``arch``/``model_factory`` override the stored architecture.
+    """
+    path = Path(path)
+    obj = read_checkpoint(path)
+    sha = _sha256(path)
+    meta: dict[str, Any] = {}
+    class_labels: list[str] | None = None
+    dataset: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    config = dict(arch_config or {})
+
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        version = obj.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise BnfoldError(
+                f"{path}: bnfold checkpoint format version {version!r} is newer than this bnfold supports "
+                f"({FORMAT_VERSION}); upgrade bnfold"
+            )
+        state = obj.get("state_dict")
+        meta = {k: v for k, v in obj.items() if k not in ("state_dict", "arch", "arch_config", "input_shape",
+                                                          "class_labels", "dataset")}
+        class_labels = [str(c) for c in obj.get("class_labels") or []] or None
+        dataset = obj.get("dataset")
+        input_shape = tuple(int(d) for d in obj["input_shape"]) if obj.get("input_shape") else None
+        if arch is None and model_factory is None:
+            arch = obj.get("arch")
+            config = {**dict(obj.get("arch_config") or {}), **config}
+    elif isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping) and _is_state_dict(obj["state_dict"]):
+        state = obj["state_dict"]  # a common wrapper: {"state_dict": ..., "epoch": ...}
+    else:
+        state = obj
+    if not isinstance(state, Mapping) or not _is_state_dict(state):
+        kind = type(state).__name__
+        raise BnfoldError(
+            f"{path}: not a bnfold checkpoint or a state_dict (found a {kind}); save model.state_dict() "
+            "or use bnfold train"
+        )
+    if not state:
+        raise BnfoldError(f"{path}: the state_dict is empty")
+
+    if model_factory is not None:
+        model, shape = _from_factory(path, model_factory, config, input_shape)
+        arch_name = model_factory
+    elif arch is not None:
+        model, shape = _from_registry(path, arch, config, state, input_shape)
+        arch_name = arch
+    else:
+        raise BnfoldError(
+            f"{path}: a bare state_dict does not say which architecture it belongs to; give --arch NAME "
+            f"({', '.join(ARCHITECTURES)}) or --model package.module:factory"
+        )
+    _load_state(path, model, state, arch_name)
+    model = model.float().eval()
+    setattr(model, "input_shape", shape)  # noqa: B010 - nn.Module.__setattr__ is typed for tensors/modules
+    if class_labels is None:
+        class_labels = [str(i) for i in range(_num_outputs(model, shape))]
+    return LoadedModel(model=model, arch=arch_name or "", arch_config=config, input_shape=shape,
+                       class_labels=class_labels, dataset=dataset, meta=meta, sha256=sha)
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line errors for every way a file can be wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise BnfoldError(f"checkpoint {str(path)!r} does not exist")
+    if path.is_dir():
+        raise BnfoldError(f"checkpoint {str(path)!r} is a directory, not a file")
+    size = path.stat().st_size
+    if size == 0:
+        raise BnfoldError(f"checkpoint {str(path)!r} is empty (0 bytes)")
+    with path.open("rb") as f:
+        head = f.read(512)
+    is_zip = head.startswith(b"PK\x03\x04")
+    is_pickle = head[:1] == b"\x80"
+    if not is_zip and not is_pickle:
+        if _looks_like_text(head):
+            raise BnfoldError(f"checkpoint {str(path)!r} is a text file, not a PyTorch checkpoint")
+        raise BnfoldError(f"checkpoint {str(path)!r} is not a PyTorch checkpoint (unrecognized file header)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        message = " ".join(str(exc).split())
+        if "Weights only load failed" in message or "Unsupported" in message:
+            culprit = _unsupported_global(message)
+            raise BnfoldError(
+                f"checkpoint {str(path)!r} refused: file contains pickled code{culprit} that weights_only loading "
+                "will not run; re-save it as model.state_dict() or a bnfold checkpoint"
+            ) from None
+        raise BnfoldError(f"checkpoint {str(path)!r} is corrupted: {message[:200]}") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        message = " ".join(str(exc).split())
+        raise BnfoldError(
+            f"checkpoint {str(path)!r} is truncated or corrupted ({size} bytes): {message[:160]}"
+        ) from None
+
+
+def _from_registry(path: Path, arch: str, config: dict[str, Any], state: Mapping[str, Any],
+                   stored_shape: tuple[int, ...] | None) -> tuple[nn.Module, tuple[int, ...]]:
+    spec = get_arch(arch)
+    cfg = dict(config)
+    norm = cfg.pop("norm", None) or ("bn" if any(k.endswith("running_mean") for k in state) else "none")
+    shape_cfg = cfg.pop("input_shape", None)
+    classes_cfg = cfg.pop("num_classes", None)
+    shape = tuple(int(d) for d in shape_cfg) if shape_cfg else stored_shape
+    if shape is None:
+        shape = _infer_input_shape(spec.input_rank, state)
+    num_classes = int(classes_cfg) if classes_cfg else _infer_num_classes(path, state)
+    return build_model(arch, input_shape=shape, num_classes=num_classes, norm=norm, **cfg), shape
+
+
+def _infer_input_shape(rank: int, state: Mapping[str, Any]) -> tuple[int, ...]:
+    """Channels from the stored InputNorm; the spatial size defaults to the digits size (the conv
+    models pool globally, so any size that survives the downsampling works)."""
+    norm = state.get("input_norm.scale")
+    channels = int(norm.shape[0]) if isinstance(norm, torch.Tensor) else 1
+    return {1: (channels,), 2: (channels, 64), 3: (channels, 8, 8)}[rank]
+
+
+def _infer_num_classes(path: Path, state: Mapping[str, Any]) -> int:
+    heads = [k for k in state if k.startswith("head.") and k.endswith(".weight")]
+    if not heads:
+        raise BnfoldError(f"{path}: cannot infer the number of classes; give num_classes in the arch config")
+    return int(state[sorted(heads)[-1]].shape[0])
+
+
+def _from_factory(path: Path, spec: str, config: dict[str, Any],
+                  stored_shape: tuple[int, ...] | None) -> tuple[nn.Module, tuple[int, ...]]:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise BnfoldError(f"model factory must look like 'package.module:factory', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BnfoldError(f"cannot import {module_name!r} for model factory {spec!r}: {exc}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise BnfoldError(f"{module_name!r} has no callable {attr!r} (model factory {spec!r})")
+    cfg = dict(config)
+    shape_cfg = cfg.pop("input_shape", None)
+    try:
+        model = factory(**cfg)
+    except TypeError as exc:
+        raise BnfoldError(f"model factory {spec!r} rejected the arch config {cfg}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise BnfoldError(f"model factory {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    shape = shape_cfg or getattr(model, "input_shape", None) or stored_shape
+    if not shape:
+        raise BnfoldError(
+            f"model factory {spec!r}: the model has no input_shape attribute; give input_shape in the arch config"
+        )
+    return model, tuple(int(d) for d in shape)
+
+
+def _load_state(path: Path, model: nn.Module, state: Mapping[str, Any], arch: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = [
+        _listing(len(missing), "missing key", missing),
+        _listing(len(unexpected), "unexpected key", unexpected),
+        _listing(len(mismatched), "shape mismatch", mismatched),
+    ]
+    problems = [p for p in problems if p]
+    if problems:
+        raise BnfoldError(f"{path}: state_dict does not match architecture {arch!r}: {'; '.join(problems)}")
+    model.load_state_dict({k: v for k, v in state.items()}, strict=False)
+
+
+def _listing(count: int, noun: str, items: list[str]) -> str:
+    if not count:
+        return ""
+    shown = ", ".join(items[:_SHOW]) + (", ..." if count > _SHOW else "")
+    return f"{count} {noun}{'es' if noun.endswith('ch') and count != 1 else 's' if count != 1 else ''} ({shown})"
+
+
+def _num_outputs(model: nn.Module, shape: tuple[int, ...]) -> int:
+    with torch.no_grad():
+        out = model(torch.zeros((2, *shape)))
+    return int(out.shape[-1])
+
+
+def _is_state_dict(obj: Mapping[Any, Any]) -> bool:
+    return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _looks_like_text(head: bytes) -> bool:
+    if b"\x00" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _unsupported_global(message: str) -> str:
+    marker = "Unsupported global: GLOBAL "
+    if marker in message:
+        name = message.split(marker, 1)[1].split()[0]
+        return f" ({name})"
+    return ""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

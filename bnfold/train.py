@@ -1,0 +1,309 @@
+"""Train a registry architecture on a data set; keep the best epoch by validation accuracy.
+
+The loop reads top to bottom: load and split the data, fit ``InputNorm`` to the training
+split's per-channel mean/std, build the model, then for each epoch one pass over a seeded
+permutation of the training split (AdamW or SGD with momentum, cosine learning-rate schedule
+stepped per batch) followed by a validation pass. The state (weights and batch-norm running
+statistics) of the epoch with the highest validation accuracy is kept (ties: the lower
+validation loss) and is what :func:`train` returns and saves.
+
+Reproducibility: with ``device="cpu"`` the same config and seed give the same weights
+(``torch.manual_seed`` for initialization, a seeded ``torch.Generator`` for batch order and
+dropout, no data-loader workers).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnfold.archs import build_model, get_arch, resolve_config
+from bnfold.data import Dataset, load_dataset
+from bnfold.errors import BnfoldError
+from bnfold.layers import InputNorm
+
+OPTIMIZERS = ("adamw", "sgd")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class TrainConfig:
+    arch: str = "cnn"  # a bnfold.archs.ARCHITECTURES name
+    dataset: str | None = None  # bundled data set; None with data=None means the arch's reference set
+    data: str | None = None  # path to .npz / .csv / image folder (instead of dataset)
+    epochs: int | None = None  # None: the arch's default (ArchSpec.train)
+    batch_size: int | None = None  # None: the arch's default
+    lr: float | None = None  # peak learning rate; None: the arch's default
+    weight_decay: float | None = None  # None: the arch's default
+    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9, nesterov)
+    seed: int = 0  # initialization, split and batch order
+    norm: str = "bn"  # bn | none: train with or without batch norm
+    val_fraction: float = 0.2  # stratified validation split
+    label_column: str | None = None  # CSV label column (default "label")
+    image_size: int | None = None  # image folders: resize to this square size (default 32)
+    device: str = "auto"  # auto | cpu | cuda
+    arch_config: dict[str, Any] = field(default_factory=dict)  # width, depth, ... (see bnfold.archs)
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # best epoch's weights, eval mode, on the CPU
+    arch: str
+    arch_config: dict[str, Any]  # resolved, including "norm"
+    dataset: Dataset
+    history: list[dict[str, float]]  # per epoch: train/val loss and accuracy, lr, seconds
+    best_epoch: int  # 1-based
+    best_val_accuracy: float
+    seconds: float
+    config: TrainConfig
+    input_norm: dict[str, list[float]]  # {"mean": [...], "std": [...]} per input channel
+    checkpoint_sha256: str | None = None  # set when saved
+
+    @property
+    def dataset_name(self) -> str:
+        return self.dataset.name
+
+
+def resolve_device(device: str) -> torch.device:
+    if device not in DEVICES:
+        raise BnfoldError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BnfoldError("device 'cuda' requested but no CUDA GPU is available; use --device cpu or auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def train(
+    config: TrainConfig | None = None,
+    *,
+    output: str | Path | None = None,
+    plot: str | Path | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Train per ``config``; save the best checkpoint to ``output`` and curves to ``plot`` if given.
+
+    Everything that can be wrong with the inputs (data, arch, options, output directory) is checked
+    before training, and files are written atomically at the end, so a failed run writes nothing.
+    """
+    config = config or TrainConfig()
+    spec = get_arch(config.arch)
+    defaults = spec.train
+    epochs = config.epochs if config.epochs is not None else defaults.epochs
+    batch_size = config.batch_size if config.batch_size is not None else defaults.batch_size
+    lr = config.lr if config.lr is not None else defaults.lr
+    weight_decay = config.weight_decay if config.weight_decay is not None else defaults.weight_decay
+    _check_options(config, epochs, batch_size, lr, weight_decay)
+    for target in (output, plot):
+        if target is not None and not Path(target).parent.is_dir():
+            raise BnfoldError(f"output directory {str(Path(target).parent)!r} does not exist")
+    device = resolve_device(config.device)
+    arch_config = resolve_config(config.arch, config.arch_config)
+
+    dataset_name = config.dataset if config.dataset or config.data else spec.reference_dataset
+    data = load_dataset(
+        dataset_name if config.data is None else None, path=config.data, seed=config.seed,
+        val_fraction=config.val_fraction, label_column=config.label_column, image_size=config.image_size,
+        arch=config.arch,
+    )
+
+    torch.manual_seed(config.seed)
+    model = build_model(config.arch, input_shape=data.input_shape, num_classes=data.num_classes,
+                        norm=config.norm, **arch_config)
+    mean, std = data.channel_stats()
+    fitted = InputNorm.from_stats(mean, std)  # fixed normalization, part of the model
+    model.get_submodule("input_norm").load_state_dict(fitted.state_dict())
+    model.to(device)
+
+    x_train, y_train = torch.from_numpy(data.X_train).to(device), torch.from_numpy(data.y_train).to(device)
+    x_val, y_val = torch.from_numpy(data.X_val).to(device), torch.from_numpy(data.y_val).to(device)
+    steps_per_epoch = math.ceil(len(x_train) / batch_size)
+    optimizer = _optimizer(config.optimizer, model, lr, weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(config.seed)
+    loss_fn = nn.CrossEntropyLoss()
+
+    history: list[dict[str, float]] = []
+    best: tuple[float, float] = (-1.0, math.inf)  # (val accuracy, -val loss) ordering below
+    best_state: dict[str, torch.Tensor] = {}
+    best_epoch = 0
+    started = time.perf_counter()
+    bar = _ProgressBar(progress, epochs, steps_per_epoch)
+    with bar:
+        for epoch in range(1, epochs + 1):
+            t0 = time.perf_counter()
+            model.train()
+            order = torch.randperm(len(x_train), generator=generator).to(device)
+            seen, loss_sum, correct = 0, 0.0, 0
+            bar.start_epoch(epoch)
+            for step in range(steps_per_epoch):
+                idx = order[step * batch_size:(step + 1) * batch_size]
+                if len(idx) < 2 and config.norm == "bn":
+                    continue  # batch norm cannot train on a batch of one
+                xb, yb = x_train[idx], y_train[idx]
+                logits = model(xb)
+                loss = loss_fn(logits, yb)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                seen += len(idx)
+                loss_sum += float(loss.detach()) * len(idx)
+                correct += int((logits.detach().argmax(1) == yb).sum())
+                bar.advance(loss_sum / seen, correct / seen)
+            val_loss, val_acc = evaluate(model, x_val, y_val, batch_size=max(batch_size, 256))
+            row = {
+                "epoch": float(epoch),
+                "train_loss": loss_sum / max(seen, 1),
+                "train_accuracy": correct / max(seen, 1),
+                "val_loss": val_loss,
+                "val_accuracy": val_acc,
+                "lr": float(optimizer.param_groups[0]["lr"]),
+                "seconds": time.perf_counter() - t0,
+            }
+            history.append(row)
+            bar.end_epoch(row)
+            if (val_acc, -val_loss) > (best[0], -best[1]):
+                best = (val_acc, val_loss)
+                best_epoch = epoch
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    seconds = time.perf_counter() - started
+
+    model.to("cpu")
+    model.load_state_dict(best_state)
+    model.eval()
+    result = TrainResult(
+        model=model, arch=config.arch, arch_config={**arch_config, "norm": config.norm}, dataset=data,
+        history=history, best_epoch=best_epoch, best_val_accuracy=best[0], seconds=seconds, config=config,
+        input_norm={"mean": mean, "std": std},
+    )
+    if output is not None:
+        result.checkpoint_sha256 = save_result(result, output)
+    if plot is not None:
+        plot_history(history, plot, title=f"{config.arch} on {data.name}")
+    return result
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` in eval mode (restores the previous mode)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(x), batch_size):
+        logits = model(x[start:start + batch_size])
+        yb = y[start:start + batch_size]
+        loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    model.train(was_training)
+    return loss_sum / len(x), correct / len(x)
+
+
+def save_result(result: TrainResult, output: str | Path) -> str:
+    """Save ``result`` as a bnfold checkpoint (atomically); returns its sha256."""
+    from bnfold.checkpoint import save_checkpoint
+
+    cfg = asdict(result.config)
+    return save_checkpoint(
+        output, result.model, arch=result.arch, arch_config=result.arch_config,
+        input_shape=result.dataset.input_shape, class_labels=result.dataset.class_labels,
+        dataset=result.dataset.name, seed=result.config.seed, input_norm=result.input_norm,
+        metrics={"history": result.history, "best_epoch": result.best_epoch,
+                 "best_val_accuracy": result.best_val_accuracy, "seconds": result.seconds},
+        train_config={k: v for k, v in cfg.items() if v is not None},
+    )
+
+
+def plot_history(history: list[dict[str, float]], path: str | Path, *, title: str = "") -> None:
+    """Loss and accuracy curves, train vs validation, as a PNG (matplotlib Agg), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from bnfold.atomic import atomic_path
+
+    epochs = [int(r["epoch"]) for r in history]
+    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy"), strict=True):
+        ax.plot(epochs, [r[f"train_{metric}"] for r in history], marker="o", label="train")
+        ax.plot(epochs, [r[f"val_{metric}"] for r in history], marker="o", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+
+
+def _check_options(config: TrainConfig, epochs: int, batch_size: int, lr: float, weight_decay: float) -> None:
+    if config.optimizer not in OPTIMIZERS:
+        raise BnfoldError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {config.optimizer!r}")
+    if config.dataset is not None and config.data is not None:
+        raise BnfoldError(f"give a bundled data set ({config.dataset!r}) or a data path ({config.data!r}), not both")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise BnfoldError(f"{name} must be a positive integer, got {value!r}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise BnfoldError(f"lr must be a positive number, got {lr!r}")
+    if not (weight_decay >= 0 and math.isfinite(weight_decay)):
+        raise BnfoldError(f"weight_decay must be >= 0, got {weight_decay!r}")
+
+
+def _optimizer(name: str, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    # No weight decay on biases and batch-norm affine parameters (1-d tensors).
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+class _ProgressBar:
+    """A rich progress bar per epoch on stderr (loss, accuracy), or nothing when disabled."""
+
+    def __init__(self, enabled: bool, epochs: int, steps: int) -> None:
+        self.enabled, self.epochs, self.steps = enabled, epochs, steps
+        self.progress: Any = None
+        self.task: Any = None
+
+    def __enter__(self) -> _ProgressBar:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[metrics]}"), TimeElapsedColumn(), console=Console(stderr=True),
+            )
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def start_epoch(self, epoch: int) -> None:
+        if self.progress is not None:
+            self.task = self.progress.add_task(f"epoch {epoch}/{self.epochs}", total=self.steps, metrics="")
+
+    def advance(self, loss: float, accuracy: float) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, advance=1, metrics=f"loss {loss:.4f} acc {accuracy:.3f}")
+
+    def end_epoch(self, row: dict[str, float]) -> None:
+        if self.progress is not None:
+            self.progress.update(
+                self.task, completed=self.steps,
+                metrics=f"loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f} | "
+                f"val loss {row['val_loss']:.4f} val acc {row['val_accuracy']:.3f}",
+            )
