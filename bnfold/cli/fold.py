@@ -144,7 +144,8 @@ def status(console: Console) -> Iterator[Status]:
 def fold_table(result: FoldResult[Any], title: str = "batch norms") -> Table:
     from rich.table import Table
 
-    table = Table(title=f"{title}: {result.counts['folded']} folded, {result.counts['kept']} kept", title_justify="left")
+    counts = result.counts
+    table = Table(title=f"{title}: {counts['folded']} folded, {counts['kept']} kept", title_justify="left")
     table.add_column("batch norm")
     table.add_column("status")
     table.add_column("into / why kept")

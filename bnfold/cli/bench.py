@@ -1,0 +1,59 @@
+"""``bnfold bench FILE``: latency of the unfolded vs the folded model."""
+
+from __future__ import annotations
+
+import argparse
+
+from bnfold.cli import HelpFormatter, common_parser
+from bnfold.cli.fold import _console, add_load_options, load_options
+from bnfold.errors import BnfoldError
+
+EXAMPLES = """\
+examples:
+  bnfold bench digits.pt
+  bnfold bench digits.pt --batch 1 --batch 64 --repeats 200 --warmup 20
+  bnfold bench model.onnx                        # onnxruntime only
+
+Times are medians of interleaved runs (one call of each variant per round), in milliseconds.
+"""
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "bench", parents=[common_parser()], formatter_class=HelpFormatter, epilog=EXAMPLES,
+        help="compare latency before and after folding",
+        description="Time the unfolded and the folded model in PyTorch eager and onnxruntime (graph "
+        "optimizations off and on) at each batch size.",
+    )
+    p.add_argument("file", metavar="FILE", help="bnfold checkpoint, state_dict (.pt) or ONNX file (.onnx)")
+    p.add_argument("--batch", type=int, action="append", dest="batches", metavar="N",
+                   help="batch size (repeatable; default: 1 and 32)")
+    p.add_argument("--repeats", type=int, default=50, help="timed rounds per batch size")
+    p.add_argument("--warmup", type=int, default=5, help="untimed calls per variant first")
+    add_load_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from bnfold.cli.fold import status
+    from bnfold.latency import bench_file
+
+    if args.repeats < 1 or args.warmup < 0:
+        raise BnfoldError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    batches = args.batches or [1, 32]
+    if any(b < 1 for b in batches):
+        raise BnfoldError(f"--batch must be >= 1, got {batches}")
+    console = _console()
+    with status(console) as update:
+        update(f"timing {args.file}")
+        rows = bench_file(args.file, load_options(args), batches=batches, repeats=args.repeats, warmup=args.warmup)
+    table = Table(title=f"median latency (ms), {args.repeats} interleaved rounds", title_justify="left")
+    for col in ("runtime", "batch", "unfolded", "folded", "speedup"):
+        table.add_column(col, justify="left" if col == "runtime" else "right")
+    for row in rows:
+        table.add_row(row.runtime, str(row.batch), f"{row.unfolded_ms:.3f}", f"{row.folded_ms:.3f}",
+                      f"{row.speedup:.2f}x")
+    console.print(table)
+    return 0

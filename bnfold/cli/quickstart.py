@@ -1,0 +1,79 @@
+"""``bnfold quickstart``: train the default digits model, fold, verify, export, serve it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from bnfold.cli import HelpFormatter, common_parser
+from bnfold.cli.fold import _console, show_outcome, status
+from bnfold.errors import BnfoldError
+
+EXAMPLES = """\
+examples:
+  bnfold quickstart                       # train, fold, write models/digits/<v>/model.onnx, serve on :8000
+  bnfold quickstart --no-serve            # stop after writing the model
+  bnfold quickstart --repository /tmp/models --port 9000 --checkpoint digits.pt
+"""
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "quickstart", parents=[common_parser()], formatter_class=HelpFormatter, epilog=EXAMPLES,
+        help="train, fold, verify, export and serve the default digits model",
+        description="Train the default model on the bundled digits data set (bnfold.train defaults), fold its "
+        "batch norms, verify, export a certified ONNX model into the model repository as the next version of "
+        "NAME, then serve the repository and print a curl example.",
+    )
+    p.add_argument("--repository", metavar="DIR", default="models", help="model repository to write into")
+    p.add_argument("--name", default="digits", help="model name in the repository")
+    p.add_argument("--arch", default="cnn", help="architecture to train")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the architecture's default)")
+    p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--checkpoint", metavar="PATH", help="also keep the trained checkpoint here")
+    p.add_argument("--no-serve", action="store_true", help="do not start the service")
+    p.add_argument("--host", default="127.0.0.1", help="service bind address")
+    p.add_argument("--port", type=int, default=8000, help="service port")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from bnfold import pipeline
+    from bnfold.train import TrainConfig, save_result, train
+
+    pipeline.check_destinations(repository_dir=args.repository, name=args.name)
+    if args.checkpoint and not Path(args.checkpoint).parent.is_dir():
+        raise BnfoldError(f"checkpoint directory {Path(args.checkpoint).parent} does not exist")
+    console = _console()
+    console.print(f"[bold]1/3[/] training {args.arch} on digits")
+    result = train(TrainConfig(arch=args.arch, dataset="digits", epochs=args.epochs, seed=args.seed), progress=True)
+    console.print(f"validation accuracy {result.best_val_accuracy:.2%} (epoch {result.best_epoch}, "
+                  f"{result.seconds:.1f}s)")
+    console.print("[bold]2/3[/] folding, verifying, exporting")
+    with tempfile.TemporaryDirectory(prefix="bnfold-quickstart-") as tmp:
+        checkpoint = args.checkpoint or str(Path(tmp) / f"{args.name}.pt")
+        save_result(result, checkpoint)
+        with status(console) as update:
+            outcome = pipeline.run(checkpoint, repository_dir=args.repository, name=args.name, status=update)
+    show_outcome(console, outcome)
+    model_file = Path(outcome.written[0])
+    version = model_file.parent.name
+    url = f"http://{args.host}:{args.port}"
+    sample = outcome.certificate.selftest_input[:1]
+    body = {"inputs": [{"name": outcome.certificate.input_name, "shape": list(sample.shape), "datatype": "FP32",
+                        "data": [round(float(v), 4) for v in sample.ravel()]}]}
+    curl = (f"curl -s -X POST {url}/v2/models/{args.name}/versions/{version}/infer "
+            f"-H 'Content-Type: application/json' -d '{json.dumps(body, separators=(',', ':'))}'")
+    if args.no_serve:
+        serve_cmd = f"bnfold serve --model-repository {args.repository}"
+        console.print(f"[bold]3/3[/] wrote {model_file}; serve it with: {serve_cmd}")
+        console.print(f"then try:\n{curl}", soft_wrap=True)
+        return 0
+    from service.config import Settings
+    from service.main import run as serve
+
+    console.print(f"[bold]3/3[/] serving {args.repository} at {url} (Ctrl-C to stop); try:\n{curl}", soft_wrap=True)
+    serve(Settings(model_repository=Path(args.repository), host=args.host, port=args.port))
+    return 0
