@@ -4,6 +4,7 @@ reference, and the full ONNX checker), and every refusal has its own negative te
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from typing import Any
@@ -170,6 +171,20 @@ def reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.n
     return [env[o.name] for o in model.graph.output]
 
 
+@functools.cache
+def ort_supports(opset: int) -> bool:
+    """Whether onnxruntime loads models stamped with this opset (newer ones may be unreleased)."""
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
+    try:
+        ort_run(model, {"x": np.zeros(1, np.float32)})
+    except Exception:
+        return False
+    return True
+
+
 def count_bns(model: onnx.ModelProto) -> int:
     return sum(n.op_type == "BatchNormalization" for n in model.graph.node)
 
@@ -182,6 +197,7 @@ def check_fold(
     bns_left: int,
     nodes_left: int,
     numpy_reference: bool = True,
+    runtime: bool = True,
 ) -> FoldResult[onnx.ModelProto]:
     """Fold and assert the four things: counts, remaining nodes, equal outputs, checker passes."""
     before = model.SerializeToString()
@@ -194,8 +210,11 @@ def check_fold(
     onnx.checker.check_model(result.model, full_check=True)
     assert [(o.name, o.type) for o in result.model.graph.output] == [(o.name, o.type) for o in model.graph.output]
     assert [(i.name, i.type) for i in result.model.graph.input] == [(i.name, i.type) for i in model.graph.input]
-    expected, actual = ort_run(model, feeds), ort_run(result.model, feeds)
-    refs = reference(model, feeds) if numpy_reference else expected
+    refs = reference(model, feeds) if numpy_reference else None
+    expected = ort_run(model, feeds) if runtime else refs
+    actual = ort_run(result.model, feeds) if runtime else reference(result.model, feeds)
+    assert expected is not None and actual is not None
+    refs = refs or expected
     for want, got, ref in zip(expected, actual, refs, strict=True):
         cmp = Tolerance().compare(got, want)
         assert cmp.passed, f"folded vs original (onnxruntime): {cmp}"
@@ -287,3 +306,204 @@ def test_bn_after_layer_folds(build: Case) -> None:
                         numpy_reference=numpy_ok)
     assert result.folded[0].side == "output"
     assert result.folded[0].into in {"y", "yb"}
+
+
+# -- BN before the layer ------------------------------------------------------------------------
+
+
+def conv_before(group: int = 1, **attrs: Any) -> Case:
+    def build(n: Net) -> tuple[onnx.ModelProto, int]:
+        n.node("Conv", [n.bn("x", 6, "xb"), n.rand("w", 4, 6 // group, 3, 3), n.rand("b", 4)], "y",
+               group=group, **attrs)
+        return n.model({"x": (2, 6, 7, 7)}, ["y"]), 1
+
+    return build
+
+
+def conv_transpose_before(group: int = 2) -> Case:
+    """Input-side ConvTranspose folds only when the shift is zero (beta == mean * scale)."""
+
+    def build(n: Net) -> tuple[onnx.ModelProto, int]:
+        xb = n.bn("x", 6, "xb")
+        for t in n.inits[-3:-1]:  # B = mean = 0 gives shift = B - mean * scale = 0 exactly; scale stays random
+            t.CopyFrom(numpy_helper.from_array(np.zeros(6, n.dtype), t.name))
+        n.node("ConvTranspose", [xb, n.rand("w", 6, 4 // group, 3, 3)], "y", group=group, strides=[2, 2])
+        return n.model({"x": (2, 6, 4, 4)}, ["y"]), 1
+
+    return build
+
+
+def gemm_before(trans_b: int = 0, c: bool = True, **attrs: Any) -> Case:
+    def build(n: Net) -> tuple[onnx.ModelProto, int]:
+        w = n.rand("w", *((5, 4) if trans_b else (4, 5)))
+        n.node("Gemm", [n.bn("x", 4, "xb"), w] + ([n.rand("c", 5)] if c else []), "y", transB=trans_b, **attrs)
+        return n.model({"x": (3, 4)}, ["y"]), 1
+
+    return build
+
+
+def matmul_before() -> Case:
+    def build(n: Net) -> tuple[onnx.ModelProto, int]:
+        n.node("MatMul", [n.bn("x", 4, "xb"), n.rand("w", 4, 5)], "y")
+        return n.model({"x": (3, 4)}, ["y"]), 2
+
+    return build
+
+
+BEFORE_CASES = [
+    pytest.param(conv_before(), id="conv-unpadded"),
+    pytest.param(conv_before(group=2, strides=[2, 2], dilations=[2, 1]), id="conv-grouped-strided"),
+    pytest.param(conv_before(auto_pad="VALID"), id="conv-auto-pad-valid"),
+    pytest.param(conv_transpose_before(), id="convtranspose-zero-shift"),
+    pytest.param(gemm_before(), id="gemm"),
+    pytest.param(gemm_before(trans_b=1, c=False, alpha=0.6), id="gemm-transB-no-c"),
+    pytest.param(gemm_before(alpha=1.5, beta=0.25), id="gemm-alpha-beta"),
+    pytest.param(matmul_before(), id="matmul"),
+]
+
+
+@pytest.mark.parametrize("build", BEFORE_CASES)
+def test_bn_before_layer_folds(build: Case) -> None:
+    n = Net(seed=1)
+    model, nodes_left = build(n)
+    numpy_ok = not any(a.name == "auto_pad" for node in model.graph.node for a in node.attribute)
+    result = check_fold(model, n.feeds(model), folded=1, bns_left=0, nodes_left=nodes_left,
+                        numpy_reference=numpy_ok)
+    assert result.folded[0].side == "input"
+
+
+# -- opsets, dtypes, constants, bookkeeping -------------------------------------------------------
+
+
+@pytest.mark.parametrize("opset", [
+    pytest.param(7, id="opset7-spatial"), pytest.param(9, id="opset9"), pytest.param(14, id="opset14"),
+    pytest.param(15, id="opset15"), pytest.param(NEWEST_OPSET, id="newest"),
+])
+def test_opsets(opset: int) -> None:
+    n = Net()
+    attrs: dict[str, Any] = {"training_mode": 0} if opset >= 14 else {}
+    n.bn(n.node("Conv", ["x", n.rand("w", 3, 2, 3, 3)], "y"), 3, "z", **attrs)
+    model = n.model({"x": (1, 2, 5, 5)}, ["z"], opset=opset)
+    check_fold(model, n.feeds(model), folded=1, bns_left=0, nodes_left=1, runtime=ort_supports(opset))
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(np.float16, id="float16"), pytest.param(np.float64, id="float64")])
+def test_dtype_is_kept(dtype: Any) -> None:
+    n = Net(dtype=dtype)
+    n.bn(n.node("Gemm", ["x", n.rand("w", 4, 5), n.rand("c", 5)], "y"), 5, "z")
+    model = n.model({"x": (3, 4)}, ["z"])
+    result = fold_onnx(model)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert {t.data_type for t in result.model.graph.initializer} == {helper.np_dtype_to_tensor_dtype(np.dtype(dtype))}
+    feeds = n.feeds(model)
+    got, ref = reference(result.model, feeds)[0], reference(model, feeds)[0]
+    if dtype == np.float64:  # exact algebra: only float64 rounding remains
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)
+    else:  # half precision weights: a few ulps of float16 relative to the output scale
+        assert Tolerance(atol=1e-3, rtol=2e-3).compare(got, ref).passed
+    cmp = Tolerance().compare(ort_run(result.model, feeds)[0], reference(result.model, feeds)[0])
+    assert cmp.passed or dtype == np.float16
+
+
+def test_bfloat16_weights_round_trip() -> None:
+    n = Net()
+    n.bn(n.node("Conv", ["x", n.rand("w", 3, 2, 1, 1)], "y"), 3, "z")
+    model = n.model({"x": (1, 2, 4, 4)}, ["z"])
+    for t in model.graph.initializer:
+        arr = numpy_helper.to_array(t).astype(helper.tensor_dtype_to_np_dtype(TensorProto.BFLOAT16))
+        t.CopyFrom(numpy_helper.from_array(arr, t.name))
+    result = fold_onnx(model)
+    assert len(result.folded) == 1
+    assert {t.data_type for t in result.model.graph.initializer} == {TensorProto.BFLOAT16}
+
+
+def test_constant_node_weights_and_bn_params() -> None:
+    n = Net()
+    n.bn(n.node("Conv", ["x", n.rand("w", 3, 2, 3, 3), n.rand("b", 3)], "y"), 3, "z")
+    for t in list(n.inits):  # every initializer becomes a Constant node
+        n.nodes.insert(0, helper.make_node("Constant", [], [t.name], name=f"const_{t.name}", value=t))
+    n.inits.clear()
+    model = n.model({"x": (1, 2, 5, 5)}, ["z"])
+    result = check_fold(model, n.feeds(model), folded=1, bns_left=0, nodes_left=1)
+    assert [node.op_type for node in result.model.graph.node] == ["Conv"]  # dead Constants removed
+
+
+def test_value_float_constants() -> None:
+    n = Net()
+    n.node("Gemm", ["x", n.rand("w", 2, 1)], "y")
+    for name, v in [("s", 1.5), ("b", -0.5), ("m", 0.25), ("v", 2.0)]:
+        n.nodes.insert(0, helper.make_node("Constant", [], [name], name=f"c_{name}", value_floats=[v]))
+    n.node("BatchNormalization", ["y", "s", "b", "m", "v"], "z")
+    model = n.model({"x": (3, 2)}, ["z"])
+    check_fold(model, n.feeds(model), folded=1, bns_left=0, nodes_left=1, numpy_reference=False)
+
+
+def test_unused_initializers_removed_and_model_metadata_kept() -> None:
+    n = Net()
+    n.bn(n.node("Conv", ["x", n.rand("w", 3, 2, 3, 3)], "y"), 3, "z")
+    n.rand("unrelated_unused", 2)  # not ours to remove
+    model = n.model({"x": (1, 2, 5, 5)}, ["z"], opset=14)
+    model.producer_name, model.producer_version, model.model_version = "trainer", "9.9", 7
+    helper.set_model_props(model, {"author": "me", "license": "MIT"})
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    result = fold_onnx(model).model
+    assert sorted(t.name for t in result.graph.initializer) == ["unrelated_unused", "w", "y_bias_bnfold"]
+    assert (result.producer_name, result.producer_version, result.model_version) == ("trainer", "9.9", 7)
+    assert {p.key: p.value for p in result.metadata_props} == {"author": "me", "license": "MIT"}
+    assert list(result.opset_import) == list(model.opset_import)
+    assert result.ir_version == model.ir_version
+
+
+def test_new_names_do_not_collide() -> None:
+    n = Net()
+    n.bn(n.node("Conv", ["x", n.rand("w", 3, 2, 3, 3)], "y", name="c"), 3, "z")
+    n.rand("c_bias_bnfold", 3)  # the name the new bias would take
+    n.node("Add", ["z", "c_bias_bnfold_1"], "out", name="c_bias_bnfold_2")
+    n.rand("c_bias_bnfold_1", 1, 3, 1, 1)
+    model = n.model({"x": (1, 2, 5, 5)}, ["out"])
+    result = check_fold(model, n.feeds(model), folded=1, bns_left=0, nodes_left=2)
+    names = [t.name for t in result.model.graph.initializer] + [o for nd in result.model.graph.node for o in nd.output]
+    assert len(names) == len(set(names))
+    assert "c_bias_bnfold_3" in names
+
+
+def test_shared_weight_gets_a_private_copy() -> None:
+    n = Net()
+    w = n.rand("w", 3, 2, 3, 3)
+    n.bn(n.node("Conv", ["x", w], "y1"), 3, "z1")
+    n.node("Conv", ["x", w], "y2")  # same weight, no BN: must keep computing x * w
+    model = n.model({"x": (1, 2, 5, 5)}, ["z1", "y2"])
+    result = check_fold(model, n.feeds(model), folded=1, bns_left=0, nodes_left=2)
+    weights = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    np.testing.assert_array_equal(weights["w"], numpy_helper.to_array(model.graph.initializer[0]))
+    assert result.model.graph.node[0].input[1] == "w_bnfold"
+
+
+def test_chained_bns_both_fold() -> None:
+    n = Net()
+    n.bn(n.bn(n.node("Conv", ["x", n.rand("w", 3, 2, 3, 3)], "y"), 3, "z1"), 3, "z2")
+    model = n.model({"x": (1, 2, 5, 5)}, ["z2"])
+    check_fold(model, n.feeds(model), folded=2, bns_left=0, nodes_left=1)
+
+
+def test_resnet_block_with_gemm_head_folds_every_bn() -> None:
+    """stem conv-bn-relu, a residual block (conv-bn-relu-conv-bn + identity, relu), a 1x1
+    projection branch with its own BN, global pooling, and a BN1d before a Gemm head."""
+    n = Net(seed=3)
+    h = n.node("Relu", [n.bn(n.node("Conv", ["x", n.rand("stem.w", 8, 3, 3, 3)], "stem", pads=[1] * 4), 8, "stem.bn")],
+               "stem.relu")
+    a = n.node("Relu", [n.bn(n.node("Conv", [h, n.rand("b1.w", 8, 8, 3, 3)], "b1.c1", pads=[1] * 4), 8, "b1.bn1")],
+               "b1.relu1")
+    a = n.bn(n.node("Conv", [a, n.rand("b1.w2", 8, 8, 3, 3)], "b1.c2", pads=[1] * 4), 8, "b1.bn2")
+    h = n.node("Relu", [n.node("Add", [a, h], "b1.add")], "b1.out")
+    a = n.node("Relu", [n.bn(n.node("Conv", [h, n.rand("b2.w", 16, 8, 3, 3)], "b2.c1", pads=[1] * 4, strides=[2, 2]),
+                             16, "b2.bn1")], "b2.relu1")
+    a = n.bn(n.node("Conv", [a, n.rand("b2.w2", 16, 16, 3, 3)], "b2.c2", pads=[1] * 4), 16, "b2.bn2")
+    p = n.bn(n.node("Conv", [h, n.rand("b2.proj.w", 16, 8, 1, 1)], "b2.proj", strides=[2, 2]), 16, "b2.bnp")
+    h = n.node("Relu", [n.node("Add", [a, p], "b2.add")], "b2.out")
+    h = n.node("Flatten", [n.node("GlobalAveragePool", [h], "pool")], "flat")
+    n.node("Gemm", [n.bn(h, 16, "head.bn"), n.rand("fc.w", 10, 16), n.rand("fc.b", 10)], "logits", transB=1)
+    model = n.model({"x": (2, 3, 16, 16)}, ["logits"])
+    result = check_fold(model, n.feeds(model), folded=7, bns_left=0, nodes_left=len(model.graph.node) - 7)
+    assert {f.side for f in result.folded} == {"output", "input"}
+    assert result.skipped == []
