@@ -1,0 +1,122 @@
+"""Fold batch norms in a PyTorch model into neighbouring Conv/ConvTranspose/Linear layers, exactly.
+
+``fold_torch(model)`` works on a deep copy: it switches it to eval mode, traces it with torch.fx
+(:mod:`.trace`), finds every batch norm / InputNorm application (:mod:`.norms`), and for each one
+matches the layer before or after it, checks that the fold is exact, and rewrites
+(:mod:`.rewrite`). Folds repeat until nothing changes, so chains (``bn -> bn -> linear``) fold too.
+Every batch norm ends up in ``result.folded`` or, with a reason, in ``result.skipped``.
+
+Models torch.fx cannot trace are handled by :mod:`.fallback` (fold inside traceable submodules).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from bnfold.errors import BnfoldError
+from bnfold.fold_torch.norms import Norm, find_norms
+from bnfold.fold_torch.rewrite import try_fold
+from bnfold.fold_torch.trace import BN_TYPES, shapes_from, trace
+from bnfold.layers import InputNorm
+from bnfold.result import Folded, FoldResult, Skipped
+
+__all__ = ["fold_torch"]
+
+TRAIN_MODE_NOTE = "model was in train mode: folded with running statistics and returned in eval mode"
+
+
+def fold_torch(
+    model: nn.Module, *, example_inputs: torch.Tensor | tuple[torch.Tensor, ...] | None = None
+) -> FoldResult[nn.Module]:
+    """Fold every batch norm (and :class:`~bnfold.layers.InputNorm`) of ``model`` that folds exactly.
+
+    ``model`` is not modified. ``example_inputs`` (a tensor or a tuple of positional inputs) are
+    used only for shapes: some folds are correct only at certain input ranks (a ``BatchNorm1d``
+    after a ``Linear`` is, for 2-D input). Without them the shapes come from ``model.input_shape``
+    or the first layer; if neither works, folds that depend on the rank are refused with a reason.
+    The result's model is in eval mode (a ``torch.fx.GraphModule`` when anything was folded).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fold_torch expects a torch.nn.Module, got {type(model).__name__}")
+    try:
+        work = copy.deepcopy(model)
+    except Exception as e:
+        raise BnfoldError(f"cannot copy {type(model).__name__} to fold it (copy.deepcopy failed: {e})") from e
+    notes = [TRAIN_MODE_NOTE] if any(m.training for m in work.modules()) else []
+    work.eval()
+    try:
+        gm = trace(work)
+    except Exception as e:
+        from bnfold.fold_torch.fallback import fold_untraceable
+
+        return fold_untraceable(work, e, example_inputs, notes)
+    result = fold_graph(work, gm, example_inputs)
+    result.notes[:0] = notes
+    return result
+
+
+def norm_paths(module: nn.Module) -> list[str]:
+    """Qualified names of the batch norm and InputNorm modules in ``module``."""
+    return [n for n, m in module.named_modules() if isinstance(m, (*BN_TYPES, InputNorm))]
+
+
+def fold_graph(work: nn.Module, gm: fx.GraphModule, example_inputs: Any) -> FoldResult[nn.Module]:
+    """Fold inside ``gm``, the trace of ``work`` (an eval-mode copy). Returns ``work`` if nothing folded."""
+    notes: list[str] = []
+    paths = norm_paths(work)
+    shape_note = shapes_from(work, gm, example_inputs)
+    if shape_note == "none":
+        shape_note = None
+    norms = find_norms(gm, set(paths))
+    by_name: dict[str, list[Norm]] = {}
+    for norm in norms:
+        by_name.setdefault(norm.name, []).append(norm)
+    outcome: dict[str, Folded | str] = {}
+    pending: list[Norm] = []
+    for name, sites in by_name.items():
+        if len(sites) > 1:
+            where = ", ".join(s.node.name for s in sites)
+            outcome[name] = (f"{name} is applied at {len(sites)} places ({where}); bnfold folds a batch norm only "
+                             "when it is applied once")
+        elif sites[0].reason is not None:
+            outcome[name] = sites[0].reason
+        else:
+            pending.append(sites[0])
+    progress = True
+    while progress and pending:
+        progress = False
+        for norm in list(pending):
+            result = try_fold(gm, norm, notes)
+            outcome[norm.name] = result
+            if isinstance(result, Folded):
+                pending.remove(norm)
+                progress = True
+    folded = [o for o in outcome.values() if isinstance(o, Folded)]
+    skipped = [Skipped(bn=n, reason=o) for n, o in outcome.items() if isinstance(o, str)]
+    skipped += [
+        Skipped(bn=p, reason=f"{p} is not called by the traced forward() (unused, or inside a module bnfold does "
+                             "not look into), so there is nothing to fold")
+        for p in paths if p not in outcome
+    ]
+    if shape_note:
+        notes.insert(0, shape_note)
+    if not folded:
+        return FoldResult(model=work, folded=[], skipped=skipped, notes=notes)
+    gm.graph.lint()
+    gm.recompile()
+    _keep_plain_attributes(work, gm)
+    gm.eval()
+    return FoldResult(model=gm, folded=folded, skipped=skipped, notes=notes)
+
+
+def _keep_plain_attributes(src: nn.Module, dst: nn.Module) -> None:
+    """Carry over plain data attributes (e.g. ``input_shape``, ``class_names``) the GraphModule drops."""
+    for key, value in vars(src).items():
+        if key.startswith("_") or key == "training" or hasattr(dst, key):
+            continue
+        if isinstance(value, (int, float, str, bool, tuple, list, dict)) or value is None:
+            setattr(dst, key, copy.deepcopy(value))

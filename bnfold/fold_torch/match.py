@@ -1,0 +1,114 @@
+"""Find the layer next to a batch norm, looking through ops that are the identity at inference.
+
+A fold rewrites the values on the path between layer and batch norm, so every value on that path
+must have exactly one consumer (the next op on the path) and must not be a graph output: otherwise
+some other consumer would see the folded value instead of the original one. Ops that are the
+identity in eval mode (``Dropout*``, ``Identity``, ``F.dropout(..., training=False)``,
+``.contiguous()``) may sit on the path.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from bnfold.fold_torch.layers import describe
+
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                     nn.FeatureAlphaDropout)
+_F_DROPOUTS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
+_TORCH_DROPOUTS = (torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout)
+
+
+def data_input(node: fx.Node) -> fx.Node | None:
+    """The tensor an identity-like op passes through (its first argument)."""
+    arg = node.args[0] if node.args else node.kwargs.get("input")
+    return arg if isinstance(arg, fx.Node) else None
+
+
+def is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """True when ``node`` returns its first argument unchanged at inference."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        return (type(mod) in _IDENTITY_MODULES and not mod.training and not mod._forward_hooks
+                and not mod._forward_pre_hooks and len(node.args) + len(node.kwargs) == 1)
+    if node.op == "call_method":
+        return node.target == "contiguous" and len(node.args) == 1 and not node.kwargs
+    if node.op != "call_function":
+        return False
+    if node.target in _F_DROPOUTS:
+        try:
+            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)  # type: ignore[arg-type]
+        except TypeError:
+            return False
+        bound.apply_defaults()
+        training, p = bound.arguments["training"], bound.arguments["p"]
+        return training is False or (isinstance(p, (int, float)) and p == 0)
+    if node.target in _TORCH_DROPOUTS:
+        if len(node.args) != 3 or node.kwargs:
+            return False
+        return node.args[2] is False or (isinstance(node.args[1], (int, float)) and node.args[1] == 0)
+    return False
+
+
+def _single_use(gm: fx.GraphModule, value: fx.Node, user: fx.Node, what: str) -> str | None:
+    others = [u for u in value.users if u is not user]
+    if not others:
+        return None
+    names = ", ".join(describe(gm, u) for u in others)
+    return f"{what} is also used by {names}; folding would change that use too"
+
+
+def producer(gm: fx.GraphModule, norm_node: fx.Node, start: fx.Node) -> tuple[fx.Node, str | None]:
+    """Walk up from the norm's input ``start`` through identity ops to the op that produces it.
+
+    Returns that op and, if some value on the way has another consumer, why folding is refused.
+    """
+    user, cur = norm_node, start
+    while True:
+        what = f"the output of {describe(gm, cur)}"
+        problem = _single_use(gm, cur, user, what)
+        if problem:
+            return cur, problem
+        if not is_identity(gm, cur):
+            return cur, None
+        nxt = data_input(cur)
+        if nxt is None:
+            return cur, None
+        user, cur = cur, nxt
+
+
+def consumer(gm: fx.GraphModule, norm_node: fx.Node) -> tuple[fx.Node | None, fx.Node, str | None]:
+    """Walk down from the norm through identity ops to its single consumer.
+
+    Returns ``(consumer, value it consumes, problem)``; ``consumer`` is None with a problem when the
+    value has zero or several consumers.
+    """
+    cur = norm_node
+    while True:
+        users = list(cur.users)
+        if len(users) != 1:
+            names = ", ".join(describe(gm, u) for u in users) or "nothing"
+            return None, cur, f"its output goes to {names}, not to a single layer"
+        nxt = users[0]
+        if not is_identity(gm, nxt) or data_input(nxt) is not cur:
+            return nxt, cur, None
+        cur = nxt
+
+
+def only_data_input(node: fx.Node, value: fx.Node) -> bool:
+    """True when ``value`` is ``node``'s first argument and appears in no other argument."""
+    if data_input(node) is not value:
+        return False
+    count = 0
+
+    def visit(arg: object) -> object:
+        nonlocal count
+        count += arg is value
+        return arg
+
+    fx.node.map_aggregate((node.args, node.kwargs), visit)  # type: ignore[arg-type]
+    return count == 1

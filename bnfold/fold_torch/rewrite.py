@@ -1,0 +1,171 @@
+"""Match, check and rewrite one batch norm: fold it into the layer before it, else the layer after it.
+
+For a :class:`~bnfold.fold_torch.norms.Norm` the rewrite tries, in order:
+
+1. *output side*: the op producing the norm's input (through identity ops) is a Conv/ConvTranspose/
+   Linear module whose output has no other consumer, whose output channels are the norm's
+   channels, and whose channel axis is the norm's axis 1;
+2. *input side*: the norm's output (through identity ops) goes only to the data input of a
+   Conv/ConvTranspose/Linear module with matching input channels, and moving the shift into the
+   bias is exact (:func:`bnfold.arith.input_side_exactness`).
+
+The layer's new weight and bias are computed in float64 by :mod:`bnfold.arith` and cast back to
+the layer's dtype. They are always new tensors: when the layer module is also used elsewhere (called
+at another site, or its parameters read by ``get_attr``), the fold goes into a private copy of the
+module and the other uses keep the original. The norm's node is then removed, and its module (or
+its now-unused constants) deleted from the module tree.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import fx, nn
+
+from bnfold.fold_torch.layers import (
+    Layer,
+    Side,
+    as_layer,
+    assign,
+    channel_problem,
+    describe,
+    exactness_problem,
+    folded_params,
+    rank_problem,
+)
+from bnfold.fold_torch.match import consumer, only_data_input, producer
+from bnfold.fold_torch.norms import Norm
+from bnfold.fold_torch.trace import rank
+from bnfold.result import Folded
+
+
+def try_fold(gm: fx.GraphModule, norm: Norm, notes: list[str]) -> Folded | str:
+    """Fold ``norm`` if some side allows it exactly; otherwise return why neither does."""
+    assert norm.affine is not None
+    start = norm.input
+    prod, problem = producer(gm, norm.node, start)
+    if problem is None:
+        problem = _check(gm, norm, prod, rank(start), "output")
+        if problem is None:
+            return _apply(gm, norm, prod, "output", notes)
+    before = problem
+    cons, value, problem = consumer(gm, norm.node)
+    if problem is None and cons is not None:
+        if not only_data_input(cons, value):
+            problem = f"{describe(gm, cons)} uses it as more than its data input"
+        else:
+            problem = _check(gm, norm, cons, rank(value), "input")
+        if problem is None:
+            return _apply(gm, norm, cons, "input", notes)
+    return f"cannot fold into the op before it ({before}) nor into the op after it ({problem})"
+
+
+def _check(gm: fx.GraphModule, norm: Norm, node: fx.Node, actual_rank: int | None, side: Side) -> str | None:
+    layer = as_layer(gm, node)
+    if isinstance(layer, str):
+        return layer
+    target = str(node.target)
+    problem = channel_problem(layer, target, norm.name, norm.channels, side) or rank_problem(
+        layer, target, norm.kind, norm.name, norm.ranks, actual_rank, side
+    )
+    if problem is None and side == "input":
+        assert norm.affine is not None
+        problem = exactness_problem(layer, norm.affine)
+        if problem is not None:
+            problem = f"{target} ({layer.type_name}): {problem}"
+    return problem
+
+
+def _apply(gm: fx.GraphModule, norm: Norm, node: fx.Node, side: Side, notes: list[str]) -> Folded:
+    target = _private_target(gm, node, notes)
+    layer = as_layer(gm, node)
+    assert isinstance(layer, Layer) and norm.affine is not None
+    mod = layer.module
+    weight, bias = folded_params(layer, norm.affine, side)
+    old_w, old_b = mod.weight, mod.bias
+    assign(mod, "weight", weight, old_w)  # type: ignore[arg-type]
+    assign(mod, "bias", bias, old_w if old_b is None else old_b)  # type: ignore[arg-type]
+    _remove(gm, norm)
+    return Folded(bn=norm.name, into=target, side=side)
+
+
+def _other_uses(gm: fx.GraphModule, node: fx.Node, mod: nn.Module) -> list[str]:
+    uses = []
+    for n in gm.graph.nodes:
+        if n is node:
+            continue
+        if n.op == "call_module" and gm.get_submodule(n.target) is mod:
+            uses.append(f"call {n.target} ({n.name})")
+        elif n.op == "get_attr":
+            owner = str(n.target).rpartition(".")[0]
+            try:
+                hit = gm.get_submodule(owner) is mod or gm.get_submodule(str(n.target)) is mod
+            except AttributeError:
+                hit = False
+            if hit:
+                uses.append(f"read {n.target} ({n.name})")
+    return uses
+
+
+def _private_target(gm: fx.GraphModule, node: fx.Node, notes: list[str]) -> str:
+    """The module name to fold into: ``node``'s own, or a fresh private copy if the module is shared."""
+    target = str(node.target)
+    mod = gm.get_submodule(target)
+    uses = _other_uses(gm, node, mod)
+    if not uses:
+        _note_ties(gm, target, mod, notes)
+        return target
+    parent, _, leaf = target.rpartition(".")
+    k = 0
+    while True:
+        new = f"{parent + '.' if parent else ''}{leaf}_folded{'' if k == 0 else f'_{k}'}"
+        try:
+            gm.get_submodule(new)
+        except AttributeError:
+            break
+        k += 1
+    gm.add_submodule(new, copy.deepcopy(mod))
+    node.target = new
+    notes.append(f"{target} is also used elsewhere ({'; '.join(uses)}): folded into a private copy {new}, "
+                 "the other uses keep the original weights")
+    return new
+
+
+def _note_ties(gm: fx.GraphModule, target: str, mod: nn.Module, notes: list[str]) -> None:
+    for pname in ("weight", "bias"):
+        p = getattr(mod, pname, None)
+        if p is None:
+            continue
+        ties = [n for n, q in gm.named_parameters(remove_duplicate=False) if q is p and n != f"{target}.{pname}"]
+        ties += [n for n, q in gm.named_buffers(remove_duplicate=False) if q is p and n != f"{target}.{pname}"]
+        if ties:
+            notes.append(f"{target}.{pname} was shared with {', '.join(ties)}: the folded layer got its own copy, "
+                         "the other use keeps the original values")
+
+
+def _remove(gm: fx.GraphModule, norm: Norm) -> None:
+    node = norm.node
+    node.replace_all_uses_with(norm.input)
+    gm.graph.erase_node(node)
+    if node.op == "call_module":
+        if not any(n.op in ("call_module", "get_attr") and n.target == node.target for n in gm.graph.nodes):
+            gm.delete_submodule(str(node.target))
+        return
+    erased: set[fx.Node] = set()
+    for attr in norm.attr_nodes:
+        if attr in erased or attr.users:
+            continue
+        erased.add(attr)
+        gm.graph.erase_node(attr)
+        if any(n.op == "get_attr" and n.target == attr.target for n in gm.graph.nodes):
+            continue
+        owner_path, _, name = str(attr.target).rpartition(".")
+        owner = gm.get_submodule(owner_path)
+        if any(n.op == "call_module" and gm.get_submodule(n.target) is owner for n in gm.graph.nodes):
+            continue  # the owner is a live module: leave its attributes alone
+        if name in owner._parameters:
+            del owner._parameters[name]
+        elif name in owner._buffers:
+            del owner._buffers[name]
+        elif hasattr(owner, name):
+            delattr(owner, name)
