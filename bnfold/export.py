@@ -47,7 +47,8 @@ def to_onnx(
     The batch dimension is dynamic (``dim_param="batch"``); the graph has one input and one
     output with the given names and passes the full ONNX checker. ``opset`` must be >= 17.
     ``keep_batchnorm`` turns off the TorchScript exporter's constant folding (which fuses
-    Conv+BatchNorm on its own) to export an *unfolded* baseline for benchmarks and tests.
+    Conv+BatchNorm on its own) to export an *unfolded* baseline for benchmarks and tests; the
+    graph is then constant-folded without fusions, so weights are initializers.
     Raises :class:`BnfoldError` if the exporter or the checker fails.
     """
     import torch
@@ -87,9 +88,22 @@ def to_onnx(
         raise BnfoldError(f"ONNX export ({exporter}) failed: {' '.join(str(exc).split())[:300]}") from exc
     finally:
         model.train(was_training)
+    if keep_batchnorm:
+        proto = _fold_constants(proto)
     proto.producer_name = "bnfold"
     check(proto)
     return proto
+
+
+def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant-fold without fusing: weights the exporter transposes at run time become initializers,
+    batch norms stay (onnxscript's full ``optimize`` would also fuse them)."""
+    from onnxscript import ir, optimizer
+
+    graph = ir.serde.deserialize_model(model)
+    optimizer.fold_constants(graph)
+    optimizer.remove_unused_nodes(graph)
+    return ir.serde.serialize_model(graph)
 
 
 def check(model: onnx.ModelProto, *, what: str = "the model") -> None:

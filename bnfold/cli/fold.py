@@ -127,7 +127,10 @@ def config(args: argparse.Namespace, **extra: Any) -> Config:
 def _console(stderr: bool = False) -> Console:
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    console = Console(stderr=stderr, highlight=False)
+    if not console.is_terminal:
+        console.width = max(console.width, 160)  # logs and pipes: do not wrap the tables into slivers
+    return console
 
 
 @contextmanager
@@ -161,15 +164,15 @@ def verify_table(checks: list[tuple[str, VerifyReport]], title: str = "verificat
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
-    for col in ("runtime", "inputs", "n", "compared", "with", "max abs err", "max rel err", "allowed", "top-1 agree",
+    for col in ("runtime", "inputs", "n", "compared with", "max abs err", "max rel err", "allowed", "top-1",
                 "result"):
         table.add_column(col, justify="right" if col in ("n", "max abs err", "max rel err", "allowed") else "left")
     for stage, rep in checks:
         for row in rep.rows:
             top1 = "n/a" if row.top1_agreement is None else f"{row.top1_agreement:.2%}"
             verdict = ("[green]pass[/]" if row.passed else "[red]FAIL[/]") if row.gating else "[dim]baseline[/]"
-            table.add_row(stage, rep.inputs, str(rep.n_samples), row.actual, row.reference, f"{row.max_abs_error:.3g}",
-                          f"{row.max_rel_error:.3g}", f"{row.allowed:.3g}", top1, verdict)
+            table.add_row(stage, rep.inputs, str(rep.n_samples), f"{row.actual} vs {row.reference}",
+                          f"{row.max_abs_error:.3g}", f"{row.max_rel_error:.3g}", f"{row.allowed:.3g}", top1, verdict)
     return table
 
 
