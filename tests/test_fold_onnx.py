@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -60,18 +61,21 @@ class Net:
         ]
         return self.node("BatchNormalization", [x, *params], out, name=f"{out}_node", epsilon=eps, **attrs)
 
-    def model(self, inputs: dict[str, tuple[int, ...]], outputs: list[str], opset: int = 15) -> onnx.ModelProto:
+    def model(self, inputs: dict[str, tuple[int, ...]], outputs: list[str], opset: int = 15,
+              shapes: dict[str, tuple[int, ...]] | None = None) -> onnx.ModelProto:
+        """``shapes`` gives output shapes shape inference cannot work out."""
         elem = helper.np_dtype_to_tensor_dtype(self.dtype)
         graph = helper.make_graph(
             self.nodes, "test",
             [helper.make_tensor_value_info(n, elem, s) for n, s in inputs.items()],
-            [helper.make_tensor_value_info(n, elem, None) for n in outputs],
+            [helper.make_tensor_value_info(n, elem, (shapes or {}).get(n)) for n in outputs],
             self.inits,
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
-        inferred = onnx.shape_inference.infer_shapes(model)
-        del model.graph.output[:]
-        model.graph.output.extend(inferred.graph.output)
+        if not shapes:
+            inferred = onnx.shape_inference.infer_shapes(model)
+            del model.graph.output[:]
+            model.graph.output.extend(inferred.graph.output)
         return model
 
     def feeds(self, model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -122,7 +126,8 @@ def _conv_transpose(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, attrs: d
     cg, mg = x.shape[1] // group, w.shape[1]
     y = np.zeros((x.shape[0], mg * group, *size))
     for tap in itertools.product(*(range(k) for k in w.shape[2:])):
-        where = tuple(slice(t * d, t * d + (n - 1) * s + 1, s) for t, d, s, n in zip(tap, dil, strides, x.shape[2:]))
+        where = tuple(slice(t * d, t * d + (n - 1) * s + 1, s)
+                      for t, d, s, n in zip(tap, dil, strides, x.shape[2:], strict=True))
         for i in range(group):
             part = np.tensordot(x[:, i * cg:(i + 1) * cg], w[i * cg:(i + 1) * cg][(..., *tap)], axes=([1], [0]))
             y[(slice(None), slice(i * mg, (i + 1) * mg), *where)] += np.moveaxis(part, -1, 1)
@@ -282,7 +287,8 @@ AFTER_CASES = [
     pytest.param(conv_after(2, group=6, pads=[1, 0, 1, 0]), id="conv2d-depthwise"),
     pytest.param(conv_after(2, auto_pad="SAME_UPPER", strides=[2, 2]), id="conv2d-auto-pad-same"),
     pytest.param(conv_transpose_after(), id="convtranspose"),
-    pytest.param(conv_transpose_after(group=2, bias=False, strides=[2, 2], pads=[1, 0, 1, 0]), id="convtranspose-grouped"),
+    pytest.param(conv_transpose_after(group=2, bias=False, strides=[2, 2], pads=[1, 0, 1, 0]),
+                 id="convtranspose-grouped"),
     pytest.param(conv_transpose_after(strides=[2, 2], output_padding=[1, 1]), id="convtranspose-output-padding"),
     pytest.param(gemm_after(), id="gemm"),
     pytest.param(gemm_after(trans_b=1, transA=1, alpha=0.7, beta=1.3), id="gemm-transposed-alpha-beta"),
@@ -507,3 +513,225 @@ def test_resnet_block_with_gemm_head_folds_every_bn() -> None:
     result = check_fold(model, n.feeds(model), folded=7, bns_left=0, nodes_left=len(model.graph.node) - 7)
     assert {f.side for f in result.folded} == {"output", "input"}
     assert result.skipped == []
+
+
+# -- refusals: the BN stays, with a reason naming the actual values -------------------------------
+
+Refusal = Callable[[Net], onnx.ModelProto]
+
+
+def _conv_bn(n: Net, **bn_attrs: Any) -> None:
+    n.bn(n.node("Conv", ["x", n.rand("w", 3, 2, 3, 3)], "y"), 3, "z", **bn_attrs)
+
+
+def refuse_second_consumer(n: Net) -> onnx.ModelProto:
+    _conv_bn(n)
+    n.node("Relu", ["y"], "r")
+    return n.model({"x": (1, 2, 5, 5)}, ["z", "r"])
+
+
+def refuse_layer_output_is_graph_output(n: Net) -> onnx.ModelProto:
+    _conv_bn(n)
+    return n.model({"x": (1, 2, 5, 5)}, ["z", "y"])
+
+
+def refuse_relu_between(n: Net) -> onnx.ModelProto:
+    n.bn(n.node("Relu", [n.node("Conv", ["x", n.rand("w", 3, 2, 3, 3)], "y")], "r"), 3, "z")
+    n.node("Relu", ["z"], "out")
+    return n.model({"x": (1, 2, 5, 5)}, ["out"])
+
+
+def refuse_param_graph_input(n: Net) -> onnx.ModelProto:
+    _conv_bn(n)
+    n.inits = [t for t in n.inits if t.name != "z.mean"]
+    return n.model({"x": (1, 2, 5, 5), "z.mean": (3,)}, ["z"])
+
+
+def refuse_param_overridable_initializer(n: Net) -> onnx.ModelProto:
+    _conv_bn(n)
+    return n.model({"x": (1, 2, 5, 5), "z.var": (3,)}, ["z"])
+
+
+def refuse_param_computed(n: Net) -> onnx.ModelProto:
+    _conv_bn(n)
+    bn = n.nodes[-1]
+    bn.input[1] = n.node("Abs", ["z.scale"], "z.scale.abs")
+    n.nodes.insert(0, n.nodes.pop())  # keep topological order
+    return n.model({"x": (1, 2, 5, 5)}, ["z"])
+
+
+def refuse_weight_graph_input(n: Net) -> onnx.ModelProto:
+    n.bn(n.node("Conv", ["x", "w"], "y"), 3, "z")
+    return n.model({"x": (1, 2, 5, 5), "w": (3, 2, 3, 3)}, ["z"])
+
+
+def refuse_weight_overridable_initializer(n: Net) -> onnx.ModelProto:
+    _conv_bn(n)
+    return n.model({"x": (1, 2, 5, 5), "w": (3, 2, 3, 3)}, ["z"])
+
+
+def refuse_matmul_rank3(n: Net) -> onnx.ModelProto:
+    n.bn(n.node("MatMul", ["x", n.rand("w", 6, 4)], "y"), 5, "z")
+    return n.model({"x": (2, 5, 6)}, ["z"])
+
+
+def refuse_matmul_rank3_before(n: Net) -> onnx.ModelProto:
+    n.node("MatMul", [n.bn("x", 5, "xb"), n.rand("w", 6, 4)], "y")
+    return n.model({"x": (2, 5, 6)}, ["y"])
+
+
+def refuse_conv_zero_padding_before(n: Net) -> onnx.ModelProto:
+    n.node("Conv", [n.bn("x", 2, "xb"), n.rand("w", 3, 2, 3, 3)], "y", pads=[1, 1, 1, 1])
+    return n.model({"x": (1, 2, 5, 5)}, ["y"])
+
+
+def refuse_conv_same_padding_before(n: Net) -> onnx.ModelProto:
+    n.node("Conv", [n.bn("x", 2, "xb"), n.rand("w", 3, 2, 3, 3)], "y", auto_pad="SAME_LOWER")
+    return n.model({"x": (1, 2, 5, 5)}, ["y"])
+
+
+def refuse_conv_transpose_shift_before(n: Net) -> onnx.ModelProto:
+    n.node("ConvTranspose", [n.bn("x", 2, "xb"), n.rand("w", 2, 3, 3, 3)], "y")
+    return n.model({"x": (1, 2, 5, 5)}, ["y"])
+
+
+def refuse_gemm_trans_a_before(n: Net) -> onnx.ModelProto:
+    n.node("Gemm", [n.bn("x", 3, "xb"), n.rand("w", 4, 5)], "y", transA=1)
+    return n.model({"x": (4, 3)}, ["y"])
+
+
+def refuse_training_mode(n: Net) -> onnx.ModelProto:
+    _conv_bn(n, training_mode=1)
+    n.nodes[-1].output.extend(["z.running_mean", "z.running_var"])  # the schema requires all three here
+    return n.model({"x": (1, 2, 5, 5)}, ["z"], shapes={"z": (1, 3, 3, 3)})
+
+
+def refuse_second_output_used(n: Net) -> onnx.ModelProto:
+    _conv_bn(n)
+    n.nodes[-1].output.extend(["z.running_mean", "z.running_var", "z.saved_mean", "z.saved_var"])
+    return n.model({"x": (1, 2, 5, 5)}, ["z", "z.running_mean"], opset=9,
+                   shapes={"z": (1, 3, 3, 3), "z.running_mean": (3,)})
+
+
+def refuse_spatial0(n: Net) -> onnx.ModelProto:
+    _conv_bn(n, spatial=0)
+    return n.model({"x": (1, 2, 5, 5)}, ["z"], opset=7)
+
+
+def refuse_opset6(n: Net) -> onnx.ModelProto:
+    _conv_bn(n, is_test=1)
+    return n.model({"x": (1, 2, 5, 5)}, ["z"], opset=6)
+
+
+def refuse_negative_variance(n: Net) -> onnx.ModelProto:
+    _conv_bn(n)
+    n.inits[-1].CopyFrom(numpy_helper.from_array(np.array([1.0, -5.0, 1.0], np.float32), "z.var"))
+    return n.model({"x": (1, 2, 5, 5)}, ["z"])
+
+
+def refuse_no_layer_either_side(n: Net) -> onnx.ModelProto:
+    n.node("Relu", [n.bn("x", 2, "xb")], "y")
+    return n.model({"x": (1, 2, 5, 5)}, ["y"])
+
+
+def refuse_bn_feeds_weight(n: Net) -> onnx.ModelProto:
+    n.node("MatMul", ["x", n.bn("w_in", 4, "wb")], "y")
+    return n.model({"x": (3, 4), "w_in": (4, 4)}, ["y"])
+
+
+REFUSALS = [
+    pytest.param(refuse_second_consumer, r"output 'y' has 2 uses \(BatchNormalization 'z_node', Relu 'r'\)",
+                 id="layer-output-second-consumer"),
+    pytest.param(refuse_layer_output_is_graph_output, "output 'y' is a graph output",
+                 id="layer-output-graph-output"),
+    pytest.param(refuse_relu_between, "input comes from Relu 'r'.*output goes to Relu 'out'", id="relu-between"),
+    pytest.param(refuse_param_graph_input, "batch norm input_mean 'z.mean' is a graph input",
+                 id="bn-param-graph-input"),
+    pytest.param(refuse_param_overridable_initializer, "'z.var' is an initializer that is also a graph input",
+                 id="bn-param-overridable"),
+    pytest.param(refuse_param_computed, "batch norm scale 'z.scale.abs' is computed by Abs", id="bn-param-computed"),
+    pytest.param(refuse_weight_graph_input, "weight of Conv 'y' 'w' is a graph input", id="dynamic-weight"),
+    pytest.param(refuse_weight_overridable_initializer, "'w' is an initializer that is also a graph input",
+                 id="weight-overridable"),
+    pytest.param(refuse_matmul_rank3, "output of MatMul 'y' 'y' has rank 3", id="matmul-rank3-after"),
+    pytest.param(refuse_matmul_rank3_before, "batch norm input 'x' has rank 3", id="matmul-rank3-before"),
+    pytest.param(refuse_conv_zero_padding_before, r"zero padding \(1, 1, 1, 1\)", id="conv-zero-padding-before"),
+    pytest.param(refuse_conv_same_padding_before, "auto_pad=SAME_LOWER", id="conv-auto-pad-same-before"),
+    pytest.param(refuse_conv_transpose_shift_before, "following transposed convolution is not exact",
+                 id="convtranspose-shift-before"),
+    pytest.param(refuse_gemm_trans_a_before, "Gemm 'y' has transA=1", id="gemm-transA-before"),
+    pytest.param(refuse_training_mode, "training_mode=1", id="training-mode"),
+    pytest.param(refuse_second_output_used, "running-statistics output 'z.running_mean' is used",
+                 id="second-output-used"),
+    pytest.param(refuse_spatial0, "spatial=0", id="opset7-spatial0"),
+    pytest.param(refuse_opset6, "opset 6", id="opset6"),
+    pytest.param(refuse_negative_variance, r"var \+ eps must be > 0, got .*-4.99.* at channel 1",
+                 id="negative-variance"),
+    pytest.param(refuse_no_layer_either_side, "input 'x' is not computed by a layer.*goes to Relu 'y'",
+                 id="no-layer-either-side"),
+    pytest.param(refuse_bn_feeds_weight, "feeds the weight input of MatMul 'y'", id="bn-feeds-weight"),
+]
+
+
+@pytest.mark.parametrize(("build", "match"), REFUSALS)
+def test_refusal_keeps_bn_with_reason(build: Refusal, match: str) -> None:
+    n = Net(seed=2)
+    model = build(n)
+    result = fold_onnx(model)
+    assert result.folded == []
+    assert len(result.skipped) == 1
+    assert re.search(match, result.skipped[0].reason), result.skipped[0].reason
+    assert result.model.SerializeToString() == model.SerializeToString()  # nothing touched
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_channel_count_mismatch_is_refused() -> None:
+    """Not a valid model (so no runtime check), but the fold must refuse rather than raise."""
+    n = Net()
+    n.bn(n.node("Conv", ["x", n.rand("w", 3, 2, 3, 3)], "y"), 4, "z")
+    graph = helper.make_graph(n.nodes, "bad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4, 3, 3])], n.inits)
+    result = fold_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]))
+    assert result.folded == []
+    assert "Conv 'y' has 3 output channels but the batch norm has 4" in result.skipped[0].reason
+
+
+def test_bn_inside_subgraph_is_reported_not_folded() -> None:
+    body = Net(seed=4)
+    body.bn(body.node("Conv", ["x", body.rand("w", 3, 2, 3, 3)], "y"), 3, "z")
+    branch = helper.make_graph(body.nodes, "then", [], [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+                               body.inits)
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["xi"])], "else", [],
+                              [helper.make_tensor_value_info("xi", TensorProto.FLOAT, None)])
+    n = Net()
+    n.node("If", ["cond"], "out", name="branch", then_branch=branch, else_branch=other)
+    n.bn(n.node("Conv", ["x", n.rand("w0", 3, 2, 3, 3)], "y0"), 3, "z0")
+    graph = helper.make_graph(
+        n.nodes, "g",
+        [helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("z0", TensorProto.FLOAT, [1, 3, 3, 3])], n.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], ir_version=IR_VERSION)
+    result = fold_onnx(model)
+    assert [f.bn for f in result.folded] == ["z0_node"]
+    assert [s.bn for s in result.skipped] == ["z_node"]
+    assert "inside a subgraph of If 'branch'" in result.skipped[0].reason
+    x = np.random.default_rng(0).normal(size=(1, 2, 5, 5)).astype(np.float32)
+    for cond in (True, False):
+        feeds = {"cond": np.array(cond), "x": x}
+        for got, want in zip(ort_run(result.model, feeds), ort_run(model, feeds), strict=True):
+            assert Tolerance().compare(got, want).passed
+
+
+def test_rejects_non_model() -> None:
+    with pytest.raises(TypeError, match=r"expects an onnx\.ModelProto, got GraphProto"):
+        fold_onnx(onnx.GraphProto())  # type: ignore[arg-type]
+
+
+def test_dispatch_from_package_fold() -> None:
+    import bnfold
+
+    n = Net()
+    _conv_bn(n)
+    assert len(bnfold.fold(n.model({"x": (1, 2, 5, 5)}, ["z"])).folded) == 1

@@ -160,12 +160,12 @@ class WeightLayer:
         if isinstance(operands, str):
             return operands
         w, b = operands
-        n = self.in_channels(node, w.value)
-        if n != bn.channels:
-            return f"{g.describe(node)} has {n} input channels but the batch norm has {bn.channels}"
         problem = self.before_problem(node, w.value, bn)
         if problem:
             return problem
+        n = self.in_channels(node, w.value)
+        if n != bn.channels:
+            return f"{g.describe(node)} has {n} input channels but the batch norm has {bn.channels}"
         try:
             w_new, b_new = self.fold_bias_before(node, w.value, b, bn)
         except ValueError as err:
