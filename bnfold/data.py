@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,12 +157,15 @@ def _read_path(path: Path, *, label_column: str | None,
 
 
 def _read_npz(path: Path) -> tuple[NDArray[np.float32], NDArray[np.generic], list[str] | None]:
+    with path.open("rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            raise BnfoldError(f"{path}: not a .npz file (no zip header); save with numpy.savez(path, X=..., y=...)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
     except ValueError as exc:  # object arrays need pickle: refused
         raise BnfoldError(f"{path}: cannot read .npz without pickle ({exc})") from None
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise BnfoldError(f"{path}: not a readable .npz file ({' '.join(str(exc).split())})") from None
     missing = [key for key in ("X", "y") if key not in arrays]
     if missing:
