@@ -97,28 +97,29 @@ class Graph:
     def describe(self, node: onnx.NodeProto) -> str:
         return f"{node.op_type} '{node_id(node)}'"
 
-    def constant(self, name: str, role: str) -> Const | str:
-        """The constant ``name`` or the reason it is not one (``role`` names it in the reason)."""
+    def constant(self, name: str, role: str, owner: onnx.NodeProto | None = None) -> Const | str:
+        """The constant ``name`` or the reason it is not one, naming it as ``role`` of ``owner``."""
+        subject = f"{role} '{name}'" + (f" of {self.describe(owner)}" if owner is not None else "")
         if name in self.inputs:
             where = "an initializer that is also a graph input" if name in self.initializers else "a graph input"
-            return f"{role} '{name}' is {where}, so it can change at run time; it must be a constant initializer"
+            return f"{subject} is {where}, so it can change at run time; it must be a constant initializer"
         if name in self.initializers:
             tensor = self.initializers[name]
         else:
             node = self.producer.get(name)
             if node is None:
-                return f"{role} '{name}' is not produced by any node or initializer"
+                return f"{subject} is not produced by any node or initializer"
             if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
-                return f"{role} '{name}' is computed by {self.describe(node)} at run time, not a constant"
+                return f"{subject} is computed by {self.describe(node)} at run time, not a constant"
             tensor = _constant_tensor(node)
             if tensor is None:
-                return f"{role} '{name}' comes from a Constant node without a dense float value"
+                return f"{subject} comes from a Constant node without a dense float value"
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            return (f"{role} '{name}' is stored as external data; load the model with "
+            return (f"{subject} is stored as external data; load the model with "
                     "onnx.load(path, load_external_data=True)")
         if tensor.data_type not in _FLOAT_TYPES:
             dtype = onnx.TensorProto.DataType.Name(tensor.data_type)
-            return f"{role} '{name}' has element type {dtype}; only float16/bfloat16/float/double fold"
+            return f"{subject} has element type {dtype}; only float16/bfloat16/float/double fold"
         value = numpy_helper.to_array(tensor).astype(np.float64)
         return Const(name=name, value=value, elem_type=tensor.data_type)
 

@@ -128,13 +128,12 @@ class WeightLayer:
     # -- match + check, returning the rewrite ------------------------------------------------
 
     def _operands(self, g: Graph, node: onnx.NodeProto) -> tuple[Const, Const | None] | str:
-        desc = g.describe(node)
-        w = g.constant(node.input[1], f"weight of {desc}")
+        w = g.constant(node.input[1], "weight", node)
         if isinstance(w, str):
             return w
         if len(node.input) < 3 or not node.input[2]:
             return w, None
-        b = g.constant(node.input[2], f"{self.bias_role} of {desc}")
+        b = g.constant(node.input[2], self.bias_role, node)
         return b if isinstance(b, str) else (w, b)
 
     def fold_after(self, g: Graph, node: onnx.NodeProto, bn: Affine, bn_node: onnx.NodeProto) -> Rewrite | str:
@@ -261,7 +260,7 @@ class MatMulFold:
     op_type = "MatMul"
 
     def _weight(self, g: Graph, mm: onnx.NodeProto) -> Const | str:
-        w = g.constant(mm.input[1], f"weight (second input) of {g.describe(mm)}")
+        w = g.constant(mm.input[1], "weight", mm)
         if isinstance(w, str):
             return w
         if w.value.ndim != 2:
@@ -273,7 +272,7 @@ class MatMulFold:
         if rank == 2:
             return None
         shown = "unknown" if rank is None else str(rank)
-        return (f"{what} '{name}' has rank {shown}; batch norm normalizes axis 1 but MatMul works on the last "
+        return (f"{what} ('{name}') has rank {shown}; batch norm normalizes axis 1 but MatMul works on the last "
                 "axis, which agree only for 2-D tensors (give the graph inputs static ranks if it is 2-D)")
 
     def _split_add(self, g: Graph, add: onnx.NodeProto) -> tuple[onnx.NodeProto, int] | str:
@@ -293,7 +292,7 @@ class MatMulFold:
             if isinstance(split, str):
                 return split
             add, (mm, bias_index) = node, split
-            found = g.constant(add.input[bias_index], f"bias of {g.describe(add)}")
+            found = g.constant(add.input[bias_index], "bias", add)
             if isinstance(found, str):
                 return found
             bias = found
@@ -305,7 +304,7 @@ class MatMulFold:
         w = self._weight(g, mm)
         if isinstance(w, str):
             return w
-        problem = self._rank_problem(g, mm.output[0], f"output of {g.describe(mm)}")
+        problem = self._rank_problem(g, mm.output[0], f"the output of {g.describe(mm)}")
         if problem:
             return problem
         if w.value.shape[1] != bn.channels:
@@ -335,7 +334,7 @@ class MatMulFold:
         w = self._weight(g, mm)
         if isinstance(w, str):
             return w
-        problem = self._rank_problem(g, bn_node.input[0], "batch norm input")
+        problem = self._rank_problem(g, bn_node.input[0], "the batch norm input")
         if problem:
             return problem
         if w.value.shape[0] != bn.channels:
