@@ -15,8 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnx
 import pytest
 import yaml
+from onnx import TensorProto, helper, numpy_helper
+
+from bnfold.certificate import Certificate, attach
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -169,3 +174,41 @@ def manifests() -> dict[str, list[dict[str, Any]]]:
         path.name: [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
         for path in sorted((REPO / "deploy" / "k8s").glob("*.yaml"))
     }
+
+
+def standin_digits_model(seed: int = 0) -> onnx.ModelProto:
+    """A certified model with the digits model's signature: ``input`` [N,1,8,8] -> ``logits`` [N,10].
+
+    Flatten + Gemm with seeded weights; its self-test output is computed in float64 numpy, so the
+    service's certificate check is exercised too.
+    """
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((10, 64)).astype(np.float32) / 8
+    bias = rng.standard_normal(10).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+         helper.make_node("Gemm", ["flat", "weight", "bias"], ["logits"], transB=1)],
+        "digits_standin",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(weight, "weight"), numpy_helper.from_array(bias, "bias")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    x = rng.uniform(0, 16, (2, 1, 8, 8)).astype(np.float32)
+    reference = x.reshape(2, 64).astype(np.float64) @ weight.T.astype(np.float64) + bias.astype(np.float64)
+    attach(model, Certificate(input_name="input", output_name="logits", selftest_input=x,
+                              selftest_output=reference.astype(np.float32), architecture="digits-standin",
+                              input_shape=[1, 8, 8], class_labels=[str(i) for i in range(10)]))
+    return model
+
+
+@pytest.fixture(scope="session")
+def digits_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The repository's ``models/`` if ``bnfold quickstart`` has filled it, else one holding the stand-in."""
+    if sorted((REPO / "models" / "digits").glob("*/model.onnx")):
+        return REPO / "models"
+    root = tmp_path_factory.mktemp("models")
+    (root / "digits" / "1").mkdir(parents=True)
+    onnx.save(standin_digits_model(), root / "digits" / "1" / "model.onnx")
+    return root
