@@ -1,0 +1,41 @@
+"""bnfold.repository: DIR/NAME/<version>/model.onnx, next versions, atomic publishing."""
+
+from __future__ import annotations
+
+import pytest
+
+from bnfold.repository import check_name, model_path, next_version, publish, versions
+
+
+def test_publish_appends_versions(tmp_path) -> None:
+    assert next_version(tmp_path, "digits") == 1
+    first = publish(tmp_path, "digits", b"one")
+    second = publish(tmp_path, "digits", b"two")
+    assert first == model_path(tmp_path, "digits", 1)
+    assert second == model_path(tmp_path, "digits", 2)
+    assert first.read_bytes() == b"one" and second.read_bytes() == b"two"
+    assert versions(tmp_path, "digits") == [1, 2]
+    assert [p.name for p in (tmp_path / "digits").iterdir() if p.name.startswith(".")] == []  # no staging left
+
+
+def test_next_version_skips_past_gaps_and_ignores_other_entries(tmp_path) -> None:
+    (tmp_path / "m" / "3").mkdir(parents=True)
+    (tmp_path / "m" / "notes").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    assert next_version(tmp_path, "m") == 4
+    assert versions(tmp_path, "m") == []  # version 3 has no model file
+    assert publish(tmp_path, "m", b"x") == model_path(tmp_path, "m", 4)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param("", id="empty"), pytest.param("..", id="dotdot"), pytest.param("a/b", id="slash"),
+     pytest.param("-x", id="leading-dash"), pytest.param("x" * 65, id="too-long")],
+)
+def test_bad_names_are_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="model name must be"):
+        check_name(name)
+
+
+def test_good_names() -> None:
+    assert check_name("digits_v2.cnn-1") == "digits_v2.cnn-1"

@@ -1,0 +1,162 @@
+"""bnfold.verify: float64 reference, error measures, top-1 agreement, any mix of torch/ONNX models."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import bnfold
+from bnfold.errors import BnfoldError, VerificationFailed
+from bnfold.export import to_onnx
+from bnfold.tolerance import Tolerance
+from bnfold.verification import top1_agreement, verify
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(6 * 5 * 5, 4))
+    with torch.no_grad():
+        bn = m[1]
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return m.eval()
+
+
+def _inputs(n: int = 32) -> np.ndarray:
+    return np.random.default_rng(1).standard_normal((n, 2, 5, 5)).astype(np.float32)
+
+
+def _perturbed(model: nn.Module, delta: float) -> nn.Module:
+    bad = copy.deepcopy(model)
+    with torch.no_grad():
+        bad[4].bias.add_(delta)  # every logit moves by exactly delta
+    return bad
+
+
+def test_identical_models_pass_with_float64_rows() -> None:
+    m = _model()
+    rep = verify(m, copy.deepcopy(m), _inputs())
+    assert rep.passed
+    assert rep.n_samples == 32
+    assert rep.top1_agreement == 1.0
+    assert [(r.actual, r.reference, r.gating) for r in rep.rows] == [
+        ("folded (float32)", "original (float64)", True),
+        ("original (float32)", "original (float64)", False),
+        ("folded (float32)", "original (float32)", False),
+    ]
+    # A float32 copy is exactly the original: zero difference, and float32 rounding vs float64 is tiny but nonzero.
+    assert rep.rows[2].max_abs_error == 0.0
+    assert 0.0 < rep.rows[1].max_abs_error < 1e-5
+    assert rep.max_abs_error == rep.rows[0].max_abs_error
+
+
+def test_folded_model_passes_within_default_tolerance() -> None:
+    m = _model()
+    rep = bnfold.verify(m, bnfold.fold(m).model, torch.from_numpy(_inputs()))
+    assert rep.passed, rep.summary()
+    assert rep.max_abs_error < 1e-5
+    assert rep.top1_agreement == 1.0
+
+
+@pytest.mark.parametrize(
+    ("delta", "passed"),
+    [pytest.param(1e-7, True, id="below-atol"), pytest.param(1e-2, False, id="above-tolerance")],
+)
+def test_error_is_measured_exactly(delta: float, passed: bool) -> None:
+    m = _model()
+    rep = verify(m, _perturbed(m, delta), _inputs(), tolerance=Tolerance(atol=1e-5, rtol=0.0))
+    assert rep.passed is passed
+    assert rep.allowed == pytest.approx(1e-5, abs=0)
+    assert rep.max_abs_error == pytest.approx(delta, rel=1e-3, abs=2e-6)
+
+
+def test_raise_if_failed_names_measured_and_allowed() -> None:
+    m = _model()
+    rep = verify(m, _perturbed(m, 0.5), _inputs())
+    with pytest.raises(VerificationFailed, match=r"max abs error 0\.5 > allowed"):
+        rep.raise_if_failed()
+    assert VerificationFailed("x").exit_code == 1
+
+
+def test_zero_tolerance_fails_a_real_fold() -> None:
+    m = _model()
+    rep = verify(m, bnfold.fold(m).model, _inputs(), tolerance=Tolerance(atol=0.0, rtol=0.0))
+    assert not rep.passed
+    assert rep.max_abs_error > 0
+
+
+def test_onnx_and_torch_in_any_mix(tmp_path) -> None:
+    m = _model()
+    proto = to_onnx(bnfold.fold(m).model, (2, 5, 5))
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, str(path))
+    for candidate in (proto, path, str(path)):
+        rep = verify(m, candidate, _inputs())
+        assert rep.passed, rep.summary()
+        assert rep.reference == "original (float64)"
+        assert rep.max_abs_error < 1e-5
+    onnx_first = verify(proto, m, _inputs())  # no float64 copy of an ONNX model: the original is the reference
+    assert onnx_first.reference == "original"
+    assert len(onnx_first.rows) == 1
+    assert onnx_first.passed
+
+
+def test_original_is_not_modified_or_left_in_eval() -> None:
+    m = _model().train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    verify(m, copy.deepcopy(m).eval(), _inputs())
+    assert m.training
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_report_is_json_serializable() -> None:
+    m = _model()
+    body = json.loads(json.dumps(verify(m, m, _inputs(), inputs_label="random").to_dict()))
+    assert body["passed"] is True
+    assert body["inputs"] == "random"
+    assert body["tolerance"] == {"atol": 1e-5, "rtol": 1e-4}
+    assert len(body["rows"]) == 3
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        pytest.param(np.zeros((0, 2, 5, 5), np.float32), "non-empty batch", id="empty-batch"),
+        pytest.param(np.float32(1.0), "non-empty batch", id="scalar"),
+    ],
+)
+def test_bad_inputs_raise(inputs: np.ndarray, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        verify(_model(), _model(), inputs)
+
+
+def test_output_shape_mismatch_names_both_shapes() -> None:
+    other = nn.Sequential(nn.Flatten(), nn.Linear(50, 3)).eval()
+    with pytest.raises(BnfoldError, match=r"\(32, 4\) vs \(32, 3\)"):
+        verify(_model(), other, _inputs())
+
+
+def test_unknown_model_type_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match=r"expected a torch\.nn\.Module"):
+        verify(_model(), object(), _inputs())
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        pytest.param([[1, 0], [0, 1]], [[2, 1], [1, 0]], 0.5, id="half"),
+        pytest.param([[1, 0], [0, 1]], [[1, 0], [0, 1]], 1.0, id="all"),
+        pytest.param([[1], [2]], [[1], [2]], None, id="single-output"),
+    ],
+)
+def test_top1_agreement(a: list[list[float]], b: list[list[float]], expected: float | None) -> None:
+    assert top1_agreement(np.array(a, float), np.array(b, float)) == expected
