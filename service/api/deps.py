@@ -1,4 +1,8 @@
-"""Dependencies declared once and injected: app state, the API key check, and the size-capped body."""
+"""Dependencies declared once and injected: app state, the API key check, and the size-capped body.
+
+All are ``async def``: FastAPI runs plain ``def`` dependencies in a thread pool, which would cost a
+thread hop per dependency per request.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +16,15 @@ from service.metrics import ServiceMetrics
 from service.repository import ModelRepository
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-def get_repository(request: Request) -> ModelRepository:
+async def get_repository(request: Request) -> ModelRepository:
     return request.app.state.repository  # type: ignore[no-any-return]
 
 
-def get_metrics(request: Request) -> ServiceMetrics:
+async def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics  # type: ignore[no-any-return]
 
 
@@ -29,7 +33,7 @@ RepositoryDep = Annotated[ModelRepository, Depends(get_repository)]
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
 
 
-def require_api_key(request: Request, settings: SettingsDep) -> None:
+async def require_api_key(request: Request, settings: SettingsDep) -> None:
     """With ``BNFOLD_API_KEY`` set, demand ``Authorization: Bearer <key>`` (constant-time comparison)."""
     if settings.api_key is None:
         return
