@@ -84,8 +84,9 @@ def save_checkpoint(
         "seed": seed,
         "train_config": dict(train_config or {}),
         "bnfold_version": __version__,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),  # TorchVersion is a str subclass weights_only refuses
     }
+    payload = {k: (v if k == "state_dict" else _plain(v, k)) for k, v in payload.items()}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
         digest = _sha256(tmp)
@@ -288,6 +289,19 @@ def _num_outputs(model: nn.Module, shape: tuple[int, ...]) -> int:
     with torch.no_grad():
         out = model(torch.zeros((2, *shape)))
     return int(out.shape[-1])
+
+
+def _plain(value: Any, where: str) -> Any:
+    """Metadata as the builtin types ``weights_only`` loading accepts (numpy scalars -> Python)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v, where) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalar
+        return value.item()
+    raise TypeError(f"checkpoint metadata {where} has a {type(value).__name__}; only builtin types can be saved")
 
 
 def _is_state_dict(obj: Mapping[Any, Any]) -> bool:

@@ -1,0 +1,280 @@
+"""Checkpoints: the weights_only format, every way to load a model, and every bad-file error."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from bnfold.archs import build_model
+from bnfold.checkpoint import FORMAT, FORMAT_VERSION, load_model, save_checkpoint
+from bnfold.errors import BnfoldError
+from bnfold.layers import InputNorm
+
+
+def _model(seed: int = 0, **config: Any) -> nn.Module:
+    torch.manual_seed(seed)
+    model = build_model("cnn", input_shape=(1, 8, 8), num_classes=4, width=4, depth=1, **config)
+    norm = InputNorm.from_stats([3.0], [2.0])
+    model.get_submodule("input_norm").load_state_dict(norm.state_dict())
+    # Non-trivial running statistics, as after training.
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(16, 1, 8, 8) * 4 + 5)
+    return model.eval()
+
+
+def _save(path: Path, model: nn.Module) -> str:
+    return save_checkpoint(
+        path, model, arch="cnn", arch_config={"width": 4, "depth": 1, "norm": "bn"}, input_shape=(1, 8, 8),
+        class_labels=["a", "b", "c", "d"], dataset="digits", seed=3, input_norm={"mean": [3.0], "std": [2.0]},
+        metrics={"history": [{"epoch": 1.0, "val_accuracy": 0.5}], "best_epoch": 1},
+    )
+
+
+def test_round_trip_rebuilds_the_same_function(tmp_path: Path) -> None:
+    model = _model()
+    sha = _save(tmp_path / "m.pt", model)
+    loaded = load_model(tmp_path / "m.pt")
+    x = torch.randn(6, 1, 8, 8) * 4 + 5
+    torch.testing.assert_close(loaded.model(x), model(x), rtol=0, atol=0)
+    assert not loaded.model.training
+    assert loaded.model.input_shape == (1, 8, 8) == loaded.input_shape
+    assert loaded.arch == "cnn" and loaded.arch_config == {"width": 4, "depth": 1, "norm": "bn"}
+    assert loaded.class_labels == ["a", "b", "c", "d"] and loaded.dataset == "digits"
+    assert loaded.meta["seed"] == 3 and loaded.meta["metrics"]["best_epoch"] == 1
+    assert loaded.meta["input_norm"] == {"mean": [3.0], "std": [2.0]}
+    assert loaded.sha256 == sha == hashlib.sha256((tmp_path / "m.pt").read_bytes()).hexdigest()
+    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+
+
+def test_file_is_a_plain_dict_for_weights_only_load(tmp_path: Path) -> None:
+    model = _model()
+    _save(tmp_path / "m.pt", model)
+    raw = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert raw["format"] == FORMAT and raw["format_version"] == FORMAT_VERSION
+    assert {"arch", "arch_config", "state_dict", "input_shape", "class_labels", "input_norm", "metrics",
+            "bnfold_version", "seed", "dataset"} <= set(raw)
+    running = [k for k in raw["state_dict"] if k.endswith("running_var")]
+    assert running
+    torch.testing.assert_close(raw["state_dict"][running[0]], model.state_dict()[running[0]], rtol=0, atol=0)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # atomic: no temporary left behind
+
+
+@pytest.mark.parametrize(
+    ("payload", "arch_config"),
+    [
+        pytest.param("bare", {"width": 4, "depth": 1}, id="bare-state-dict"),
+        pytest.param("wrapped", {"width": 4, "depth": 1, "input_shape": [1, 8, 8], "num_classes": 4},
+                     id="state-dict-wrapper-with-shapes"),
+    ],
+)
+def test_state_dict_plus_arch_name(tmp_path: Path, payload: str, arch_config: dict[str, Any]) -> None:
+    model = _model()
+    state = model.state_dict()
+    torch.save(state if payload == "bare" else {"state_dict": state, "epoch": 3}, tmp_path / "s.pt")
+    loaded = load_model(tmp_path / "s.pt", arch="cnn", arch_config=arch_config)
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(loaded.model(x), model(x), rtol=0, atol=0)
+    assert loaded.class_labels == ["0", "1", "2", "3"] and loaded.input_shape == (1, 8, 8)
+    assert loaded.arch == "cnn" and loaded.dataset is None
+
+
+def test_state_dict_without_bn_infers_norm_none(tmp_path: Path) -> None:
+    model = _model(norm="none")
+    torch.save(model.state_dict(), tmp_path / "s.pt")
+    loaded = load_model(tmp_path / "s.pt", arch="cnn", arch_config={"width": 4, "depth": 1})
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(loaded.model(x), model(x), rtol=0, atol=0)
+
+
+FACTORY = """
+from torch import nn
+
+def tiny(hidden=5):
+    model = nn.Sequential(nn.Linear(3, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, 2))
+    model.input_shape = (3,)
+    return model
+
+def shapeless():
+    return nn.Sequential(nn.Linear(3, 2))
+
+def not_a_model():
+    return 42
+"""
+
+
+@pytest.fixture
+def factory_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    name = f"user_models_{os.getpid()}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(FACTORY))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    sys.modules.pop(name, None)
+
+
+def test_user_factory_plus_state_dict(tmp_path: Path, factory_module: str) -> None:
+    module = __import__(factory_module)
+    torch.manual_seed(0)
+    model = module.tiny(hidden=6).eval()
+    torch.save(model.state_dict(), tmp_path / "u.pt")
+    loaded = load_model(tmp_path / "u.pt", model_factory=f"{factory_module}:tiny", arch_config={"hidden": 6})
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(loaded.model(x), model(x), rtol=0, atol=0)
+    assert loaded.arch == f"{factory_module}:tiny" and loaded.input_shape == (3,)
+    assert loaded.class_labels == ["0", "1"]
+
+
+# ---- bad files ----------------------------------------------------------------------------------
+
+
+class _RunsCode:
+    """Pickles to a call of os.system that would create a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize(
+    "container", [pytest.param("torch-zip", id="torch-save"), pytest.param("raw", id="raw-pickle")]
+)
+def test_pickle_with_code_is_refused_and_never_run(tmp_path: Path, container: str) -> None:
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "evil.pt"
+    payload = {"state_dict": {"w": torch.zeros(1)}, "hook": _RunsCode(marker)}
+    if container == "raw":
+        path.write_bytes(pickle.dumps(payload, protocol=2))
+    else:
+        torch.save(payload, path)
+    with pytest.raises(BnfoldError, match=r"refused: file contains pickled code") as info:
+        load_model(path, arch="cnn")
+    assert "\n" not in str(info.value)
+    assert not marker.exists()
+
+
+def _bad(tmp_path: Path, case: str) -> tuple[Path, dict[str, Any]]:
+    good = _model().state_dict()
+    path = tmp_path / "c.pt"
+    if case == "missing":
+        return tmp_path / "absent.pt", {}
+    if case == "directory":
+        return tmp_path, {}
+    if case == "empty":
+        path.write_bytes(b"")
+    elif case == "truncated":
+        _save(path, _model())
+        path.write_bytes(path.read_bytes()[:300])
+    elif case == "text":
+        path.write_text("this is a README, not a model\n")
+    elif case == "binary-junk":
+        path.write_bytes(bytes(range(7, 200)))
+    elif case == "not-a-state-dict":
+        torch.save([1, 2, 3], path)
+    elif case == "empty-state-dict":
+        torch.save({}, path)
+    elif case == "newer-format":
+        torch.save({"format": FORMAT, "format_version": FORMAT_VERSION + 1, "state_dict": good}, path)
+    elif case == "no-arch":
+        torch.save(good, path)
+        return path, {}
+    elif case == "unknown-arch":
+        torch.save(good, path)
+        return path, {"arch": "vgg16"}
+    elif case == "mismatch":
+        state = dict(good)
+        state.pop("features.0.weight")
+        state.pop("features.1.weight")
+        state["extra.weight"] = torch.zeros(2)
+        state["head.2.weight"] = torch.zeros(7, 4)
+        torch.save(state, path)
+        return path, {"arch": "cnn", "arch_config": {"width": 4, "depth": 1, "num_classes": 4}}
+    elif case == "wrong-width":
+        torch.save(good, path)
+        return path, {"arch": "cnn", "arch_config": {"width": 8, "depth": 1}}
+    elif case == "bad-factory":
+        torch.save(good, path)
+        return path, {"model_factory": "no_such_pkg_xyz.models:make"}
+    elif case == "malformed-factory":
+        torch.save(good, path)
+        return path, {"model_factory": "just_a_name"}
+    return path, {"arch": "cnn"}
+
+
+BAD = [
+    pytest.param("missing", r"checkpoint '.*absent\.pt' does not exist", id="missing-file"),
+    pytest.param("directory", r"is a directory, not a file", id="directory"),
+    pytest.param("empty", r"is empty \(0 bytes\)", id="empty-file"),
+    pytest.param("truncated", r"is truncated or corrupted \(300 bytes\)", id="truncated"),
+    pytest.param("text", r"is a text file, not a PyTorch checkpoint", id="text-file"),
+    pytest.param("binary-junk", r"not a PyTorch checkpoint \(unrecognized file header\)", id="binary-junk"),
+    pytest.param("not-a-state-dict", r"not a bnfold checkpoint or a state_dict \(found a list\)", id="list"),
+    pytest.param("empty-state-dict", r"the state_dict is empty", id="empty-state-dict"),
+    pytest.param("newer-format", r"format version 2 is newer than this bnfold supports \(1\)", id="newer-format"),
+    pytest.param("no-arch", r"a bare state_dict does not say which architecture it belongs to; give --arch NAME "
+                 r"\(mlp, cnn, resnet, mobilenet, conv1d\) or --model package\.module:factory", id="bare-no-arch"),
+    pytest.param("unknown-arch", r"unknown architecture 'vgg16'; known: mlp, cnn, resnet, mobilenet, conv1d",
+                 id="unknown-arch"),
+    pytest.param("mismatch", r"state_dict does not match architecture 'cnn': 2 missing keys \(features\.0\.weight, "
+                 r"features\.1\.weight\); 1 unexpected key \(extra\.weight\); 1 shape mismatch "
+                 r"\(head\.2\.weight: file \(7, 4\) vs model \(4, 4\)\)", id="keys-and-shapes"),
+    pytest.param("wrong-width", r"does not match architecture 'cnn': \d+ shape mismatches \(features\.0\.weight: "
+                 r"file \(4, 1, 3, 3\) vs model \(8, 1, 3, 3\), .*, \.\.\.\)", id="wrong-width"),
+    pytest.param("bad-factory", r"cannot import 'no_such_pkg_xyz\.models' for model factory", id="bad-factory"),
+    pytest.param("malformed-factory", r"model factory must look like 'package\.module:factory', got 'just_a_name'",
+                 id="malformed-factory"),
+]
+
+
+@pytest.mark.parametrize(("case", "pattern"), BAD)
+def test_bad_checkpoint_is_one_line_bnfold_error(tmp_path: Path, case: str, pattern: str) -> None:
+    path, kwargs = _bad(tmp_path, case)
+    with pytest.raises(BnfoldError, match=pattern) as info:
+        load_model(path, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("factory", "pattern"),
+    [
+        pytest.param("shapeless", r"the model has no input_shape attribute; give input_shape", id="no-input-shape"),
+        pytest.param("not_a_model", r"returned a int, not a torch\.nn\.Module", id="not-a-module"),
+        pytest.param("missing", r"has no callable 'missing'", id="no-such-factory"),
+    ],
+)
+def test_bad_user_factory(tmp_path: Path, factory_module: str, factory: str, pattern: str) -> None:
+    torch.save({"0.weight": torch.zeros(2, 3), "0.bias": torch.zeros(2)}, tmp_path / "u.pt")
+    with pytest.raises(BnfoldError, match=pattern):
+        load_model(tmp_path / "u.pt", model_factory=f"{factory_module}:{factory}")
+
+
+def test_save_into_missing_directory_writes_nothing(tmp_path: Path) -> None:
+    with pytest.raises(BnfoldError, match=r"output directory .* does not exist"):
+        _save(tmp_path / "no" / "m.pt", _model())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_metadata_is_stored_as_builtin_types(tmp_path: Path) -> None:
+    import numpy as np
+
+    save_checkpoint(tmp_path / "m.pt", _model(), arch="cnn", arch_config={"width": 4, "depth": 1},
+                    input_shape=(1, 8, 8), class_labels=["a", "b", "c", "d"],
+                    metrics={"best_val_accuracy": np.float32(0.75), "shape": (1, 2)})
+    raw = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert raw["metrics"] == {"best_val_accuracy": 0.75, "shape": [1, 2]}
+    assert type(raw["metrics"]["best_val_accuracy"]) is float
+    with pytest.raises(TypeError, match=r"metadata metrics\.when has a object"):
+        save_checkpoint(tmp_path / "n.pt", _model(), arch="cnn", arch_config={}, input_shape=(1, 8, 8),
+                        class_labels=["a"], metrics={"when": object()})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
