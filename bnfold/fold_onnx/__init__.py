@@ -76,10 +76,11 @@ def _fold_one(g: Graph, bn: onnx.NodeProto, opset: int | None) -> Folded | Skipp
     elif producer.op_type not in AFTER or producer.domain not in ("", "ai.onnx"):
         after = f"its input comes from {g.describe(producer)}; only {_LAYERS} absorb a following batch norm"
     else:
+        rule = AFTER[producer.op_type]
         sole = g.sole_consumer(bn.input[0], g.describe(producer))
-        after = sole if isinstance(sole, str) else AFTER[producer.op_type].fold_after(g, producer, affine, bn)
+        after = sole if isinstance(sole, str) else rule.fold_after(g, producer, affine, bn)
         if not isinstance(after, str):
-            into = node_id(producer)
+            into = node_id(rule.layer_of(g, producer))
             after()
             return Folded(bn=name, into=into, side="output")
 

@@ -122,6 +122,9 @@ class WeightLayer:
     def fold_bias_before(self, node: onnx.NodeProto, w: np.ndarray, b: Const | None, bn: Affine) -> Pair:
         return fold_input_side(w, None if b is None else b.value, bn, **self.in_axes(node, w))
 
+    def layer_of(self, g: Graph, node: onnx.NodeProto) -> onnx.NodeProto:
+        return node
+
     def finish(self, node: onnx.NodeProto) -> None:
         """Attribute edits after the constants are rewritten (Gemm: beta = 1)."""
 
@@ -343,15 +346,41 @@ class MatMulFold:
             w_new, add = fold_input_side(w.value, None, bn, axis=0, out_axis=1)
         except ValueError as err:
             return str(err)
+        following = self._following_bias(g, mm, add)
 
         def apply() -> None:
             g.set_constant(mm, 1, w_new, w.elem_type, f"{node_id(mm)}_weight")
-            out = mm.output[0]
-            mm.output[0] = g.fresh(f"{out}_matmul")
-            self._append_add(g, mm, add, w.elem_type, out)
+            if following is not None:  # merge the shift term into the existing bias
+                add_node, index, bias, merged = following
+                g.set_constant(add_node, index, merged, bias.elem_type, f"{node_id(add_node)}_bias")
+            else:
+                out = mm.output[0]
+                mm.output[0] = g.fresh(f"{out}_matmul")
+                self._append_add(g, mm, add, w.elem_type, out)
             _bypass(g, mm, 0, bn_node)
 
         return apply
+
+    def layer_of(self, g: Graph, node: onnx.NodeProto) -> onnx.NodeProto:
+        """The MatMul behind ``node`` (``node`` itself, or the MatMul feeding an Add)."""
+        split = self._split_add(g, node) if node.op_type == "Add" else None
+        return split[0] if isinstance(split, tuple) else node
+
+    def _following_bias(
+        self, g: Graph, mm: onnx.NodeProto, add: np.ndarray
+    ) -> tuple[onnx.NodeProto, int, Const, np.ndarray] | None:
+        """The Add of a constant that alone consumes ``mm``'s output, with ``add`` merged into that constant."""
+        sole = g.sole_consumer(mm.output[0], g.describe(mm))
+        if isinstance(sole, str) or sole[0].op_type != "Add" or sole[0].domain not in ("", "ai.onnx"):
+            return None
+        node, index = sole
+        bias = g.constant(node.input[1 - index], "bias", node)
+        if isinstance(bias, str):
+            return None
+        try:
+            return node, 1 - index, bias, _squeeze_rows(_bias_rows(bias, 1.0, add.shape[0]) + add)
+        except ValueError:  # does not broadcast like a per-feature bias: insert a new Add instead
+            return None
 
     def _append_add(self, g: Graph, mm: onnx.NodeProto, bias: np.ndarray, elem_type: int, out: str) -> None:
         bias_name = g.add_initializer(bias, elem_type, f"{node_id(mm)}_bias")
