@@ -1,0 +1,164 @@
+"""bnfold.pipeline: load -> fold -> verify -> export -> certify -> write, and nothing written on failure."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import bnfold
+from bnfold import certificate, pipeline
+from bnfold.archs import build_model
+from bnfold.checkpoint import save_checkpoint
+from bnfold.errors import BnfoldError, VerificationFailed
+from bnfold.export import op_counts, to_onnx
+from bnfold.result import FoldResult
+from bnfold.tolerance import Tolerance
+from bnfold.verification import ort_runner
+
+FAST = pipeline.Config(n_random=16, max_data=64)
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    """An untrained digits-shaped CNN with non-trivial batch-norm statistics, as a bnfold checkpoint."""
+    torch.manual_seed(0)
+    model = build_model("cnn", input_shape=(1, 8, 8), num_classes=10, width=4, depth=1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    path = tmp_path / "cnn.pt"
+    save_checkpoint(path, model.eval(), arch="cnn", arch_config={"width": 4, "depth": 1}, input_shape=(1, 8, 8),
+                    class_labels=[str(i) for i in range(10)], dataset="digits", seed=0)
+    return path
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def test_run_writes_a_certified_model_and_report(checkpoint: Path, tmp_path: Path) -> None:
+    out, report = tmp_path / "cnn.onnx", tmp_path / "report.json"
+    outcome = pipeline.run(checkpoint, output=out, repository_dir=tmp_path / "repo", name="digits", report=report,
+                           config=FAST)
+    assert outcome.fold.counts == {"folded": 3, "kept": 0}  # two batch norms + the input normalization
+    assert [c.key for c in outcome.checks] == ["pytorch/random", "pytorch/digits validation",
+                                              "onnxruntime/random", "onnxruntime/digits validation"]
+    assert all(c.report.passed and c.report.max_abs_error < 1e-5 for c in outcome.checks)
+    assert all(c.report.top1_agreement == 1.0 for c in outcome.checks)
+    written = onnx.load(str(out))
+    assert "BatchNormalization" not in op_counts(written)
+    assert (tmp_path / "repo" / "digits" / "1" / "model.onnx").read_bytes() == out.read_bytes()
+
+    cert = certificate.read({e.key: e.value for e in written.metadata_props})
+    assert cert is not None
+    assert cert.source_sha256 == pipeline.sha256_file(checkpoint)
+    assert (cert.architecture, cert.input_shape, cert.folded, cert.kept) == ("cnn", [1, 8, 8], 3, 0)
+    assert cert.class_labels == [str(i) for i in range(10)]
+    assert cert.tolerance == Tolerance()
+    assert set(cert.errors) == {c.key for c in outcome.checks}
+    assert cert.selftest_input.shape == (4, 1, 8, 8)
+    assert cert.check(ort_runner(written)).max_abs == 0.0  # same runtime, same bytes: bit-identical
+
+    body = json.loads(report.read_text())
+    assert body["onnx"]["batchnorm_nodes"] == 0
+    assert body["onnx"]["dynamic_batch"] is True
+    assert body["source"]["sha256"] == cert.source_sha256
+    assert body["selftest"]["passed"] is True
+    assert set(body["timings_s"]) >= {"load", "fold", "verify", "export", "verify_onnx", "certify", "write"}
+
+
+def _bad_fold(model: torch.nn.Module, **_: object) -> FoldResult[torch.nn.Module]:
+    broken = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        broken.head[-1].bias.add_(1e-3)  # a wrong fold: every logit off by 1e-3
+    return FoldResult(broken)
+
+
+@pytest.mark.parametrize(
+    ("case", "config"),
+    [
+        pytest.param("bad-fold", FAST, id="bad-fold"),
+        pytest.param("zero-tolerance", pipeline.Config(tolerance=Tolerance(0.0, 0.0), n_random=16), id="zero-tol"),
+    ],
+)
+def test_verification_failure_writes_nothing(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             case: str, config: pipeline.Config) -> None:
+    if case == "bad-fold":
+        monkeypatch.setattr(bnfold, "fold", _bad_fold)
+    before = _files(tmp_path)
+    with pytest.raises(VerificationFailed, match=r"max abs error .* > allowed"):
+        pipeline.run(checkpoint, output=tmp_path / "out.onnx", repository_dir=tmp_path / "repo", name="m",
+                     report=tmp_path / "r.json", config=config)
+    assert _files(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        pytest.param({}, "nothing to write", id="no-destination"),
+        pytest.param({"repository_dir": "r"}, "go together", id="repository-without-name"),
+        pytest.param({"output": "missing-dir/x.onnx"}, "does not exist", id="missing-output-dir"),
+        pytest.param({"output": "."}, "is a directory", id="output-is-dir"),
+        pytest.param({"repository_dir": "r", "name": "../x"}, "model name must be", id="bad-name"),
+    ],
+)
+def test_bad_destinations_fail_before_any_work(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               kwargs: dict, message: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    before = _files(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        pipeline.run(checkpoint, config=FAST, **kwargs)
+    assert _files(tmp_path) == before
+
+
+def test_onnx_input_is_folded_with_the_onnx_rewriter(checkpoint: Path, tmp_path: Path) -> None:
+    source = pipeline.load_source(checkpoint)
+    unfolded = to_onnx(source.model, source.input_shape, keep_batchnorm=True)
+    assert op_counts(unfolded)["BatchNormalization"] == 2
+    path = tmp_path / "unfolded.onnx"
+    onnx.save(unfolded, str(path))
+    outcome = pipeline.run(path, output=tmp_path / "folded.onnx", config=FAST)
+    assert outcome.source.kind == "onnx"
+    assert outcome.batchnorm_nodes == 0
+    assert [c.key for c in outcome.checks] == ["onnxruntime/random"]
+    x = np.random.default_rng(3).standard_normal((8, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        expected = source.model.double()(torch.from_numpy(x).double()).numpy()
+    got = ort_runner(onnx.load(str(tmp_path / "folded.onnx")))(x)
+    assert Tolerance().compare(got, expected).passed
+
+
+def test_inspect_plans_without_writing(checkpoint: Path, tmp_path: Path) -> None:
+    before = _files(tmp_path)
+    info = pipeline.inspect_file(checkpoint)
+    assert _files(tmp_path) == before
+    assert info.fold.counts == {"folded": 3, "kept": 0}
+    assert info.layer_counts["BatchNorm2d"] == 2
+    assert info.parameters == sum(p.numel() for p in info.source.model.parameters())
+    assert json.loads(json.dumps(info.to_dict()))["input_shape"] == [1, 8, 8]
+
+
+def test_compare_files_checkpoint_vs_its_export(checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.onnx"
+    pipeline.run(checkpoint, output=out, config=FAST)
+    reports = pipeline.compare_files(checkpoint, out, config=FAST)
+    assert [r.inputs for r in reports] == ["random", "digits validation"]
+    assert all(r.passed and r.reference == "cnn.pt (float64)" for r in reports)
+
+
+def test_missing_and_empty_inputs(tmp_path: Path) -> None:
+    with pytest.raises(BnfoldError, match="no such file"):
+        pipeline.load_source(tmp_path / "nope.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(BnfoldError, match=r"is empty \(0 bytes\)"):
+        pipeline.load_source(tmp_path / "empty.pt")
