@@ -157,6 +157,14 @@ def shell_commands(block: str) -> list[str]:
     return commands
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``readme_command``: one test case per shell command in the README, named by its start."""
+    if "readme_command" in metafunc.fixturenames:
+        commands = [c for b in bash_blocks((REPO / "README.md").read_text()) for c in shell_commands(b)]
+        ids = [re.sub(r"[^\w./:=-]+", "_", c)[:60] for c in commands]
+        metafunc.parametrize("readme_command", commands, ids=ids)
+
+
 @pytest.fixture(scope="session")
 def dockerfile() -> Dockerfile:
     return parse_dockerfile((REPO / "Dockerfile").read_text())
@@ -165,6 +173,18 @@ def dockerfile() -> Dockerfile:
 @pytest.fixture(scope="session")
 def readme() -> str:
     return (REPO / "README.md").read_text()
+
+
+@pytest.fixture(scope="session")
+def readme_commands(readme: str) -> list[str]:
+    """Every shell command in the README's ```bash blocks."""
+    return [command for block in bash_blocks(readme) for command in shell_commands(block)]
+
+
+@pytest.fixture(scope="session")
+def readme_python(readme: str) -> list[str]:
+    """The README's ```python blocks."""
+    return re.findall(r"^```python\n(.*?)^```", readme, flags=re.MULTILINE | re.DOTALL)
 
 
 @pytest.fixture(scope="session")
