@@ -1,0 +1,141 @@
+"""A real ``python -m service`` process driven by tritonclient.http, and concurrent clients.
+
+Results must equal onnxruntime run in-process exactly (same runtime, same graph optimizations).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service.runtime import ModelRuntime
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(repository: Path) -> Iterator[str]:
+    port = _free_port()
+    env = {**os.environ, "BNFOLD_MODEL_REPOSITORY": str(repository), "BNFOLD_PORT": str(port),
+           "BNFOLD_HOST": "127.0.0.1", "BNFOLD_INTRA_OP_THREADS": "1", "BNFOLD_MAX_QUEUE_DELAY_MS": "2"}
+    process = subprocess.Popen([sys.executable, "-m", "service"], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    url = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+            try:
+                if httpx.get(f"http://{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        else:
+            pytest.fail("server did not become ready in 60 s")
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _in_process(repository: Path, model: str, version: int, x: np.ndarray) -> np.ndarray:
+    runtime = ModelRuntime(repository / model / str(version) / "model.onnx", threads=1)
+    return runtime.run({"input": x})[0]
+
+
+def test_tritonclient(server: str, repository: Path) -> None:
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(url=server)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("classifier") and client.is_model_ready("classifier", "1")
+    assert not client.is_model_ready("tampered")
+    metadata = client.get_model_metadata("classifier")
+    assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}]
+    assert metadata["versions"] == ["1", "2"]
+    x = np.random.default_rng(3).standard_normal((5, 4)).astype(np.float32)
+    expected = {v: _in_process(repository, "classifier", v, x) for v in (1, 2)}
+    for binary_in in (False, True):
+        for binary_out in (False, True):
+            for version in ("", "1"):
+                inp = triton.InferInput("input", list(x.shape), "FP32")
+                inp.set_data_from_numpy(x, binary_data=binary_in)
+                out = triton.InferRequestedOutput("logits", binary_data=binary_out)
+                result = client.infer("classifier", [inp], model_version=version, outputs=[out], request_id="r1")
+                got = result.as_numpy("logits")
+                np.testing.assert_array_equal(got, expected[int(version or 2)])
+                assert result.get_response()["id"] == "r1"
+    # tritonclient's defaults: binary input, binary output, no outputs listed
+    inp = triton.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    np.testing.assert_array_equal(client.infer("classifier", [inp]).as_numpy("logits"), expected[2])
+    with pytest.raises(triton.InferenceServerException, match="unknown model"):
+        client.infer("nope", [inp])
+    client.close()
+
+
+def test_concurrent_requests_get_their_own_rows(server: str, repository: Path) -> None:
+    rng = np.random.default_rng(11)
+    inputs = [rng.standard_normal((int(rng.integers(1, 4)), 3, 8, 8)).astype(np.float32) for _ in range(96)]
+    runtime = ModelRuntime(repository / "conv" / "1" / "model.onnx", threads=1)
+    expected = [runtime.run({"input": x})[0] for x in inputs]
+
+    def metric_sum() -> tuple[float, float]:
+        text = httpx.get(f"http://{server}/metrics").text
+        total = re.search(r'bnfold_batch_size_sum\{model="conv"\} (\S+)', text)
+        count = re.search(r'bnfold_batch_size_count\{model="conv"\} (\S+)', text)
+        return (float(total.group(1)) if total else 0.0, float(count.group(1)) if count else 0.0)
+
+    rows_before, runs_before = metric_sum()
+    with httpx.Client(base_url=f"http://{server}", limits=httpx.Limits(max_connections=32)) as client:
+        def call(x: np.ndarray) -> np.ndarray:
+            body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                                "data": x.ravel().tolist()}]}
+            response = client.post("/v2/models/conv/infer", json=body)
+            assert response.status_code == 200, response.text
+            (out,) = response.json()["outputs"]
+            return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+
+        with ThreadPoolExecutor(32) as pool:
+            results = list(pool.map(call, inputs))
+    for got, want in zip(results, expected, strict=True):
+        # JSON floats round-trip float32 exactly, but batched runs may sum in another order.
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    rows_after, runs_after = metric_sum()
+    assert rows_after - rows_before == sum(x.shape[0] for x in inputs)
+    assert runs_after - runs_before < len(inputs), "no request was coalesced with another"
+    assert httpx.get(f"http://{server}/v2/health/live").status_code == 200
+
+
+def test_in_process_reference_is_unoptimized_equivalent(repository: Path) -> None:
+    """The service's session (all graph optimizations) agrees with an unoptimized reference session."""
+    x = np.random.default_rng(5).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    reference = ort.InferenceSession(str(repository / "conv" / "1" / "model.onnx"), options).run(None, {"input": x})[0]
+    served = ModelRuntime(repository / "conv" / "1" / "model.onnx", threads=1).run({"input": x})[0]
+    np.testing.assert_allclose(served, reference, rtol=1e-5, atol=1e-6)
