@@ -18,9 +18,8 @@ from typing import Any
 
 import numpy as np
 
-import bnfold
 from bnfold import export
-from bnfold.pipeline import LoadOptions, load_source
+from bnfold.pipeline import LoadOptions, fold_source, load_source
 from bnfold.verification import Runner, ort_runner, runner
 
 
@@ -61,7 +60,7 @@ def bench_file(path: str | Path, options: LoadOptions | None = None, *, batches:
                repeats: int = 50, warmup: int = 5, seed: int = 0) -> list[Latency]:
     """Load ``path`` (checkpoint or ONNX), fold it, and time unfolded vs folded per runtime and batch."""
     source = load_source(path, options)
-    folded = bnfold.fold(source.model).model
+    folded = fold_source(source, export.random_inputs(source.input_shape, 2, seed=seed)).model
     pairs: dict[str, tuple[Runner, Runner]] = {}
     if source.kind == "checkpoint":
         pairs["pytorch eager"] = (runner(source.model), runner(folded))

@@ -241,6 +241,15 @@ def _validation_set(name: str, source: Source, config: Config, *, explicit: bool
 # The pipeline
 
 
+def fold_source(source: Source, example: np.ndarray) -> FoldResult[Any]:
+    """``bnfold.fold`` on the loaded model; a PyTorch model is traced with ``example`` inputs."""
+    if source.kind == "onnx":
+        return bnfold.fold(source.model)
+    import torch
+
+    return bnfold.fold(source.model, example_inputs=torch.from_numpy(np.ascontiguousarray(example)))
+
+
 @contextmanager
 def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
     start = time.perf_counter()
@@ -261,7 +270,7 @@ def fold_and_certify(source: Source, config: Config | None = None, *, status: St
         sets = input_sets(source, config)
     status("folding batch norms")
     with _timed(timings, "fold"):
-        result = bnfold.fold(source.model)
+        result = fold_source(source, sets[0][1][:2])
     checks: list[Check] = []
     stage = "pytorch" if source.kind == "checkpoint" else "onnxruntime"
     status(f"verifying the folded model ({stage})")
@@ -419,7 +428,7 @@ class Inspection:
 def inspect_file(path: str | Path, options: LoadOptions | None = None) -> Inspection:
     """Load ``path`` and plan the fold on a copy (``bnfold.fold`` never modifies its input)."""
     source = load_source(path, options)
-    result = bnfold.fold(source.model)
+    result = fold_source(source, export.random_inputs(source.input_shape, 2))
     if source.kind == "onnx":
         proto = source.model
         params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
