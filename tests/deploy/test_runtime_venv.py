@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -283,3 +284,33 @@ def test_server_environment_is_the_images(image: Image) -> None:
     assert image.env["BNFOLD_HOST"] == "0.0.0.0"
     assert Path(image.env["BNFOLD_MODEL_REPOSITORY"]).is_relative_to(image.root)
     assert os.listdir(image.env["BNFOLD_MODEL_REPOSITORY"]) == ["digits"]
+
+
+def test_readme_curl_examples_answer(server: str, readme_commands: list[str]) -> None:
+    """Run every curl command of the README against the server (its port substituted)."""
+    curls = [shlex.split(c) for c in readme_commands if c.startswith("curl ")]
+    assert len(curls) >= 5, curls
+    for argv in curls:
+        argv = [w.replace("localhost:8000", server.removeprefix("http://")) for w in argv]
+        result = subprocess.run([*argv, "--fail-with-body"], capture_output=True, text=True, timeout=30, check=False)
+        assert result.returncode == 0, f"{shlex.join(argv)} -> {result.returncode}: {result.stdout}{result.stderr}"
+        if argv[-1].endswith("/metrics"):
+            assert "# TYPE" in result.stdout
+            continue
+        answer = json.loads(result.stdout)
+        url = next(w for w in argv if w.startswith("127.0.0.1:"))
+        if url.endswith("/infer"):
+            assert answer["outputs"][0]["shape"] == [1, 10], answer
+        elif url.endswith(":predict"):
+            assert len(answer["predictions"]) == 1, answer
+
+
+def test_readme_tritonclient_example_runs(server: str, readme_python: list[str]) -> None:
+    """The README's tritonclient example, run as written (host:port substituted) by a separate client."""
+    (example,) = readme_python
+    code = example.replace('"localhost:8000"', repr(server.removeprefix("http://")))
+    assert code != example
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout.strip()
+    assert re.fullmatch(r"\[\d( \d){3}\]", printed), printed  # one predicted digit per image
