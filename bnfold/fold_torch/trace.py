@@ -13,7 +13,7 @@ layer (see :func:`natural_inputs`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ LAYER_TYPES: tuple[type[nn.Module], ...] = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
 )
 BN_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
-_SPATIAL_SIZES = (32, 28, 64, 16, 8, 224, 96, 128, 48, 12, 6, 4, 256, 299)  # tried in order for a natural input
+_SPATIAL_SIZES = (16, 32, 28, 64, 8, 224, 96, 128, 48, 12, 6, 4, 256, 299)  # tried in order for a natural input
 SHAPE_KEY = "bnfold_shape"
 
 
@@ -101,7 +101,7 @@ def rank(node: fx.Node) -> int | None:
     return None if shape is None else len(shape)
 
 
-def natural_inputs(model: nn.Module, gm: fx.GraphModule) -> tuple[list[tuple[torch.Tensor, ...]], str] | None:
+def natural_inputs(model: nn.Module, gm: fx.GraphModule) -> tuple[Iterator[tuple[torch.Tensor, ...]], str] | None:
     """Candidate example inputs when the caller gave none, and a sentence saying where they came from.
 
     ``model.input_shape`` (a shape without the batch dimension) wins; otherwise the first layer
@@ -114,7 +114,7 @@ def natural_inputs(model: nn.Module, gm: fx.GraphModule) -> tuple[list[tuple[tor
     valid = isinstance(shape, (tuple, list)) and all(isinstance(s, int) and s >= 0 for s in shape)
     if valid and len(placeholders) == 1:
         inputs: tuple[torch.Tensor, ...] = (torch.randn((2, *shape), dtype=dtype),)  # type: ignore[misc]
-        return [inputs], f"model.input_shape={tuple(shape)}"  # type: ignore[arg-type]
+        return iter([inputs]), f"model.input_shape={tuple(shape)}"  # type: ignore[arg-type]
     if len(placeholders) != 1:
         return None
     firsts: set[tuple[str, int, int]] = set()
@@ -142,10 +142,8 @@ def natural_inputs(model: nn.Module, gm: fx.GraphModule) -> tuple[list[tuple[tor
     kind, dims, cin = next(iter(firsts))
     if dims == 0:
         inputs = (torch.randn(2, cin, dtype=dtype),)
-        return [inputs], f"the first layer {where}: input shape (2, {cin})"
-    cands: list[tuple[torch.Tensor, ...]] = [
-        (torch.randn((2, cin, *(s,) * dims), dtype=dtype),) for s in _SPATIAL_SIZES
-    ]
+        return iter([inputs]), f"the first layer {where}: input shape (2, {cin})"
+    cands = ((torch.randn((2, cin, *(s,) * dims), dtype=dtype),) for s in _SPATIAL_SIZES)  # lazily: 299**3 is big
     return cands, f"the first layer {where}: input shape (2, {cin}, S{', S' * (dims - 1)})"
 
 

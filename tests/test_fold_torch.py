@@ -1,0 +1,402 @@
+"""fold_torch: equivalence for every foldable pattern, one negative test per refusal reason."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bnfold
+from bnfold.errors import BnfoldError
+from bnfold.fold_torch import fold_torch
+from bnfold.layers import InputNorm
+
+torch.manual_seed(0)
+BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+CONVT = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+
+
+def x_of(dims: int, c: int, size: int = 7, n: int = 2) -> torch.Tensor:
+    return torch.randn((n, c) + (size,) * dims)
+
+
+class Residual(nn.Module):
+    """conv-bn-relu-conv-bn + identity shortcut, then a branch joined by torch.cat."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.c2, self.b2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.side, self.bs = nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b2(self.c2(F.relu(self.b1(self.c1(x))))) + x
+        return torch.cat([F.relu(y), self.bs(self.side(x))], dim=1)
+
+
+class Functional(nn.Module):
+    """F.batch_norm with registered buffers/parameters and training=self.training."""
+
+    def __init__(self, torch_op: bool = False) -> None:
+        super().__init__()
+        self.torch_op = torch_op
+        self.conv = nn.Conv2d(3, 5, 3)
+        self.register_buffer("rm", torch.randn(5))
+        self.register_buffer("rv", torch.rand(5) + 0.5)
+        self.w = nn.Parameter(torch.randn(5))
+        self.b = nn.Parameter(torch.randn(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.torch_op:
+            return torch.batch_norm(y, self.w, self.b, self.rm, self.rv, False, 0.1, 1e-3, False)
+        return F.batch_norm(y, self.rm, self.rv, self.w, self.b, self.training, 0.1, 1e-3)
+
+
+class FunctionalDropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn = nn.Linear(6, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(F.dropout(self.fc(x), 0.3, self.training))
+
+
+class SharedConv(nn.Module):
+    """The same conv module called twice, each call followed by its own BN, plus a bare third call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.b1, self.b2 = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b2(self.conv(self.b1(self.conv(x)))) + self.conv(x)
+
+
+class Tied(nn.Module):
+    """Two convs sharing one weight Parameter; only the first is followed by a BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+        self.b.weight = self.a.weight
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.a(x)) + self.b(x)
+
+
+class ReadsWeight(nn.Module):
+    """Uses fc.weight directly elsewhere (tied-embedding style): the fold must go into a private copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn = nn.Linear(5, 5), nn.BatchNorm1d(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.fc(x)) + x @ self.fc.weight
+
+
+class BufferWeight(nn.Module):
+    """A Linear whose weight is a buffer, not a Parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn = nn.Linear(4, 3), nn.BatchNorm1d(3)
+        w = self.fc.weight.detach().clone()
+        del self.fc.weight
+        self.fc.register_buffer("weight", w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.fc(x))
+
+
+class MyBN(nn.BatchNorm2d):
+    """A subclass keeping the torch forward: folds like BatchNorm2d."""
+
+
+class MyConv(nn.Conv2d):
+    pass
+
+
+def with_input_shape(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    model.input_shape = shape  # type: ignore[assignment]
+    return model
+
+
+def zero_shift_bn(c: int) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.running_var.copy_(torch.rand(c) + 0.5)
+        bn.weight.copy_(torch.rand(c) + 0.5)
+    bn.keep_stats = True  # mean 0 and beta 0 -> shift 0: the randomizer leaves it alone
+    return bn
+
+
+FOLDS = [
+    # (builder, input, folded, left, fold options)
+    *[pytest.param(lambda d=d: nn.Sequential(CONV[d](4, 6, 3, stride=2, dilation=1, padding=1), BN[d](6)),
+                   x_of(d, 4), 1, 0, {}, id=f"conv{d}d-bn") for d in (1, 2, 3)],
+    pytest.param(lambda: nn.Sequential(nn.Conv2d(4, 6, 3, dilation=2, bias=False), nn.BatchNorm2d(6)),
+                 x_of(2, 4, 9), 1, 0, {}, id="conv-dilation-no-bias"),
+    *[pytest.param(lambda mode=mode: nn.Sequential(nn.Conv2d(4, 6, 3, padding=2, padding_mode=mode), nn.BatchNorm2d(6)),
+                   x_of(2, 4), 1, 0, {}, id=f"conv-padding-{mode}") for mode in ("zeros", "reflect", "replicate",
+                                                                                 "circular")],
+    pytest.param(lambda: nn.Sequential(nn.Conv2d(4, 6, 3, padding="same"), nn.BatchNorm2d(6)),
+                 x_of(2, 4), 1, 0, {}, id="conv-padding-same"),
+    pytest.param(lambda: nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.BatchNorm2d(6)), x_of(2, 4), 1, 0, {},
+                 id="conv-grouped"),
+    pytest.param(lambda: nn.Sequential(nn.Conv2d(4, 8, 3, groups=4), nn.BatchNorm2d(8)), x_of(2, 4), 1, 0, {},
+                 id="conv-depthwise-multiplier"),
+    *[pytest.param(lambda d=d: nn.Sequential(CONVT[d](4, 6, 3, stride=2, output_padding=1, groups=2), BN[d](6)),
+                   x_of(d, 4, 4), 1, 0, {}, id=f"convtranspose{d}d-groups-bn") for d in (1, 2, 3)],
+    pytest.param(lambda: nn.Sequential(nn.ConvTranspose2d(4, 4, 3, groups=4, bias=False), nn.BatchNorm2d(4)),
+                 x_of(2, 4), 1, 0, {}, id="convtranspose-depthwise"),
+    pytest.param(lambda: nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5)), torch.randn(4, 6), 1, 0, {},
+                 id="linear-bn1d"),
+    pytest.param(lambda: nn.Sequential(nn.Linear(6, 5, bias=False), nn.BatchNorm1d(5, affine=False, eps=0.3,
+                                                                                  momentum=None)),
+                 torch.randn(4, 6), 1, 0, {}, id="linear-bn-affine-false-eps-momentum-none"),
+    pytest.param(lambda: nn.Sequential(nn.Conv1d(3, 5, 3), nn.BatchNorm1d(5)), x_of(1, 3), 1, 0, {},
+                 id="conv1d-bn1d-natural-input"),
+    pytest.param(lambda: nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 3)), torch.randn(4, 6), 1, 0, {},
+                 id="bn-before-linear"),
+    pytest.param(lambda: nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, groups=2)), x_of(2, 4), 1, 0, {},
+                 id="bn-before-conv-no-padding"),
+    pytest.param(lambda: nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect",
+                                                                    groups=4)),
+                 x_of(2, 4), 1, 0, {}, id="bn-before-depthwise-conv-reflect"),
+    pytest.param(lambda: nn.Sequential(nn.BatchNorm3d(2), nn.Conv3d(2, 3, 2, padding=1, padding_mode="circular")),
+                 x_of(3, 2, 4), 1, 0, {}, id="bn-before-conv3d-circular"),
+    pytest.param(lambda: nn.Sequential(zero_shift_bn(4), nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2)),
+                 x_of(2, 4), 1, 0, {}, id="bn-zero-shift-before-convtranspose"),
+    pytest.param(lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.5), nn.Identity(), nn.BatchNorm2d(4)),
+                 x_of(2, 3), 1, 0, {}, id="conv-dropout-identity-bn"),
+    pytest.param(lambda: nn.Sequential(nn.BatchNorm1d(6), nn.Dropout(0.2), nn.Linear(6, 3)), torch.randn(4, 6),
+                 1, 0, {}, id="bn-dropout-linear"),
+    pytest.param(FunctionalDropout, torch.randn(4, 6), 1, 0, {}, id="functional-dropout-eval"),
+    pytest.param(Functional, x_of(2, 3), 1, 0, {}, id="F.batch_norm-buffers"),
+    pytest.param(lambda: Functional(torch_op=True), x_of(2, 3), 1, 0, {}, id="torch.batch_norm-buffers"),
+    pytest.param(Residual, x_of(2, 4), 3, 0, {}, id="residual-add-and-cat"),
+    pytest.param(lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)), x_of(2, 3),
+                 2, 0, {}, id="conv-bn-bn-chain"),
+    pytest.param(lambda: nn.Sequential(nn.BatchNorm1d(6), nn.BatchNorm1d(6), nn.Linear(6, 2)), torch.randn(3, 6),
+                 2, 0, {}, id="bn-bn-linear-chain"),
+    pytest.param(lambda: nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.BatchNorm1d(5),
+                                       nn.Linear(5, 2)),
+                 torch.randn(3, 6), 2, 0, {}, id="bn-on-both-sides-of-relu"),
+    pytest.param(lambda: nn.Sequential(InputNorm(3), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), x_of(2, 3), 2, 0, {},
+                 id="inputnorm-conv-no-padding"),
+    pytest.param(lambda: with_input_shape(nn.Sequential(InputNorm(5), nn.Linear(5, 2)), (5,)), torch.randn(3, 5),
+                 1, 0, {}, id="inputnorm-linear-input_shape"),
+    pytest.param(SharedConv, x_of(2, 3), 2, 0, {}, id="conv-called-three-times-private-copies"),
+    pytest.param(Tied, x_of(2, 3), 1, 0, {}, id="tied-weight-private-copy"),
+    pytest.param(ReadsWeight, torch.randn(4, 5), 1, 0, {"example_inputs": torch.randn(4, 5)},
+                 id="weight-read-elsewhere-private-copy"),
+    pytest.param(BufferWeight, torch.randn(4, 4), 1, 0, {}, id="weight-is-a-buffer"),
+    pytest.param(lambda: nn.Sequential(MyConv(3, 4, 3), MyBN(4)), x_of(2, 3), 1, 0, {}, id="subclasses"),
+    pytest.param(lambda: nn.Sequential(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4)), x_of(1, 3), 1, 0,
+                 {"example_inputs": x_of(1, 3)}, id="conv1d-bn1d-example-inputs"),
+    pytest.param(lambda: nn.Sequential(nn.Linear(0, 3), nn.BatchNorm1d(3)), torch.randn(2, 0), 1, 0, {},
+                 id="zero-size-weight"),
+]
+
+
+@pytest.mark.parametrize(("build", "x", "folded", "left", "options"), FOLDS)
+def test_folds_exactly(build: Callable[[], nn.Module], x: torch.Tensor, folded: int, left: int, options: dict,
+                       fold_check, randomize) -> None:
+    model = randomize(build()).eval()
+    fold_check(model, x, folded=folded, left=left, **options)
+
+
+def test_train_mode_model_is_folded_with_running_stats_and_noted(fold_check, randomize) -> None:
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=None))).train()
+    result = fold_check(model, x_of(2, 3), folded=1, left=0)
+    assert model.training  # the input keeps its mode
+    assert any("train mode" in n for n in result.notes)
+
+
+def test_public_entry_point_and_result_shape(randomize) -> None:
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4))).eval()
+    result = bnfold.fold(model)
+    assert [(f.bn, f.into, f.side) for f in result.folded] == [("1", "0", "output")]
+    assert [s.bn for s in result.skipped] == ["3"]
+    assert "2 (ReLU) is not a Conv/ConvTranspose/Linear module" in result.skipped[0].reason
+    assert isinstance(result.model, nn.Module) and not result.model.training
+    assert result.counts == {"folded": 1, "kept": 1}
+
+
+def test_private_copy_is_named_and_noted(randomize) -> None:
+    result = fold_torch(randomize(SharedConv()).eval())
+    assert {f.into for f in result.folded} == {"conv_folded", "conv_folded_1"}
+    assert any("private copy" in n for n in result.notes)
+
+
+def test_folded_layer_gets_a_bias_and_keeps_parameter_kind(randomize) -> None:
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4))).eval()
+    folded = fold_torch(model).model
+    conv = folded.get_submodule("0")
+    assert isinstance(conv.weight, nn.Parameter) and isinstance(conv.bias, nn.Parameter)
+    assert model[0].bias is None
+
+
+def test_input_shape_attribute_is_kept(randomize) -> None:
+    model = with_input_shape(randomize(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))).eval(), (4,))
+    assert fold_torch(model).model.input_shape == (4,)
+
+
+def test_extreme_statistics_match_float64(fold_check) -> None:
+    """Tiny variances and large gamma: the folded float32 model is as close to float64 as the original."""
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6, eps=1e-5))
+    with torch.no_grad():
+        bn = model[1]
+        bn.running_var.copy_(torch.tensor([1e-8, 1e-6, 1e-4, 1.0, 1e3, 1e-7]))
+        bn.running_mean.copy_(torch.tensor([0.1, -0.2, 0.3, 5.0, -40.0, 0.0]))
+        bn.weight.copy_(torch.tensor([50.0, -100.0, 1e3, 1e-3, 7.0, 1.0]))
+        bn.bias.copy_(torch.tensor([1.0, -2.0, 3.0, 4.0, -5.0, 6.0]))
+    fold_check(model.eval(), x_of(2, 3), folded=1, left=0)
+
+
+# ---------------------------------------------------------------- refusals: the BN stays, with a reason
+
+
+class OutputUsedTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return F.relu(self.bn(y)) + y
+
+
+class OutputIsReturned(OutputUsedTwice):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        y = self.conv(x)
+        return F.relu(self.bn(y)), y
+
+
+class ComputedGamma(Functional):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(self.conv(x), self.rm, self.rv, self.w * 2, self.b, False, 0.1, 1e-3)
+
+
+class AlwaysTraining(Functional):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(F.relu(self.conv(x)), self.rm, self.rv, self.w, self.b, True, 0.1, 1e-3)
+
+
+class SharedBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.bn = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.c1(x)) + self.bn(self.c2(x))
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow at the root; the blocks themselves trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.reach = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(x)
+        if y.sum() > 0:  # not traceable
+            y = -y
+        return self.bn(self.reach(y)) + self.reach[0](y)  # reaches into self.reach
+
+
+class ThreeD(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn = nn.Linear(5, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.fc(x).transpose(1, 2))  # foldable in principle, but bnfold only looks through identities
+
+
+def hooked() -> nn.Module:
+    m = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    m[0].register_forward_hook(lambda mod, inp, out: out)
+    return m
+
+
+REFUSALS = [
+    # (builder, input, fold options, reason fragment)
+    pytest.param(OutputUsedTwice, x_of(2, 3), {}, "is also used by add", id="output-has-another-consumer"),
+    pytest.param(OutputIsReturned, x_of(2, 3), {}, "is also used by the model output", id="output-is-graph-output"),
+    pytest.param(lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)), x_of(2, 3), {},
+                 "1 (ReLU) is not a Conv/ConvTranspose/Linear module", id="relu-between"),
+    pytest.param(lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)),
+                 x_of(2, 3), {}, "no population statistics", id="track-running-stats-false"),
+    pytest.param(ComputedGamma, x_of(2, 3), {}, "computed at run time", id="computed-bn-weight"),
+    pytest.param(AlwaysTraining, x_of(2, 3), {}, "training=True", id="functional-training-true"),
+    pytest.param(lambda: nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(3)), torch.randn(2, 3, 5), {"example_inputs":
+                 torch.randn(2, 3, 5)}, "num_features=3 but 0.out_features=4", id="num-features-mismatch"),
+    pytest.param(lambda: nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4)), torch.randn(2, 4, 5),
+                 {"example_inputs": torch.randn(2, 4, 5)}, "same axis only for 2-D", id="linear-3d-axis-mismatch"),
+    pytest.param(lambda: nn.Sequential(nn.Conv1d(3, 4, 1), nn.BatchNorm1d(4)), torch.randn(3, 4),
+                 {"example_inputs": torch.randn(3, 4)}, "unbatched", id="conv1d-unbatched-axis-mismatch"),
+    pytest.param(ThreeD, torch.randn(2, 3, 5), {}, "transpose", id="non-identity-op-between"),
+    pytest.param(lambda: nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1)), x_of(2, 3), {},
+                 "zero padding (1, 1)", id="bn-before-zero-padded-conv"),
+    pytest.param(lambda: nn.Sequential(nn.BatchNorm2d(3), nn.ConvTranspose2d(3, 4, 3)), x_of(2, 3), {},
+                 "transposed convolution is not exact", id="bn-before-convtranspose"),
+    pytest.param(SharedBN, x_of(2, 3), {}, "applied at 2 places", id="bn-applied-twice"),
+    pytest.param(hooked, torch.randn(2, 4), {}, "forward hooks", id="layer-has-hooks"),
+]
+
+
+@pytest.mark.parametrize(("build", "x", "options", "reason"), REFUSALS)
+def test_refuses_with_reason(build: Callable[[], nn.Module], x: torch.Tensor, options: dict, reason: str,
+                             fold_check, randomize) -> None:
+    model = randomize(build()).eval()
+    n_norms = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) or 1  # or 1 functional
+    result = fold_check(model, x, folded=0, left=n_norms, **options)
+    assert result.skipped and any(reason in s.reason for s in result.skipped), result.skipped
+
+
+def test_rank_unknown_refuses_and_asks_for_example_inputs(fold_check, randomize) -> None:
+    class Scaled(nn.Module):  # the input is scaled first: no natural input shape can be inferred
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.bn = nn.Linear(5, 4), nn.BatchNorm1d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.fc(x * 2))
+
+    model = randomize(Scaled()).eval()
+    result = fold_check(model, torch.randn(3, 5), folded=0, left=1)
+    assert "pass example_inputs" in result.skipped[0].reason
+    fold_check(model, torch.randn(3, 5), folded=1, left=0, example_inputs=torch.randn(3, 5))
+
+
+def test_untraceable_model_folds_inside_safe_children(fold_check, randomize) -> None:
+    model = randomize(Untraceable()).eval()
+    x = x_of(2, 3)
+    result = fold_check(model, x, folded=1, left=2, example_inputs=x)
+    assert [f.bn for f in result.folded] == ["block.1"]
+    reasons = {s.bn: s.reason for s in result.skipped}
+    assert "cannot trace" in reasons["bn"]
+    assert "may reach into reach" in reasons["reach.1"]
+    assert any("cannot be traced" in n for n in result.notes)
+
+
+def test_bad_example_inputs_raise() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).eval()
+    with pytest.raises(BnfoldError, match=r"shapes \[\(2, 5\)\] do not run through the model"):
+        fold_torch(model, example_inputs=torch.randn(2, 5))
+    with pytest.raises(TypeError, match="got list"):
+        fold_torch(model, example_inputs=[[1.0]])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="got str"):
+        bnfold.fold("model.pt")
