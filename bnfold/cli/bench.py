@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="batch size (repeatable; default: 1 and 32)")
     p.add_argument("--repeats", type=int, default=50, help="timed rounds per batch size")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls per variant first")
+    p.add_argument("--threads", type=int, default=1, help="threads for every runtime (same budget for all)")
     add_load_options(p)
     p.set_defaults(func=run)
 
@@ -40,16 +41,19 @@ def run(args: argparse.Namespace) -> int:
     from bnfold.cli.fold import status
     from bnfold.latency import bench_file
 
-    if args.repeats < 1 or args.warmup < 0:
-        raise BnfoldError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+        raise BnfoldError(f"--repeats and --threads must be >= 1 and --warmup >= 0, got {args.repeats}, "
+                          f"{args.threads} and {args.warmup}")
     batches = args.batches or [1, 32]
     if any(b < 1 for b in batches):
         raise BnfoldError(f"--batch must be >= 1, got {batches}")
     console = _console()
     with status(console) as update:
         update(f"timing {args.file}")
-        rows = bench_file(args.file, load_options(args), batches=batches, repeats=args.repeats, warmup=args.warmup)
-    table = Table(title=f"median latency (ms), {args.repeats} interleaved rounds", title_justify="left")
+        rows = bench_file(args.file, load_options(args), batches=batches, repeats=args.repeats, warmup=args.warmup,
+                          threads=args.threads)
+    title = f"median latency (ms), {args.repeats} interleaved rounds, {args.threads} thread(s) per runtime"
+    table = Table(title=title, title_justify="left")
     for col in ("runtime", "batch", "unfolded", "folded", "speedup"):
         table.add_column(col, justify="left" if col == "runtime" else "right")
     for row in rows:
