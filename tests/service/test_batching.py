@@ -1,0 +1,162 @@
+"""The batcher coalesces compatible requests, returns each caller its own rows, bounds its queue."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from service.batching import Batcher
+from service.errors import InvalidInput, Overloaded
+
+
+class Recorder:
+    """A fake model: output = input * 2 (+ row sums), recording the batch sizes it ran."""
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        self.runs: list[int] = []
+        self.gate = gate
+        self.started = threading.Event()
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self.started.set()
+        if self.gate is not None:
+            self.gate.wait(5)
+        x = feeds["x"]
+        if np.any(x < 0):
+            raise RuntimeError("negative input")
+        self.runs.append(x.shape[0])
+        return [x * 2, x.reshape(x.shape[0], -1).sum(axis=1)]
+
+
+class Observer:
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.waits: list[float] = []
+
+    def batch(self, rows: int, queue_seconds: list[float]) -> None:
+        self.rows.append(rows)
+        self.waits.extend(queue_seconds)
+
+
+def _make(run: Recorder, observer: Observer | None = None, **options: object) -> Batcher:
+    settings: dict[str, object] = {"batches": True, "max_batch_size": 8, "max_queue_delay_s": 0.0,
+                                   "max_queue_size": 64}
+    settings.update(options)
+    return Batcher("test", run, observer=observer, **settings)  # type: ignore[arg-type]
+
+
+async def _submit_all(batcher: Batcher, inputs: list[np.ndarray]) -> list[list[np.ndarray] | BaseException]:
+    return await asyncio.gather(*(batcher.submit({"x": x}) for x in inputs), return_exceptions=True)
+
+
+async def _blocked_then_rest(batcher: Batcher, run: Recorder, gate: threading.Event,
+                             inputs: list[np.ndarray]) -> list[list[np.ndarray] | BaseException]:
+    """Submit the first input, wait until the worker is inside its run, queue the rest, then release."""
+    first = asyncio.ensure_future(_submit_all(batcher, inputs[:1]))
+    while not run.started.is_set():
+        await asyncio.sleep(0.005)
+    rest = asyncio.ensure_future(_submit_all(batcher, inputs[1:]))
+    while batcher.queued < len(inputs) - 1:
+        await asyncio.sleep(0.005)
+    gate.set()
+    return [*await first, *await rest]
+
+
+def test_coalesces_and_splits_rows() -> None:
+    gate = threading.Event()
+    run, observer = Recorder(gate), Observer()
+    batcher = _make(run, observer)
+    rng = np.random.default_rng(0)
+    inputs = [rng.uniform(0, 1, (int(n), 3)).astype(np.float32) for n in (1, 2, 1, 3, 1, 1)]
+
+    results = asyncio.run(_blocked_then_rest(batcher, run, gate, inputs))
+    batcher.close()
+    for x, result in zip(inputs, results, strict=True):
+        assert not isinstance(result, BaseException)
+        np.testing.assert_array_equal(result[0], x * 2)
+        np.testing.assert_array_equal(result[1], x.sum(axis=1))
+    assert run.runs == [1, 8]  # the first ran alone; the other seven rows ran together
+    assert observer.rows == run.runs and len(observer.waits) == 6
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    pytest.param({"max_batch_size": 2}, [1, 2, 2, 1], id="max-batch-size"),
+    pytest.param({"batches": False}, [1, 1, 1, 1, 1, 1], id="no-batch-dimension"),
+])
+def test_batch_limits(options: dict[str, object], expected: list[int]) -> None:
+    gate = threading.Event()
+    run = Recorder(gate)
+    batcher = _make(run, **options)
+    inputs = [np.full((1, 2), i, np.float32) for i in range(6)]
+
+    for x, result in zip(inputs, asyncio.run(_blocked_then_rest(batcher, run, gate, inputs)), strict=True):
+        assert not isinstance(result, BaseException)
+        np.testing.assert_array_equal(result[0], x * 2)
+    batcher.close()
+    assert run.runs == expected
+
+
+def test_different_row_shapes_are_not_mixed() -> None:
+    gate = threading.Event()
+    run = Recorder(gate)
+    batcher = _make(run)
+    inputs = [np.ones((1, 2), np.float32), np.ones((1, 2), np.float32), np.ones((1, 3), np.float32),
+              np.ones((1, 3), np.float32)]
+
+    for x, result in zip(inputs, asyncio.run(_blocked_then_rest(batcher, run, gate, inputs)), strict=True):
+        assert not isinstance(result, BaseException)
+        assert result[0].shape == x.shape
+    batcher.close()
+    assert run.runs == [1, 1, 2]
+
+
+def test_bad_input_fails_only_itself() -> None:
+    gate = threading.Event()
+    run = Recorder(gate)
+    batcher = _make(run)
+    inputs = [np.ones((1, 2), np.float32), np.ones((1, 2), np.float32), -np.ones((1, 2), np.float32),
+              np.ones((1, 2), np.float32)]
+
+    results = asyncio.run(_blocked_then_rest(batcher, run, gate, inputs))
+    batcher.close()
+    assert run.runs[-1] == 1  # after the failed coalesced run, each request was retried alone
+    assert isinstance(results[2], InvalidInput) and "negative input" in str(results[2])
+    assert all(not isinstance(r, BaseException) for i, r in enumerate(results) if i != 2)
+
+
+def test_queue_is_bounded() -> None:
+    gate = threading.Event()
+    run = Recorder(gate)
+    batcher = _make(run, max_queue_size=2)
+
+    async def scenario() -> list[list[np.ndarray] | BaseException]:
+        first = asyncio.ensure_future(batcher.submit({"x": np.ones((1, 2), np.float32)}))
+        while not run.started.is_set():  # the worker holds the first; the queue is empty again
+            await asyncio.sleep(0.005)
+        rest = asyncio.ensure_future(_submit_all(batcher, [np.ones((1, 2), np.float32)] * 3))
+        await asyncio.sleep(0.02)
+        gate.set()
+        return [await first, *await rest]
+
+    results = asyncio.run(scenario())
+    batcher.close()
+    assert [type(r).__name__ for r in results] == ["list", "list", "list", "Overloaded"]
+    assert isinstance(results[3], Overloaded) and "max_queue_size" in str(results[3])
+
+
+def test_queue_delay_waits_for_more_rows() -> None:
+    run = Recorder()
+    batcher = _make(run, max_queue_delay_s=0.2)
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(batcher.submit({"x": np.ones((1, 2), np.float32)}))
+        await asyncio.sleep(0.02)
+        second = asyncio.ensure_future(batcher.submit({"x": np.ones((1, 2), np.float32)}))
+        await asyncio.gather(first, second)
+
+    asyncio.run(scenario())
+    batcher.close()
+    assert run.runs == [2]
