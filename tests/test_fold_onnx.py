@@ -741,3 +741,15 @@ def test_dispatch_from_package_fold() -> None:
     n = Net()
     _conv_bn(n)
     assert len(bnfold.fold(n.model({"x": (1, 2, 5, 5)}, ["z"])).folded) == 1
+
+
+def test_long_chain_of_blocks_folds_every_bn() -> None:
+    """Many rewrites in one pass: the index stays consistent without rebuilding between them."""
+    n = Net(seed=5)
+    h = "x"
+    for i in range(40):
+        conv = n.node("Conv", [h, n.rand(f"w{i}", 4, 4, 1, 1)], f"c{i}")
+        h = n.node("Relu", [n.bn(conv, 4, f"b{i}")], f"r{i}")
+    model = n.model({"x": (1, 4, 3, 3)}, [h])
+    result = check_fold(model, n.feeds(model), folded=40, bns_left=0, nodes_left=80)
+    assert len(result.model.graph.initializer) == 80  # 40 weights + 40 new biases, no BN parameters

@@ -48,8 +48,7 @@ def fold_onnx(model: onnx.ModelProto) -> FoldResult[onnx.ModelProto]:
     for bn in [n for n in out.graph.node if is_batchnorm(n)]:
         outcome = _fold_one(g, bn, opset)
         (result.folded if isinstance(outcome, Folded) else result.skipped).append(outcome)  # type: ignore[arg-type]
-        g.reindex()
-    g.remove_orphans()
+    g.finish()
     for node in out.graph.node:
         for sub in subgraphs(node):
             result.skipped += [

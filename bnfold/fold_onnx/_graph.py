@@ -9,8 +9,9 @@ constant that has another user: it writes a private copy under a fresh name inst
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -63,13 +64,16 @@ def _all_names(graph: onnx.GraphProto) -> Iterator[str]:
 
 
 class Graph:
-    """Index over ``graph`` (edited in place). Call :meth:`reindex` after structural edits."""
+    """Index over ``graph``, edited in place through the methods below; :meth:`finish` at the end."""
 
     def __init__(self, graph: onnx.GraphProto, ranks: dict[str, int]) -> None:
         self.graph = graph
         self.ranks = ranks  # value name -> tensor rank, from shape inference
         self._taken = set(_all_names(graph))
         self.orphan_candidates: set[str] = set()  # constants a rewrite stopped using
+        # Nodes unlinked by remove_node, held so their wrappers (compared by identity) stay alive.
+        self._removed: list[onnx.NodeProto] = []
+        self._gone: set[str] = set()  # values (and initializers) that may no longer exist
         self.reindex()
 
     def reindex(self) -> None:
@@ -150,52 +154,94 @@ class Graph:
         An initializer used only here is overwritten under its own name; anything else (shared
         initializer, Constant node, missing optional input) gets a new initializer with a fresh name.
         """
-        arr = value.astype(helper.tensor_dtype_to_np_dtype(elem_type))
         old = node.input[index] if index < len(node.input) else ""
         if old in self.initializers and self.uses[old] == 1 and old not in self.inputs:
+            arr = value.astype(helper.tensor_dtype_to_np_dtype(elem_type))
             self.initializers[old].CopyFrom(numpy_helper.from_array(arr, old))
             return
-        name = self.add_initializer(value, elem_type, old or base)
-        while len(node.input) <= index:
-            node.input.append("")
-        if old:
-            self.orphan_candidates.add(old)
-        node.input[index] = name
+        self.set_input(node, index, self.add_initializer(value, elem_type, old or base))
 
     def add_initializer(self, value: np.ndarray, elem_type: int, base: str) -> str:
         """Add a new initializer holding ``value`` cast to ``elem_type``; return its fresh name."""
         name = self.fresh(f"{base}_bnfold")
         arr = value.astype(helper.tensor_dtype_to_np_dtype(elem_type))
         self.graph.initializer.append(numpy_helper.from_array(arr, name))
+        self.initializers[name] = self.graph.initializer[-1]
         return name
 
-    def remove_node(self, node: onnx.NodeProto) -> None:
-        self.orphan_candidates.update(name for name in node.input if name)
-        self.graph.node.remove(node)
+    # The edits below keep the index current, so a pass needs no reindex between rewrites.
+
+    def set_input(self, node: onnx.NodeProto, index: int, name: str) -> None:
+        while len(node.input) <= index:
+            node.input.append("")
+        self._unuse(node, index)
+        node.input[index] = name
+        if name:
+            self.consumers.setdefault(name, []).append((node, index))
+            self.uses[name] += 1
+
+    def set_output(self, node: onnx.NodeProto, index: int, name: str) -> None:
+        old = node.output[index]
+        if self.producer.get(old) is node:
+            del self.producer[old]
+        self._gone.add(old)
+        node.output[index] = name
+        self.producer[name] = node
 
     def insert_after(self, anchor: onnx.NodeProto, node: onnx.NodeProto) -> None:
         nodes = self.graph.node
         position = next(i for i, n in enumerate(nodes) if n is anchor)
         nodes.insert(position + 1, node)
+        node = nodes[position + 1]  # the container holds a copy
+        for i, name in enumerate(node.input):
+            if name:
+                self.consumers.setdefault(name, []).append((node, i))
+                self.uses[name] += 1
+        self.producer.update((out, node) for out in node.output if out)
 
-    def drop_value_info(self, name: str) -> None:
-        for vi in list(self.graph.value_info):
-            if vi.name == name:
-                self.graph.value_info.remove(vi)
+    def remove_node(self, node: onnx.NodeProto) -> None:
+        """Unlink ``node`` now; it leaves ``graph.node`` in :meth:`finish`."""
+        for i in range(len(node.input)):
+            self._unuse(node, i)
+        for out in node.output:
+            if self.producer.get(out) is node:
+                del self.producer[out]
+            self._gone.add(out)
+        self._removed.append(node)
 
-    def remove_orphans(self) -> None:
-        """Remove initializers and Constant nodes a rewrite orphaned (never anything else)."""
-        self.reindex()
-        pending = sorted(n for n in self.orphan_candidates if self.uses[n] == 0 and n not in self.inputs)
-        for name in pending:
-            if name in self.initializers:
-                self.graph.initializer.remove(self.initializers[name])
+    def _unuse(self, node: onnx.NodeProto, index: int) -> None:
+        old = node.input[index]
+        if old:
+            self.consumers[old] = [(n, i) for n, i in self.consumers.get(old, []) if not (n is node and i == index)]
+            self.uses[old] -= 1
+            self.orphan_candidates.add(old)
+
+    def finish(self) -> None:
+        """Drop removed nodes, the initializers and Constant nodes the rewrites orphaned (never
+        anything else), and value_info of values that no longer exist."""
+        for name in sorted(self.orphan_candidates):
+            if self.uses[name] > 0 or name in self.inputs:
+                continue
             node = self.producer.get(name)
             if node is not None and node.op_type == "Constant" and len(node.output) == 1:
-                self.graph.node.remove(node)
-            self.drop_value_info(name)
+                self.remove_node(node)
+            if name in self.initializers:
+                self._gone.add(name)
+                del self.initializers[name]
+        g = self.graph
+        removed = {id(n) for n in self._removed}
+        _delete_where(g.node, lambda n: id(n) in removed)
+        _delete_where(g.initializer, lambda t: t.name in self._gone and t.name not in self.initializers)
+        alive = self.inputs | set(self.initializers) | set(self.producer)
+        _delete_where(g.value_info, lambda v: v.name in self._gone and v.name not in alive)
         self.orphan_candidates.clear()
+        self._removed.clear()
         self.reindex()
+
+
+def _delete_where(field: Any, doomed: Callable[[Any], bool]) -> None:
+    for i in reversed([i for i, item in enumerate(field) if doomed(item)]):
+        del field[i]
 
 
 def node_id(node: onnx.NodeProto) -> str:

@@ -116,7 +116,7 @@ class MatMulFold:
                 g.set_constant(add_node, index, merged, bias.elem_type, f"{node_id(add_node)}_bias")
             else:
                 out = mm.output[0]
-                mm.output[0] = g.fresh(f"{out}_matmul")
+                g.set_output(mm, 0, g.fresh(f"{out}_matmul"))
                 self._append_add(g, mm, add, w.elem_type, out)
             bypass(g, mm, 0, bn_node)
 

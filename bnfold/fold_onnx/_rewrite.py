@@ -31,15 +31,13 @@ def set_attr(node: onnx.NodeProto, name: str, value: float) -> None:
 
 def take_over_output(g: Graph, node: onnx.NodeProto, bn: onnx.NodeProto) -> None:
     """``node`` now writes the BN's output; the BN and the intermediate value disappear."""
-    g.drop_value_info(node.output[0])
-    node.output[0] = bn.output[0]
+    g.set_output(node, 0, bn.output[0])
     g.remove_node(bn)
 
 
 def bypass(g: Graph, node: onnx.NodeProto, index: int, bn: onnx.NodeProto) -> None:
     """``node`` now reads the BN's input; the BN and its output disappear."""
-    g.drop_value_info(bn.output[0])
-    node.input[index] = bn.input[0]
+    g.set_input(node, index, bn.input[0])
     g.remove_node(bn)
 
 
