@@ -1,0 +1,140 @@
+"""What every benchmark shares: paths, the machine description, cached trained checkpoints, JSON/markdown output.
+
+Checkpoints are trained with bnfold's own :func:`bnfold.train.train` (a few epochs on the bundled
+data sets) and cached under ``benchmarks/.cache`` keyed by their configuration, so a re-run only
+measures. The serving model on 3x32x32 inputs has no bundled data set: it is bnfold's ``resnet``
+with random weights whose batch-norm running statistics are *calibrated* (forward passes in
+training mode over synthetic images), i.e. realistic, non-trivial mean/var, and random affine
+parameters, so that folding changes every weight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+CACHE = BENCH / ".cache"
+RESULTS = BENCH / "results"
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, core count, load average and library versions, recorded with every result file."""
+    import numpy
+    import onnxruntime
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_average_1_5_15": [round(v, 2) for v in os.getloadavg()],
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__.split("+")[0]
+    except ImportError:
+        pass
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                            text=True, check=True).stdout.strip()
+    return info
+
+
+def write_json(path: Path, body: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(body, indent=2) + "\n")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _key(**config: Any) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def trained_checkpoint(arch: str, *, epochs: int, cache: Path = CACHE, **arch_config: Any) -> Path:
+    """A bnfold checkpoint of ``arch`` trained for ``epochs`` on its reference data set (cached)."""
+    from bnfold.train import TrainConfig, train
+
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"{arch}-{_key(arch=arch, epochs=epochs, **arch_config)}.pt"
+    if not path.exists():
+        log(f"training {arch} {arch_config or ''} for {epochs} epochs -> {path.name}")
+        train(TrainConfig(arch=arch, epochs=epochs, seed=0, device="cpu", arch_config=dict(arch_config)), output=path)
+    return path
+
+
+def calibrated_checkpoint(arch: str, input_shape: tuple[int, ...], *, num_classes: int = 10, seed: int = 0,
+                          cache: Path = CACHE, **arch_config: Any) -> Path:
+    """A checkpoint of ``arch`` with random weights and calibrated batch-norm statistics (cached).
+
+    Running mean/var come from 20 training-mode forward passes (momentum None: cumulative average)
+    over synthetic images (smooth random fields plus noise); BN weight/bias are drawn from
+    U(0.5, 1.5) and N(0, 0.1) so that every fold changes the neighbouring weights.
+    """
+    import torch
+    from torch import nn
+
+    from bnfold.archs import build_model
+    from bnfold.checkpoint import save_checkpoint
+
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"{arch}-calibrated-{_key(arch=arch, shape=input_shape, seed=seed, **arch_config)}.pt"
+    if path.exists():
+        return path
+    log(f"building {arch} {input_shape} with calibrated batch-norm statistics -> {path.name}")
+    torch.manual_seed(seed)
+    model = build_model(arch, input_shape=input_shape, num_classes=num_classes, **arch_config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = None
+                module.weight.uniform_(0.5, 1.5, generator=generator)
+                module.bias.normal_(0.0, 0.1, generator=generator)
+        model.train()
+        for _ in range(20):
+            coarse = torch.randn(32, input_shape[0], 4, 4, generator=generator)
+            x = nn.functional.interpolate(coarse, size=input_shape[1:], mode="bilinear", align_corners=False)
+            model(x + 0.1 * torch.randn(x.shape, generator=generator))
+    model.eval()
+    save_checkpoint(path, model, arch=arch, arch_config={**arch_config, "norm": "bn"}, input_shape=input_shape,
+                    class_labels=[str(i) for i in range(num_classes)], seed=seed)
+    return path
+
+
+def pin(cpus: set[int]) -> set[int]:
+    """Pin this process to ``cpus`` (intersected with what is allowed); returns the CPUs it now runs on."""
+    allowed = os.sched_getaffinity(0)
+    target = (cpus & allowed) or allowed
+    os.sched_setaffinity(0, target)
+    return target

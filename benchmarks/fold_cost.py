@@ -1,0 +1,112 @@
+"""Benchmark 2, fold cost: wall time of fold + verify + export, per architecture and against depth.
+
+Each measurement runs :func:`bnfold.pipeline.fold_and_certify` (exactly what ``bnfold fold`` does
+between loading and writing: fold, verify in PyTorch against a float64 reference on 64 random and
+the validation samples, export to ONNX, verify onnxruntime against PyTorch, attach and re-check
+the certificate) and reads its per-step timings; the median of ``repeats`` runs is reported.
+
+The depth sweep uses bnfold's ``resnet`` with one stage of ``b`` basic blocks at constant width,
+so the number of normalization layers is ``n = 2b + 1`` BatchNorm2d plus the InputNorm: 8, 16, 32
+and 64 for b = 3, 7, 15, 31. Every layer adds the same work, so the time should be linear in
+``n``: we fit ``t = a + b n`` by least squares and report the fit's R^2 and the log-log slope
+(1 = linear).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common
+
+STEPS = ("fold", "verify", "export", "verify_onnx", "certify")
+
+
+def time_pipeline(path: Path, repeats: int) -> dict[str, Any]:
+    """Median per-step and total seconds of ``fold_and_certify`` on ``path`` over ``repeats`` runs."""
+    from bnfold.pipeline import fold_and_certify, load_source
+
+    runs = []
+    for _ in range(repeats):
+        source = load_source(path)  # a fresh, unfolded model every time (fold never mutates, but be sure)
+        outcome = fold_and_certify(source)
+        runs.append(outcome.timings)
+    steps = {step: statistics.median(r.get(step, 0.0) for r in runs) for step in STEPS}
+    total = statistics.median(sum(r.get(s, 0.0) for s in STEPS) for r in runs)
+    return {"steps_s": steps, "total_s": total, "folded": outcome.fold.counts.get("folded", 0),
+            "kept": outcome.fold.counts.get("kept", 0), "input_shape": source.input_shape}
+
+
+def linear_fit(x: list[float], y: list[float]) -> dict[str, float]:
+    """Least-squares ``y = intercept + slope * x``, its R^2, and the slope of log y against log x."""
+    import numpy as np
+
+    xs, ys = np.asarray(x, float), np.asarray(y, float)
+    slope, intercept = np.polyfit(xs, ys, 1)
+    residual = ys - (intercept + slope * xs)
+    total = float(np.sum((ys - ys.mean()) ** 2))
+    r2 = 1.0 - float(np.sum(residual ** 2)) / total if total > 0 else 1.0
+    loglog = float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
+    return {"intercept_s": float(intercept), "slope_s_per_layer": float(slope), "r2": r2, "loglog_slope": loglog}
+
+
+def run(out: Path, *, quick: bool = False) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(1)
+    repeats = 1 if quick else 3
+    epochs = 1 if quick else 3
+    per_arch = []
+    for arch in ("resnet", "mobilenet", "mlp", "cnn"):
+        common.log(f"fold cost: {arch}")
+        per_arch.append({"model": arch, **time_pipeline(common.trained_checkpoint(arch, epochs=epochs), repeats)})
+    depth = []
+    for blocks in ((3, 7) if quick else (3, 7, 15, 31)):
+        path = common.trained_checkpoint("resnet", epochs=1, depth=1, blocks_per_stage=blocks)
+        common.log(f"fold cost: resnet with {2 * blocks + 2} normalization layers")
+        depth.append({"blocks": blocks, "norm_layers": 2 * blocks + 2, **time_pipeline(path, repeats)})
+    fits = {"total": linear_fit([d["norm_layers"] for d in depth], [d["total_s"] for d in depth])}
+    for step in STEPS:
+        values = [d["steps_s"][step] for d in depth]
+        if min(values) > 0:
+            fits[step] = linear_fit([d["norm_layers"] for d in depth], values)
+    body = {"benchmark": "fold_cost", "quick": quick, "machine": common.machine(),
+            "settings": {"threads": 1, "repeats": repeats}, "architectures": per_arch, "depth": depth, "fits": fits}
+    common.write_json(out / "fold_cost.json", body)
+    (out / "fold_cost.md").write_text(markdown(body))
+    return body
+
+
+def markdown(body: dict[str, Any]) -> str:
+    header = ["model", "BN folded", *[f"{s} s" for s in STEPS], "total s"]
+    rows = [[a["model"], a["folded"], *[f"{a['steps_s'][s]:.3f}" for s in STEPS], f"**{a['total_s']:.3f}**"]
+            for a in body["architectures"]]
+    text = "### Fold + verify + export, per architecture (median seconds)\n\n" + common.markdown_table(header, rows)
+    rows = [[f"resnet, {d['blocks']} blocks", d["norm_layers"], *[f"{d['steps_s'][s]:.3f}" for s in STEPS],
+             f"**{d['total_s']:.3f}**"] for d in body["depth"]]
+    text += "\n### Against depth (normalization layers = BatchNorm2d + InputNorm)\n\n" + common.markdown_table(
+        ["model", "norm layers", *header[2:]], rows)
+    rows = [[name, f"{f['intercept_s']:.3f}", f"{f['slope_s_per_layer'] * 1e3:.2f}", f"{f['r2']:.4f}",
+             f"{f['loglog_slope']:.2f}"] for name, f in body["fits"].items()]
+    text += "\n### Linear fit t = a + b n\n\n" + common.markdown_table(
+        ["time", "a (s)", "b (ms per layer)", "R^2", "log-log slope"], rows)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one repeat, two depths: a smoke run")
+    parser.add_argument("--out", type=Path, default=common.RESULTS, help="results directory")
+    args = parser.parse_args(argv)
+    print(markdown(run(args.out, quick=args.quick)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
