@@ -86,7 +86,7 @@ def build(cfg: ConvConfig, dtype: type) -> tuple[Net, onnx.ModelProto]:
     return n, n.model({"x": (2, cfg.c_in, *([size] * cfg.dims))}, [y])
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(conv_configs())
 def test_conv_bn_fold_is_exact_or_refused(cfg: ConvConfig) -> None:
     n, model = build(cfg, np.float32)
@@ -100,7 +100,7 @@ def test_conv_bn_fold_is_exact_or_refused(cfg: ConvConfig) -> None:
         assert result.model.SerializeToString() == model.SerializeToString()
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(conv_configs())
 def test_conv_bn_fold_is_exact_in_float64(cfg: ConvConfig) -> None:
     """In float64 the folded weights carry no float32 rounding: agreement to ~1e-12 of the scale."""

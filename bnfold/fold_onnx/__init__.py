@@ -47,7 +47,10 @@ def fold_onnx(model: onnx.ModelProto) -> FoldResult[onnx.ModelProto]:
     g = Graph(out.graph, _ranks(out))
     for bn in [n for n in out.graph.node if is_batchnorm(n)]:
         outcome = _fold_one(g, bn, opset)
-        (result.folded if isinstance(outcome, Folded) else result.skipped).append(outcome)  # type: ignore[arg-type]
+        if isinstance(outcome, Folded):
+            result.folded.append(outcome)
+        else:
+            result.skipped.append(outcome)
     g.finish()
     for node in out.graph.node:
         for sub in subgraphs(node):
