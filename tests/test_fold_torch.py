@@ -331,6 +331,21 @@ def hooked() -> nn.Module:
     return m
 
 
+def bn_hooked() -> nn.Module:
+    m = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    m[1].register_forward_pre_hook(lambda mod, inp: None)
+    return m
+
+
+class Unused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn, self.spare = nn.Linear(4, 3), nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.fc(x))
+
+
 REFUSALS = [
     # (builder, input, fold options, reason fragment)
     pytest.param(OutputUsedTwice, x_of(2, 3), {}, "is also used by add", id="output-has-another-consumer"),
@@ -354,6 +369,7 @@ REFUSALS = [
                  "transposed convolution is not exact", id="bn-before-convtranspose"),
     pytest.param(SharedBN, x_of(2, 3), {}, "applied at 2 places", id="bn-applied-twice"),
     pytest.param(hooked, torch.randn(2, 4), {}, "forward hooks", id="layer-has-hooks"),
+    pytest.param(bn_hooked, torch.randn(2, 4), {}, "1 has forward hooks", id="bn-has-hooks"),
 ]
 
 
@@ -390,6 +406,16 @@ def test_untraceable_model_folds_inside_safe_children(fold_check, randomize) -> 
     assert "cannot trace" in reasons["bn"]
     assert "may reach into reach" in reasons["reach.1"]
     assert any("cannot be traced" in n for n in result.notes)
+
+
+def test_unused_bn_is_reported_once(fold_check, randomize) -> None:
+    result = fold_check(randomize(Unused()).eval(), torch.randn(3, 4), folded=1, left=0)
+    assert [(s.bn, "not called" in s.reason) for s in result.skipped] == [("spare", True)]
+
+
+def test_uninitialized_lazy_module_raises() -> None:
+    with pytest.raises(BnfoldError, match=r"uninitialized lazy modules \(0\); run one forward pass"):
+        fold_torch(nn.Sequential(nn.LazyLinear(3), nn.BatchNorm1d(3)))
 
 
 def test_bad_example_inputs_raise() -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from bnfold.errors import BnfoldError
 from bnfold.fold_torch.norms import Norm, find_norms
@@ -42,6 +43,10 @@ def fold_torch(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_torch expects a torch.nn.Module, got {type(model).__name__}")
+    lazy = [n or type(m).__name__ for n, m in model.named_modules()
+            if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy:
+        raise BnfoldError(f"model has uninitialized lazy modules ({', '.join(lazy)}); run one forward pass first")
     try:
         work = copy.deepcopy(model)
     except Exception as e:
