@@ -44,7 +44,7 @@ def fold_torch(
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_torch expects a torch.nn.Module, got {type(model).__name__}")
     lazy = [n or type(m).__name__ for n, m in model.named_modules()
-            if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
+            if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]  # type: ignore[misc]
     if lazy:
         raise BnfoldError(f"model has uninitialized lazy modules ({', '.join(lazy)}); run one forward pass first")
     try:
