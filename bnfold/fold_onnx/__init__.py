@@ -44,7 +44,7 @@ def fold_onnx(model: onnx.ModelProto) -> FoldResult[onnx.ModelProto]:
     out.CopyFrom(model)
     result: FoldResult[onnx.ModelProto] = FoldResult(model=out)
     opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), None)
-    g = Graph(out.graph, _ranks(out))
+    g = Graph(out.graph, lambda: _ranks(model))  # value names keep their ranks through the rewrites
     for bn in [n for n in out.graph.node if is_batchnorm(n)]:
         outcome = _fold_one(g, bn, opset)
         if isinstance(outcome, Folded):

@@ -66,9 +66,10 @@ def _all_names(graph: onnx.GraphProto) -> Iterator[str]:
 class Graph:
     """Index over ``graph``, edited in place through the methods below; :meth:`finish` at the end."""
 
-    def __init__(self, graph: onnx.GraphProto, ranks: dict[str, int]) -> None:
+    def __init__(self, graph: onnx.GraphProto, ranks: Callable[[], dict[str, int]]) -> None:
         self.graph = graph
-        self.ranks = ranks  # value name -> tensor rank, from shape inference
+        self._rank_source = ranks  # value name -> tensor rank; called once, on first need
+        self._ranks: dict[str, int] | None = None
         self._taken = set(_all_names(graph))
         self.orphan_candidates: set[str] = set()  # constants a rewrite stopped using
         # Nodes unlinked by remove_node, held so their wrappers (compared by identity) stay alive.
@@ -97,6 +98,12 @@ class Graph:
         self.uses.update(self.outputs)
 
     # -- questions -------------------------------------------------------------------------
+
+    def rank(self, name: str) -> int | None:
+        """The rank of value ``name`` if shape inference knows it (run lazily: only MatMul needs it)."""
+        if self._ranks is None:
+            self._ranks = self._rank_source()
+        return self._ranks.get(name)
 
     def describe(self, node: onnx.NodeProto) -> str:
         return f"{node.op_type} '{node_id(node)}'"

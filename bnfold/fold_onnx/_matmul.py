@@ -32,7 +32,7 @@ class MatMulFold:
         return w
 
     def _rank_problem(self, g: Graph, name: str, what: str) -> str | None:
-        rank = g.ranks.get(name)
+        rank = g.rank(name)
         if rank == 2:
             return None
         shown = "unknown" if rank is None else str(rank)
