@@ -55,6 +55,7 @@ def _all_names(graph: onnx.GraphProto) -> Iterator[str]:
     for group in (graph.input, graph.output, graph.value_info):
         yield from (v.name for v in group)
     yield from (t.name for t in graph.initializer)
+    yield from (t.values.name for t in graph.sparse_initializer)
     for node in graph.node:
         yield node.name
         yield from node.input
