@@ -1,0 +1,209 @@
+"""``bnfold fold`` driven as a user would: every architecture, ONNX input, every bad input."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from bnfold import certificate
+from bnfold.checkpoint import load_model
+from bnfold.export import op_counts, to_onnx
+from bnfold.tolerance import Tolerance
+from bnfold.verification import ort_runner
+
+ARCHS = ["cnn", "mlp", "resnet", "mobilenet", "conv1d"]
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [pytest.param(a, id=a) for a in ARCHS])
+def test_fold_every_architecture(arch: str, trained: dict[str, Path], run_bnfold, tmp_path: Path) -> None:
+    out, report = tmp_path / "model.onnx", tmp_path / "report.json"
+    proc = run_bnfold("fold", trained[arch], "-o", out, "--report", report, "--repository", tmp_path / "repo",
+                      "--name", arch)
+    assert proc.returncode == 0, proc.stderr
+    assert "batch norms:" in proc.stdout and "verification" in proc.stdout
+
+    model = onnx.load(str(out))
+    assert "BatchNormalization" not in op_counts(model)
+    assert (tmp_path / "repo" / arch / "1" / "model.onnx").read_bytes() == out.read_bytes()
+
+    # onnxruntime (optimizations off) reproduces PyTorch's original model within the default tolerance.
+    loaded = load_model(trained[arch])
+    x = np.random.default_rng(7).standard_normal((16, *loaded.input_shape)).astype(np.float32)
+    with torch.no_grad():
+        expected = loaded.model(torch.from_numpy(x)).numpy()
+    run = ort_runner(model)
+    cmp = Tolerance().compare(run(x), expected)
+    assert cmp.passed, cmp
+
+    # The certificate describes the run and its self-test vector reproduces in onnxruntime.
+    cert = certificate.read({e.key: e.value for e in model.metadata_props})
+    assert cert is not None
+    assert cert.architecture == arch
+    assert cert.input_shape == list(loaded.input_shape)
+    assert cert.class_labels == loaded.class_labels
+    assert cert.kept == 0 and cert.folded >= 2
+    assert cert.check(run).passed
+
+    body = json.loads(report.read_text())
+    checks = body["checks"]
+    dataset = loaded.dataset
+    assert set(checks) == {"pytorch/random", f"pytorch/{dataset} validation", "onnxruntime/random",
+                           f"onnxruntime/{dataset} validation"}
+    for check in checks.values():
+        assert check["passed"] and check["max_abs_error"] <= check["allowed"]
+        assert check["top1_agreement"] == 1.0
+    assert body["onnx"]["batchnorm_nodes"] == 0 and body["onnx"]["dynamic_batch"] is True
+    assert body["fold"]["counts"] == {"folded": cert.folded, "kept": 0}
+
+
+@pytest.mark.slow
+def test_fold_onnx_input(trained: dict[str, Path], run_bnfold, tmp_path: Path) -> None:
+    loaded = load_model(trained["resnet"])
+    unfolded = tmp_path / "unfolded.onnx"
+    onnx.save(to_onnx(loaded.model, loaded.input_shape, keep_batchnorm=True), str(unfolded))
+    proc = run_bnfold("fold", unfolded, "-o", tmp_path / "folded.onnx")
+    assert proc.returncode == 0, proc.stderr
+    folded = onnx.load(str(tmp_path / "folded.onnx"))
+    assert "BatchNormalization" not in op_counts(folded)
+    x = np.random.default_rng(1).standard_normal((8, *loaded.input_shape)).astype(np.float32)
+    with torch.no_grad():
+        expected = loaded.model(torch.from_numpy(x)).numpy()
+    assert Tolerance().compare(ort_runner(folded)(x), expected).passed
+    cert = certificate.read({e.key: e.value for e in folded.metadata_props})
+    assert cert is not None and cert.check(ort_runner(folded)).passed
+
+
+class _RunsCode:
+    """Unpickling this would create the marker file; bnfold must refuse it without running it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (Path.touch, (self.marker,))
+
+
+def _bad_input(kind: str, tmp: Path, trained: dict[str, Path]) -> tuple[Path, list[str]]:
+    """Create the bad input ``kind`` in ``tmp``; return its path and extra CLI arguments."""
+    state = load_model(trained["cnn"]).model.state_dict()
+    path = tmp / "model.pt"
+    extra: list[str] = []
+    if kind == "missing":
+        path = tmp / "nope.pt"
+    elif kind == "directory":
+        path = tmp / "adir"
+        path.mkdir()
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        path.write_bytes(trained["cnn"].read_bytes()[:2000])
+    elif kind == "text":
+        path.write_text("epoch,loss\n1,0.5\n")
+    elif kind == "random-onnx":
+        path = tmp / "model.onnx"
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == "checker-onnx":
+        path = tmp / "model.onnx"
+        graph = onnx.helper.make_graph(
+            [onnx.helper.make_node("Relu", ["missing"], ["y"])], "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])])
+        onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(path))
+    elif kind == "unknown-arch":
+        torch.save(state, path)
+        extra = ["--arch", "transformer9000"]
+    elif kind == "missing-keys":
+        torch.save({k: v for k, v in state.items() if not k.startswith("features.1.")}, path)
+        extra = ["--arch", "cnn", "--arch-config", '{"width": 4, "depth": 1}']
+    elif kind == "unexpected-keys":
+        torch.save({**state, "extra.weight": torch.zeros(3)}, path)
+        extra = ["--arch", "cnn", "--arch-config", '{"width": 4, "depth": 1}']
+    elif kind == "shape-mismatch":
+        torch.save(state, path)
+        extra = ["--arch", "cnn", "--arch-config", '{"width": 8, "depth": 1}']
+    elif kind == "bare-state-dict":
+        torch.save(state, path)
+    elif kind == "bad-arch-config":
+        torch.save(state, path)
+        extra = ["--arch", "cnn", "--arch-config", "{width: 4"]
+    elif kind == "pickle-with-code":
+        with path.open("wb") as fh:
+            pickle.dump({"state_dict": _RunsCode(tmp / "MARKER")}, fh)
+    else:  # pragma: no cover
+        raise AssertionError(kind)
+    return path, extra
+
+
+BAD_INPUTS = [
+    pytest.param("missing", "no such file", id="missing-file"),
+    pytest.param("directory", "is a directory", id="directory"),
+    pytest.param("empty", "empty", id="empty-checkpoint"),
+    pytest.param("truncated", "truncated", id="truncated-checkpoint"),
+    pytest.param("text", "text file", id="text-file"),
+    pytest.param("random-onnx", "not a valid ONNX model", id="random-bytes-onnx"),
+    pytest.param("checker-onnx", "fails the ONNX checker", id="onnx-fails-checker"),
+    pytest.param("unknown-arch", "unknown architecture 'transformer9000'", id="unknown-arch"),
+    pytest.param("missing-keys", "missing key", id="state-dict-missing-keys"),
+    pytest.param("unexpected-keys", "unexpected key", id="state-dict-unexpected-keys"),
+    pytest.param("shape-mismatch", "shape mismatch", id="state-dict-shape-mismatch"),
+    pytest.param("bare-state-dict", "--arch", id="bare-state-dict-no-arch"),
+    pytest.param("bad-arch-config", "--arch-config is not valid JSON", id="bad-arch-config"),
+    pytest.param("pickle-with-code", "refused", id="pickle-with-code"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "message"), BAD_INPUTS)
+def test_bad_input_is_one_line_exit_2_nothing_written(kind: str, message: str, trained: dict[str, Path], run_bnfold,
+                                                      tmp_path: Path) -> None:
+    path, extra = _bad_input(kind, tmp_path, trained)
+    before = _files(tmp_path)
+    proc = run_bnfold("fold", path, "-o", tmp_path / "out.onnx", "--report", tmp_path / "report.json",
+                      "--repository", tmp_path / "repo", "--name", "m", *extra)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bnfold: error: "), proc.stderr
+    assert message in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert _files(tmp_path) == before  # nothing written (and no MARKER: the pickle never ran)
+
+
+@pytest.mark.slow
+def test_debug_shows_the_traceback(run_bnfold, tmp_path: Path) -> None:
+    proc = run_bnfold("fold", tmp_path / "nope.pt", "-o", tmp_path / "out.onnx", "--debug")
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr
+
+
+@pytest.mark.slow
+def test_verification_failure_exits_1_and_writes_nothing(trained: dict[str, Path], run_bnfold, tmp_path: Path) -> None:
+    before = _files(tmp_path)
+    proc = run_bnfold("fold", trained["cnn"], "-o", tmp_path / "out.onnx", "--report", tmp_path / "r.json",
+                      "--repository", tmp_path / "repo", "--name", "m", "--atol", "0", "--rtol", "0")
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("bnfold: error: verification failed") and len(proc.stderr.splitlines()) == 1
+    assert _files(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "args",
+    [pytest.param(["fold", "x.pt"], id="no-destination"),
+     pytest.param(["fold", "x.pt", "--repository", "r"], id="repository-without-name"),
+     pytest.param(["fold", "x.pt", "-o", "y.onnx", "--atol", "-1"], id="negative-atol")],
+)
+def test_usage_errors_exit_2(args: list[str], run_bnfold, tmp_path: Path) -> None:
+    (tmp_path / "x.pt").write_bytes(b"irrelevant")
+    proc = run_bnfold(*args, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("bnfold: error: ") and len(proc.stderr.splitlines()) == 1
