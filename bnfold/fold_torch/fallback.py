@@ -60,8 +60,13 @@ def fold_untraceable(work: nn.Module, error: Exception, example_inputs: Any, not
                 continue
             try:
                 sub = fold_graph(child, gm, calls.get(id(child)))
-            except Exception:  # the recorded inputs do not fit a traced child: fold without shapes
-                sub = fold_graph(child, trace(child), None)
+            except Exception:  # the recorded inputs do not fit the traced child: fold it without shapes
+                try:
+                    sub = fold_graph(child, trace(child), None)
+                except Exception as e:
+                    reason = f"folding inside {path} on its own failed ({type(e).__name__}: {e}); {why}"
+                    skipped.extend(Skipped(bn=f"{path}.{p}", reason=reason) for p in inner)
+                    continue
             folded.extend(Folded(bn=f"{path}.{f.bn}", into=f"{path}.{f.into}", side=f.side) for f in sub.folded)
             skipped.extend(Skipped(bn=f"{path}.{s.bn}", reason=s.reason) for s in sub.skipped)
             if sub.folded:

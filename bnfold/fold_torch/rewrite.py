@@ -148,8 +148,10 @@ def _remove(gm: fx.GraphModule, norm: Norm) -> None:
     node.replace_all_uses_with(norm.input)
     gm.graph.erase_node(node)
     if node.op == "call_module":
-        if not any(n.op in ("call_module", "get_attr") and n.target == node.target for n in gm.graph.nodes):
-            gm.delete_submodule(str(node.target))
+        target = str(node.target)
+        refs = [str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")]
+        if not any(r == target or r.startswith(target + ".") for r in refs):  # forward may still read bn.weight
+            gm.delete_submodule(target)
         return
     erased: set[fx.Node] = set()
     for attr in norm.attr_nodes:
