@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bnfold._version import __version__
-from service.api.deps import require_api_key
+from service.api.deps import Service, require_api_key
 from service.api.routes import health, infer, metrics, models, predict, server
 from service.config import Settings
 from service.logs import event, log_config
@@ -29,7 +29,7 @@ from service.repository import ModelRepository
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    repository: ModelRepository = app.state.repository
+    repository: ModelRepository = app.state.service.repository
     repository.load()
     try:
         yield
@@ -58,9 +58,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     logging.config.dictConfig(log_config(settings.log_level))
     app = FastAPI(title="bnfold inference service", version=__version__, lifespan=lifespan)
-    app.state.settings = settings
-    app.state.metrics = ServiceMetrics()
-    app.state.repository = ModelRepository(settings, app.state.metrics)
+    registry = ServiceMetrics()
+    app.state.service = Service(settings, ModelRepository(settings, registry), registry)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _internal_error)

@@ -387,7 +387,7 @@ def test_bad_content_length(small_client: TestClient) -> None:
 
 
 def test_503_with_retry_after_when_queue_is_full(small_client: TestClient) -> None:
-    entry = small_client.app.state.repository.get("classifier")  # type: ignore[attr-defined]
+    entry = small_client.app.state.service.repository.get("classifier")  # type: ignore[attr-defined]
     runtime = entry.runtime
     started, release = threading.Event(), threading.Event()
     original = runtime.run
@@ -424,3 +424,17 @@ def test_validation_errors_use_error_body(settings: Settings) -> None:
 
     with TestClient(app) as client:
         assert_error(client.get("/typed/abc"), 400, "invalid request: path.number")
+
+
+@pytest.mark.parametrize("misalign", [pytest.param(k, id=f"offset-mod-8-is-{k}") for k in range(4)])
+def test_binary_input_alignment_does_not_matter(client: TestClient, misalign: int) -> None:
+    """Binary tensors are views into the body at any offset; results equal the JSON path exactly."""
+    x = np.random.default_rng(4).standard_normal((1, 4)).astype(np.float32)
+    head = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4],
+                                   "parameters": {"binary_data_size": 16}}]}).encode()
+    head += b" " * ((misalign - len(head)) % 8)
+    assert len(head) % 8 == misalign
+    response = client.post("/v2/models/classifier/infer", content=head + x.tobytes(),
+                           headers={"Inference-Header-Content-Length": str(len(head))})
+    via_json = client.post("/v2/models/classifier/infer", json=infer_body(x)).json()["outputs"][0]["data"]
+    assert response.json()["outputs"][0]["data"] == via_json

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException
 
-from service.api.deps import RepositoryDep
+from service.api.deps import ServiceDep
 from service.api.errors import http_error
 from service.api.schemas import ModelMetadata, ModelReady, TensorMetadata
 from service.errors import ServiceError
@@ -13,23 +13,23 @@ from service.repository import ModelVersion
 router = APIRouter(prefix="/v2/models", tags=["metadata"])
 
 
-def _metadata(repository: RepositoryDep, name: str, version: str | None) -> ModelMetadata:
+def _metadata(service: ServiceDep, name: str, version: str | None) -> ModelMetadata:
     try:
-        entry = repository.get(name, version)
+        entry = service.repository.get(name, version)
     except ServiceError as exc:
         raise http_error(exc) from None
     runtime = entry.runtime
     return ModelMetadata(
-        name=name, versions=[str(v) for v in repository.models[name]], platform="onnxruntime_onnx",
+        name=name, versions=[str(v) for v in service.repository.models[name]], platform="onnxruntime_onnx",
         inputs=[TensorMetadata(**s.metadata()) for s in runtime.inputs] if runtime else [],
         outputs=[TensorMetadata(**s.metadata()) for s in runtime.outputs] if runtime else [],
         version=str(entry.version), ready=entry.ready, reason=entry.reason, certificate=entry.certificate_summary(),
     )
 
 
-def _ready(repository: RepositoryDep, name: str, version: str | None) -> ModelReady:
+def _ready(service: ServiceDep, name: str, version: str | None) -> ModelReady:
     try:
-        entry: ModelVersion = repository.get(name, version)
+        entry: ModelVersion = service.repository.get(name, version)
     except ServiceError as exc:
         raise http_error(exc) from None
     if not entry.ready:
@@ -38,24 +38,24 @@ def _ready(repository: RepositoryDep, name: str, version: str | None) -> ModelRe
 
 
 @router.get("/{name}")
-async def model_metadata(name: str, repository: RepositoryDep) -> ModelMetadata:
+async def model_metadata(name: str, service: ServiceDep) -> ModelMetadata:
     """Inputs, outputs, versions, readiness and certificate of the newest version."""
-    return _metadata(repository, name, None)
+    return _metadata(service, name, None)
 
 
 @router.get("/{name}/versions/{version}")
-async def model_version_metadata(name: str, version: str, repository: RepositoryDep) -> ModelMetadata:
+async def model_version_metadata(name: str, version: str, service: ServiceDep) -> ModelMetadata:
     """Inputs, outputs, versions, readiness and certificate of one version."""
-    return _metadata(repository, name, version)
+    return _metadata(service, name, version)
 
 
 @router.get("/{name}/ready", responses={503: {"description": "the version failed to load or its self-test"}})
-async def model_ready(name: str, repository: RepositoryDep) -> ModelReady:
+async def model_ready(name: str, service: ServiceDep) -> ModelReady:
     """200 when the newest version serves."""
-    return _ready(repository, name, None)
+    return _ready(service, name, None)
 
 
 @router.get("/{name}/versions/{version}/ready", responses={503: {"description": "not ready"}})
-async def model_version_ready(name: str, version: str, repository: RepositoryDep) -> ModelReady:
+async def model_version_ready(name: str, version: str, service: ServiceDep) -> ModelReady:
     """200 when this version serves."""
-    return _ready(repository, name, version)
+    return _ready(service, name, version)

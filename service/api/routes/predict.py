@@ -7,7 +7,7 @@ import time
 from fastapi import APIRouter
 
 from service import inference
-from service.api.deps import BodyDep, MetricsDep, RepositoryDep, SettingsDep
+from service.api.deps import BodyDep, ServiceDep
 from service.api.errors import OUTCOME, http_error
 from service.api.schemas import Prediction, Predictions
 from service.errors import ServiceError
@@ -19,16 +19,15 @@ BODY_DOC = {"requestBody": {"content": {"application/json": {"schema": {
 
 
 @router.post("/{name}:predict", openapi_extra=BODY_DOC)
-async def predict(name: str, body: BodyDep, repository: RepositoryDep, metrics: MetricsDep,
-                  settings: SettingsDep) -> Predictions:
+async def predict(name: str, body: BodyDep, service: ServiceDep) -> Predictions:
     """Classify each instance with the newest version: label, class index, softmax probabilities."""
     start = time.perf_counter()
-    label = name if name in repository.models else UNKNOWN_MODEL
+    label = name if name in service.repository.models else UNKNOWN_MODEL
     try:
-        rows = await inference.predict(repository, name, None, body)
+        rows = await inference.predict(service.repository, name, None, body)
     except ServiceError as exc:
-        error = http_error(exc, settings.retry_after_s)
-        metrics.request(label, OUTCOME.get(error.status_code, "error"))
+        error = http_error(exc, service.settings.retry_after_s)
+        service.metrics.request(label, OUTCOME.get(error.status_code, "error"))
         raise error from None
-    metrics.request(label, "success", time.perf_counter() - start)
+    service.metrics.request(label, "success", time.perf_counter() - start)
     return Predictions(predictions=[Prediction(**row) for row in rows])
