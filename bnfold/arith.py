@@ -81,7 +81,7 @@ def bn_affine(
     denom = v + float(eps)
     if np.any(denom <= 0):
         i = int(np.argmax(denom <= 0))
-        raise ValueError(f"batch norm var + eps must be > 0, got {denom[i]!r} at channel {i}")
+        raise ValueError(f"batch norm var + eps must be > 0, got {float(denom[i])!r} at channel {i}")
     scale = g / np.sqrt(denom)
     return Affine(scale=scale, shift=b - m * scale)
 
@@ -198,5 +198,5 @@ def _vector(name: str, value: ArrayLike) -> F64:
         raise ValueError(f"batch norm {name} must be 1-D, got shape {arr.shape}")
     if not np.all(np.isfinite(arr)):
         i = int(np.argmax(~np.isfinite(arr)))
-        raise ValueError(f"batch norm {name} must be finite, got {arr[i]!r} at channel {i}")
+        raise ValueError(f"batch norm {name} must be finite, got {float(arr[i])!r} at channel {i}")
     return arr
