@@ -124,6 +124,22 @@ class MyConv(nn.Conv2d):
     pass
 
 
+class ViewHead(nn.Module):
+    """No natural input (the input is scaled first); the rank comes from the graph: ``view(n, -1)`` is 2-D,
+    ``view(n, 4, -1)`` is 3-D (then the Linear's features are not the axis BatchNorm1d normalizes)."""
+
+    def __init__(self, seq: bool = False) -> None:
+        super().__init__()
+        self.seq = seq
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc, self.bn = (nn.Linear(25, 4), nn.BatchNorm1d(4)) if seq else (nn.Linear(100, 6), nn.BatchNorm1d(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x / 255)
+        y = y.view(y.size(0), 4, -1) if self.seq else y.view(y.size(0), -1)
+        return self.bn(self.fc(y))
+
+
 def with_input_shape(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
     model.input_shape = shape  # type: ignore[assignment]
     return model
@@ -202,6 +218,9 @@ FOLDS = [
     pytest.param(lambda: nn.Sequential(MyConv(3, 4, 3), MyBN(4)), x_of(2, 3), 1, 0, {}, id="subclasses"),
     pytest.param(lambda: nn.Sequential(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4)), x_of(1, 3), 1, 0,
                  {"example_inputs": x_of(1, 3)}, id="conv1d-bn1d-example-inputs"),
+    pytest.param(lambda: nn.Sequential(nn.Flatten(), nn.Linear(48, 5), nn.BatchNorm1d(5)), torch.randn(2, 3, 4, 4),
+                 1, 0, {}, id="flatten-linear-bn1d-rank-from-graph"),
+    pytest.param(ViewHead, x_of(2, 3), 1, 0, {}, id="view-linear-bn1d-rank-from-graph"),
     pytest.param(lambda: nn.Sequential(nn.Linear(0, 3), nn.BatchNorm1d(3)), torch.randn(2, 0), 1, 0, {},
                  id="zero-size-weight"),
 ]
@@ -362,6 +381,8 @@ REFUSALS = [
                  {"example_inputs": torch.randn(2, 4, 5)}, "same axis only for 2-D", id="linear-3d-axis-mismatch"),
     pytest.param(lambda: nn.Sequential(nn.Conv1d(3, 4, 1), nn.BatchNorm1d(4)), torch.randn(3, 4),
                  {"example_inputs": torch.randn(3, 4)}, "unbatched", id="conv1d-unbatched-axis-mismatch"),
+    pytest.param(lambda: ViewHead(seq=True), x_of(2, 3), {}, "same axis only for 2-D",
+                 id="linear-3d-axis-mismatch-rank-from-graph"),
     pytest.param(ThreeD, torch.randn(2, 3, 5), {}, "transpose", id="non-identity-op-between"),
     pytest.param(lambda: nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1)), x_of(2, 3), {},
                  "zero padding (1, 1)", id="bn-before-zero-padded-conv"),

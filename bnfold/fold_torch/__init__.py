@@ -20,6 +20,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from bnfold.errors import BnfoldError
 from bnfold.fold_torch.norms import Norm, find_norms
+from bnfold.fold_torch.ranks import annotate_ranks
 from bnfold.fold_torch.rewrite import try_fold
 from bnfold.fold_torch.trace import BN_TYPES, shapes_from, trace
 from bnfold.layers import InputNorm
@@ -76,6 +77,7 @@ def fold_graph(work: nn.Module, gm: fx.GraphModule, example_inputs: Any) -> Fold
     shape_note = shapes_from(work, gm, example_inputs)
     if shape_note == "none":
         shape_note = None
+        annotate_ranks(gm)
     norms = find_norms(gm, set(paths))
     by_name: dict[str, list[Norm]] = {}
     for norm in norms:

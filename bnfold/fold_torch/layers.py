@@ -105,22 +105,24 @@ def as_layer(gm: fx.GraphModule, node: fx.Node) -> Layer | str:
 
 
 def rank_problem(layer: Layer, target: str, norm_kind: str, norm_name: str, norm_ranks: frozenset[int] | None,
-                 actual: int | None, side: Side) -> str | None:
+                 known: frozenset[int] | None, side: Side) -> str | None:
     """``None`` when the norm's axis 1 is the layer's channel axis at every rank the graph allows, else why not.
 
-    ``actual`` is the recorded rank of the tensor between them (None without shapes).
+    ``known`` are the ranks the tensor between them may have (recorded shapes or graph structure;
+    None: unknown).
     """
     where = "output" if side == "output" else "input"
-    possible = layer.possible_ranks if actual is None else frozenset({actual})
+    possible = layer.possible_ranks if known is None else layer.possible_ranks & known
     accepted = norm_ranks if norm_ranks is not None else frozenset(range(2, 10))
     both = possible & accepted
     if not both:
-        got = f"{actual}-D" if actual is not None else "/".join(f"{r}-D" for r in sorted(possible))
+        got = "/".join(f"{r}-D" for r in sorted(known if known else possible))
         return (f"{norm_name} ({norm_kind}) takes {'/'.join(f'{r}-D' for r in sorted(accepted))} input but the "
                 f"{where} of {target} ({layer.type_name}) is {got}")
     if both == {layer.good_rank}:
         return None
-    if actual is not None:
+    if known is not None and len(known) == 1:
+        actual = next(iter(known))
         if layer.kind == "linear":
             return (f"{target} (Linear) acts on the last axis of its {actual}-D {where} but {norm_name} normalizes "
                     f"axis 1: they are the same axis only for 2-D tensors")

@@ -35,7 +35,7 @@ from bnfold.fold_torch.layers import (
 )
 from bnfold.fold_torch.match import consumer, only_data_input, producer
 from bnfold.fold_torch.norms import Norm
-from bnfold.fold_torch.trace import rank
+from bnfold.fold_torch.ranks import Ranks, known_ranks
 from bnfold.result import Folded
 
 
@@ -45,7 +45,7 @@ def try_fold(gm: fx.GraphModule, norm: Norm, notes: list[str]) -> Folded | str:
     start = norm.input
     prod, problem = producer(gm, norm.node, start)
     if problem is None:
-        problem = _check(gm, norm, prod, rank(start), "output")
+        problem = _check(gm, norm, prod, known_ranks(start), "output")
         if problem is None:
             return _apply(gm, norm, prod, "output", notes)
     before = problem
@@ -54,19 +54,19 @@ def try_fold(gm: fx.GraphModule, norm: Norm, notes: list[str]) -> Folded | str:
         if not only_data_input(cons, value):
             problem = f"{describe(gm, cons)} uses it as more than its data input"
         else:
-            problem = _check(gm, norm, cons, rank(value), "input")
+            problem = _check(gm, norm, cons, known_ranks(value), "input")
         if problem is None:
             return _apply(gm, norm, cons, "input", notes)
     return f"cannot fold into the op before it ({before}) nor into the op after it ({problem})"
 
 
-def _check(gm: fx.GraphModule, norm: Norm, node: fx.Node, actual_rank: int | None, side: Side) -> str | None:
+def _check(gm: fx.GraphModule, norm: Norm, node: fx.Node, ranks: Ranks | None, side: Side) -> str | None:
     layer = as_layer(gm, node)
     if isinstance(layer, str):
         return layer
     target = str(node.target)
     problem = channel_problem(layer, target, norm.name, norm.channels, side) or rank_problem(
-        layer, target, norm.kind, norm.name, norm.ranks, actual_rank, side
+        layer, target, norm.kind, norm.name, norm.ranks, ranks, side
     )
     if problem is None and side == "input":
         assert norm.affine is not None

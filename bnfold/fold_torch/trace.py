@@ -95,12 +95,6 @@ def clear_shapes(gm: fx.GraphModule) -> None:
         node.meta.pop(SHAPE_KEY, None)
 
 
-def rank(node: fx.Node) -> int | None:
-    """The rank of the tensor ``node`` produces, when shape propagation recorded it."""
-    shape = node.meta.get(SHAPE_KEY)
-    return None if shape is None else len(shape)
-
-
 def natural_inputs(model: nn.Module, gm: fx.GraphModule) -> tuple[Iterator[tuple[torch.Tensor, ...]], str] | None:
     """Candidate example inputs when the caller gave none, and a sentence saying where they came from.
 
