@@ -1,0 +1,435 @@
+"""Benchmark 3, serving: requests/s and p50/p99 latency of batch-1 requests at concurrency 1, 8, 32, 64.
+
+Servers, each started fresh as its own process pinned to the *server CPU* (CPU 0), while the load
+generator runs pinned to the *generator CPU* (CPU 1) (``taskset``):
+
+(a) ``bnfold serve`` (``python -m service``) with dynamic batching (the defaults);
+(b) the same with ``dynamic_batching: false`` in each model's ``config.json``;
+(c) a naive FastAPI + PyTorch eager server on the *unfolded* checkpoints (``naive_server.py``);
+(d) BentoML serving the same folded ONNX files with onnxruntime and adaptive batching, from its own
+    venv ``benchmarks/.venv-bentoml`` (``bentoml_service.py``; JSON only: BentoML has no binary
+    tensor protocol);
+(e) in-process onnxruntime on the same CPU with the same session settings as (a): the ceiling.
+    At concurrency ``c`` it is ``c`` rows per ``session.run`` (perfect batching, no HTTP, no
+    encoding): requests/s = ``c`` / median run time, latency = the median run time.
+
+Bodies are Open Inference Protocol requests of one sample, JSON (``data`` as a flat list) or binary
+(raw FP32 after a JSON header; binary output requested). Models: bnfold's ``resnet`` on 3x32x32
+with random weights and calibrated batch-norm statistics (no 32x32 data set is bundled, see
+:mod:`benchmarks.common`) and the ``cnn`` trained on digits (1x8x8). Before timing, one request per
+server and model is checked against in-process onnxruntime. The generator's own ceiling is measured
+against a trivial endpoint on the server CPU with the largest body (resnet JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common, loadgen
+
+CONCURRENCY = (1, 8, 32, 64)
+BENTOML_VENV = common.BENCH / ".venv-bentoml"
+BENTOML_PIN = "bentoml==1.4.39"
+SERVER_CPUS, GENERATOR_CPUS = {0}, {1}
+
+
+# ---------------------------------------------------------------------------------------------
+# models and request bodies
+
+
+@dataclass
+class Model:
+    name: str
+    checkpoint: Path  # unfolded, for the naive server
+    onnx: Path  # folded and certified, what bnfold and BentoML serve
+    input_shape: list[int]
+    sample: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (1, *input_shape)
+
+    def oip_json(self) -> tuple[bytes, dict[str, str]]:
+        body = {"inputs": [{"name": "input", "shape": list(self.sample.shape), "datatype": "FP32",
+                            "data": self.sample.reshape(-1).tolist()}]}
+        return json.dumps(body).encode(), {"Content-Type": "application/json"}
+
+    def oip_binary(self) -> tuple[bytes, dict[str, str]]:
+        raw = self.sample.astype("<f4").tobytes()
+        header = json.dumps({"inputs": [{"name": "input", "shape": list(self.sample.shape), "datatype": "FP32",
+                                         "parameters": {"binary_data_size": len(raw)}}],
+                             "parameters": {"binary_data_output": True}}).encode()
+        return header + raw, {"Content-Type": "application/octet-stream",
+                              "Inference-Header-Content-Length": str(len(header))}
+
+    def bentoml_json(self) -> tuple[bytes, dict[str, str]]:
+        return json.dumps({"input": self.sample.tolist()}).encode(), {"Content-Type": "application/json"}
+
+
+def prepare_models(workdir: Path, quick: bool) -> dict[str, Model]:
+    """Fold the two serving models with ``bnfold fold``'s pipeline into a repository under ``workdir``."""
+    from bnfold import export
+    from bnfold.pipeline import run
+
+    checkpoints = {"resnet": common.calibrated_checkpoint("resnet", (3, 32, 32)),
+                   "cnn": common.trained_checkpoint("cnn", epochs=1 if quick else 3)}
+    repo = workdir / "repo-batching"
+    shutil.rmtree(workdir, ignore_errors=True)
+    models = {}
+    for name, ckpt in checkpoints.items():
+        outcome = run(ckpt, repository_dir=repo, name=name)
+        onnx_path = Path(outcome.written[0])
+        shape = outcome.source.input_shape
+        models[name] = Model(name, ckpt, onnx_path, shape, export.random_inputs(shape, 1, seed=7))
+    nobatch = workdir / "repo-no-batching"
+    shutil.copytree(repo, nobatch)
+    for name in models:
+        (nobatch / name / "config.json").write_text(json.dumps({"dynamic_batching": False}))
+    return models
+
+
+# ---------------------------------------------------------------------------------------------
+# server processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _taskset(cpus: set[int], cmd: list[str]) -> list[str]:
+    return ["taskset", "-c", ",".join(map(str, sorted(cpus))), *cmd] if cpus else cmd
+
+
+@contextlib.contextmanager
+def server(cmd: list[str], ready_url: str, *, env: dict[str, str] | None = None, timeout: float = 90,
+           log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``cmd`` pinned to the server CPU in its own process group; wait for ``ready_url``; stop it after."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(_taskset(SERVER_CPUS, cmd), env={**os.environ, **(env or {})}, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=common.ROOT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{cmd[:3]} exited with {proc.returncode}: {log.read_text()[-1500:]}")
+                with contextlib.suppress(OSError), urllib.request.urlopen(ready_url, timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{cmd[:3]} not ready after {timeout} s: {log.read_text()[-1500:]}")
+                time.sleep(0.25)
+            yield proc
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)  # the group of the process started above, nothing else
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return resp.read(), dict(resp.headers)
+
+
+def decode_output(body: bytes, headers: dict[str, str]) -> np.ndarray:
+    """The first output of an OIP response (JSON or binary) or a BentoML JSON array, as float32."""
+    length = next((v for k, v in headers.items() if k.lower() == "inference-header-content-length"), None)
+    if length is not None:
+        header = json.loads(body[: int(length)])
+        return np.frombuffer(body[int(length):], np.float32).reshape(header["outputs"][0]["shape"])
+    parsed = json.loads(body)
+    if isinstance(parsed, dict):
+        out = parsed["outputs"][0]
+        return np.asarray(out["data"], np.float32).reshape(out["shape"])
+    return np.asarray(parsed, np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# BentoML's own environment
+
+
+def ensure_bentoml(venv: Path = BENTOML_VENV) -> Path | None:
+    """The venv's ``bentoml`` executable, creating the venv (BentoML, same onnxruntime/numpy) if missing."""
+    exe = venv / "bin" / "bentoml"
+    if exe.exists():
+        return exe
+    import onnxruntime
+
+    common.log(f"creating {venv} with {BENTOML_PIN} (once)")
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    done = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", BENTOML_PIN,
+                           f"onnxruntime=={onnxruntime.__version__}", f"numpy=={np.__version__}"],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0 or not exe.exists():
+        common.log(f"BentoML install failed; skipping it: {done.stderr[-500:]}")
+        return None
+    return exe
+
+
+# ---------------------------------------------------------------------------------------------
+# in-process ceiling (run in a subprocess pinned to the server CPU)
+
+
+def ceiling(onnx_path: Path, shape: list[int], concurrency: tuple[int, ...], repeats: int) -> list[dict[str, Any]]:
+    """Median ``session.run`` time of ``c`` rows, with ``bnfold serve``'s session settings, for each ``c``."""
+    from service.runtime import ModelRuntime
+
+    runtime = ModelRuntime(onnx_path, threads=1)
+    rows = []
+    for c in concurrency:
+        x = np.random.default_rng(0).standard_normal((c, *shape)).astype(np.float32)
+        for _ in range(max(5, repeats // 10)):
+            runtime.run({"input": x})
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            runtime.run({"input": x})
+            times.append(time.perf_counter() - start)
+        med = statistics.median(times)
+        rows.append({"concurrency": c, "rps": c / med, "p50_ms": med * 1e3,
+                     "p99_ms": float(np.percentile(times, 99)) * 1e3})
+    return rows
+
+
+def run_ceiling(model: Model, concurrency: tuple[int, ...], repeats: int) -> list[dict[str, Any]]:
+    cmd = _taskset(SERVER_CPUS, [sys.executable, str(Path(__file__).resolve()), "--ceiling", str(model.onnx),
+                                 "--shape", json.dumps(model.input_shape), "--repeats", str(repeats),
+                                 "--concurrency", json.dumps(list(concurrency))])
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=common.ROOT)
+    return list(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark
+
+
+@dataclass
+class Target:
+    label: str
+    cmd: list[str]
+    ready: str
+    urls: dict[str, str]  # model name -> inference URL
+    encodings: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    timeout: float = 90
+
+
+def targets(models: dict[str, Model], workdir: Path, bentoml: Path | None) -> list[Target]:
+    py = sys.executable
+    found = []
+    for label, repo in (("bnfold serve (batching)", "repo-batching"),
+                        ("bnfold serve (no batching)", "repo-no-batching")):
+        port = free_port()
+        found.append(Target(label, [py, "-m", "service"], f"http://127.0.0.1:{port}/v2/health/ready",
+                            {m: f"http://127.0.0.1:{port}/v2/models/{m}/infer" for m in models}, ("json", "binary"),
+                            env={"BNFOLD_MODEL_REPOSITORY": str(workdir / repo), "BNFOLD_PORT": str(port),
+                                 "BNFOLD_HOST": "127.0.0.1", "BNFOLD_LOG_LEVEL": "warning"}))
+    port = free_port()
+    found.append(Target("naive FastAPI + PyTorch", [py, str(common.BENCH / "naive_server.py"), "--port", str(port),
+                                                    *[f"--model={m.name}={m.checkpoint}" for m in models.values()]],
+                        f"http://127.0.0.1:{port}/v2/health/ready",
+                        {m: f"http://127.0.0.1:{port}/v2/models/{m}/infer" for m in models}, ("json", "binary")))
+    if bentoml is not None:
+        port = free_port()
+        found.append(Target("BentoML (adaptive batching)",
+                            [str(bentoml), "serve", "benchmarks.bentoml_service:OnnxModels", "--host", "127.0.0.1",
+                             "--port", str(port)],
+                            f"http://127.0.0.1:{port}/readyz",
+                            {m: f"http://127.0.0.1:{port}/{m}_infer" for m in models}, ("json",), timeout=180,
+                            env={"BENCH_RESNET_ONNX": str(models["resnet"].onnx),
+                                 "BENCH_CNN_ONNX": str(models["cnn"].onnx),
+                                 "BENTOML_HOME": str(common.CACHE / "bentoml-home"), "BENTOML_DO_NOT_TRACK": "True"}))
+    return found
+
+
+def _body(target: Target, model: Model, encoding: str) -> tuple[bytes, dict[str, str]]:
+    if target.label.startswith("BentoML"):
+        return model.bentoml_json()
+    return model.oip_binary() if encoding == "binary" else model.oip_json()
+
+
+def run(out: Path, *, quick: bool = False, skip: tuple[str, ...] = (), generator: str = "auto") -> dict[str, Any]:
+    workdir = common.CACHE / ("serving-quick" if quick else "serving")
+    levels = (1, 8) if quick else CONCURRENCY
+    seconds = 1.0 if quick else 3.0
+    cpus = os.sched_getaffinity(0)
+    global SERVER_CPUS, GENERATOR_CPUS
+    if len(cpus) >= 2:
+        SERVER_CPUS, GENERATOR_CPUS = {min(cpus)}, {sorted(cpus)[1]}
+    else:  # one CPU: nothing to pin apart
+        SERVER_CPUS, GENERATOR_CPUS = set(), set()
+    if generator == "auto":
+        generator = "wrk" if loadgen.ensure_wrk(install=not quick) else "asyncio"
+    common.log(f"serving benchmark: generator {generator}, server CPUs {SERVER_CPUS}, generator CPUs {GENERATOR_CPUS}")
+    models = prepare_models(workdir, quick)
+    if quick:
+        models = {"cnn": models["cnn"], "resnet": models["resnet"]}
+    bentoml = None if "bentoml" in skip else ensure_bentoml()
+
+    def load(url: str, body: bytes, headers: dict[str, str], c: int, secs: float) -> loadgen.Load:
+        return loadgen.run_load(generator, url, body, headers, concurrency=c, seconds=secs, cpus=GENERATOR_CPUS)
+
+    # The generator's own ceiling, against the trivial endpoint on the server CPU.
+    port = free_port()
+    body, headers = models["resnet"].oip_json()
+    generator_ceiling = []
+    with server([sys.executable, str(common.BENCH / "loadgen.py"), "--serve-trivial", str(port)],
+                f"http://127.0.0.1:{port}/", log=workdir / "logs" / "trivial.log"):
+        for c in levels:
+            generator_ceiling.append(load(f"http://127.0.0.1:{port}/", body, headers, c, seconds).to_dict())
+
+    rows: list[dict[str, Any]] = []
+    checks: list[dict[str, Any]] = []
+    references = {m.name: _reference(m) for m in models.values()}
+    for target in targets(models, workdir, bentoml):
+        if any(s in target.label.lower() for s in skip):
+            continue
+        common.log(f"serving benchmark: {target.label}")
+        started = time.perf_counter()
+        with server(target.cmd, target.ready, env=target.env, timeout=target.timeout,
+                    log=workdir / "logs" / f"{target.label.split()[0]}-{len(rows)}.log"):
+            startup = time.perf_counter() - started
+            for name, model in models.items():
+                for encoding in target.encodings:
+                    body, headers = _body(target, model, encoding)
+                    got = decode_output(*post(target.urls[name], body, headers))
+                    err = float(np.max(np.abs(got - references[name])))
+                    checks.append({"server": target.label, "model": name, "encoding": encoding,
+                                   "max_abs_error_vs_inprocess": err, "startup_s": startup})
+                    if err > 1e-4 * max(1.0, float(np.max(np.abs(references[name])))):
+                        raise RuntimeError(f"{target.label} answered {got} for {name}, expected {references[name]}")
+                    load(target.urls[name], body, headers, 8, 1.0)  # warm-up, not recorded
+                    for c in levels:
+                        result = load(target.urls[name], body, headers, c, seconds)
+                        rows.append({"server": target.label, "model": name, "encoding": encoding,
+                                     "body_bytes": len(body), **result.to_dict()})
+                        common.log(f"  {name} {encoding} c={c}: {result.rps:.0f} req/s, p50 {result.p50_ms:.2f} ms, "
+                                   f"p99 {result.p99_ms:.2f} ms, errors {result.errors}")
+    ceilings = {m.name: run_ceiling(m, levels, 50 if quick else 300) for m in models.values()}
+    for name, ceil in ceilings.items():
+        for c in ceil:
+            rows.append({"server": "in-process onnxruntime", "model": name, "encoding": "none", "body_bytes": 0,
+                         "generator": "none", "seconds": 0.0, "requests": 0, "errors": 0, **c})
+    body_ = {"benchmark": "serving", "quick": quick, "machine": common.machine(),
+             "settings": {"generator": generator, "server_cpus": sorted(SERVER_CPUS),
+                          "generator_cpus": sorted(GENERATOR_CPUS), "seconds_per_point": seconds,
+                          "concurrency": list(levels), "request_rows": 1,
+                          "bnfold_settings": "defaults: max_batch_size 64, max_queue_delay_ms 0, 1 intra-op thread",
+                          "bentoml": BENTOML_PIN if bentoml else None},
+             "generator_ceiling": generator_ceiling, "checks": checks, "results": rows}
+    body_["targets"] = target_summary(body_)
+    common.write_json(out / "serving.json", body_)
+    (out / "serving.md").write_text(markdown(body_))
+    return body_
+
+
+def _reference(model: Model) -> np.ndarray:
+    from bnfold.export import read_onnx
+    from bnfold.verification import ort_runner
+
+    return ort_runner(read_onnx(model.onnx))(model.sample)
+
+
+def _find(rows: list[dict[str, Any]], server: str, model: str, encoding: str, c: int) -> dict[str, Any] | None:
+    return next((r for r in rows if r["server"] == server and r["model"] == model and r["encoding"] == encoding
+                 and r["concurrency"] == c), None)
+
+
+def target_summary(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's serving targets, per model and encoding, from one run's rows."""
+    rows, out = body["results"], []
+    bn, naive, bento, ceil = ("bnfold serve (batching)", "naive FastAPI + PyTorch", "BentoML (adaptive batching)",
+                              "in-process onnxruntime")
+    for model in sorted({r["model"] for r in rows}):
+        for encoding in ("json", "binary"):
+            ours32 = _find(rows, bn, model, encoding, 32)
+            if ours32 is not None:
+                for other, want in ((bento, 2.0), (naive, 4.0)):
+                    theirs = _find(rows, other, model, "json" if other == bento else encoding, 32)
+                    if theirs is not None:
+                        ratio = ours32["rps"] / theirs["rps"]
+                        out.append({"target": f"c=32 req/s >= {want:g}x {other}", "model": model, "encoding": encoding,
+                                    "ours": ours32["rps"], "theirs": theirs["rps"], "value": ratio,
+                                    "met": ratio >= want})
+            ours1, base = _find(rows, bn, model, encoding, 1), _find(rows, ceil, model, "none", 1)
+            if ours1 is not None and base is not None:
+                gap = ours1["p50_ms"] - base["p50_ms"]
+                out.append({"target": "c=1 p50 within 1 ms of in-process onnxruntime", "model": model,
+                            "encoding": encoding, "ours": ours1["p50_ms"], "theirs": base["p50_ms"], "value": gap,
+                            "met": gap <= 1.0})
+    return out
+
+
+def markdown(body: dict[str, Any]) -> str:
+    s = body["settings"]
+    text = (f"Generator: {s['generator']} on CPU {s['generator_cpus']}, servers on CPU {s['server_cpus']}, "
+            f"{s['seconds_per_point']:g} s per point, batch-1 requests, load average "
+            f"{body['machine']['load_average_1_5_15']}.\n\n")
+    levels = s["concurrency"]
+    header = ["server", "model", "body", *[f"req/s c={c}" for c in levels], *[f"p50/p99 ms c={c}" for c in levels]]
+    rows = []
+    groups: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = {}
+    for r in body["results"]:
+        groups.setdefault((r["server"], r["model"], r["encoding"]), {})[r["concurrency"]] = r
+    for (server_, model, encoding), by_c in groups.items():
+        rows.append([server_, model, encoding, *[f"{by_c[c]['rps']:.0f}" if c in by_c else "" for c in levels],
+                     *[f"{by_c[c]['p50_ms']:.2f} / {by_c[c]['p99_ms']:.2f}" if c in by_c else "" for c in levels]])
+    text += common.markdown_table(header, rows)
+    text += "\n### Load generator ceiling (trivial endpoint, resnet JSON body)\n\n" + common.markdown_table(
+        ["concurrency", "req/s", "p50 ms", "p99 ms"],
+        [[g["concurrency"], f"{g['rps']:.0f}", f"{g['p50_ms']:.2f}", f"{g['p99_ms']:.2f}"]
+         for g in body["generator_ceiling"]])
+    text += "\n### Targets\n\n" + common.markdown_table(
+        ["target", "model", "body", "bnfold", "other", "value", "met"],
+        [[t["target"], t["model"], t["encoding"], f"{t['ours']:.2f}", f"{t['theirs']:.2f}",
+          f"{t['value']:.2f}{' ms' if 'ms' in t['target'] else 'x'}", "yes" if t["met"] else "**no**"]
+         for t in body["targets"]])
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 s per point, concurrency 1 and 8: a smoke run")
+    parser.add_argument("--out", type=Path, default=common.RESULTS, help="results directory")
+    parser.add_argument("--skip", action="append", default=[], help="skip servers whose label contains this")
+    parser.add_argument("--generator", choices=["auto", "wrk", "asyncio"], default="auto")
+    parser.add_argument("--ceiling", type=Path, help=argparse.SUPPRESS)  # internal: in-process ceiling
+    parser.add_argument("--shape", help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=300, help=argparse.SUPPRESS)
+    parser.add_argument("--concurrency", default="[1, 8, 32, 64]", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.ceiling is not None:
+        print(json.dumps(ceiling(args.ceiling, json.loads(args.shape), tuple(json.loads(args.concurrency)),
+                                 args.repeats)))
+        return 0
+    print(markdown(run(args.out, quick=args.quick, skip=tuple(s.lower() for s in args.skip),
+                       generator=args.generator)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
