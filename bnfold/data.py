@@ -58,14 +58,15 @@ class Dataset:
         return len(self.class_labels)
 
     def channel_stats(self) -> tuple[list[float], list[float]]:
-        """Per-channel (axis 1) mean and std of the training split, float64; std floored at 1e-6
-        relative to the data scale so a constant channel does not divide by zero."""
+        """Per-channel (axis 1) mean and std of the training split, float64. A (near-)constant channel,
+        std <= 1e-6 x the data's largest magnitude, gets std 1 (it is only centered), as in
+        scikit-learn's StandardScaler, so a rare non-zero value there is not blown up."""
         x = self.X_train.astype(np.float64)
         axes = (0, *range(2, x.ndim))
         mean = x.mean(axis=axes)
         std = x.std(axis=axes)
-        floor = max(1e-6 * float(np.abs(x).max()), 1e-12)
-        return mean.tolist(), np.maximum(std, floor).tolist()
+        floor = 1e-6 * max(float(np.abs(x).max()), 1e-30)
+        return mean.tolist(), np.where(std > floor, std, 1.0).tolist()
 
 
 def load_dataset(
@@ -179,7 +180,7 @@ def _read_npz(path: Path) -> tuple[NDArray[np.float32], NDArray[np.generic], lis
 
 def _read_csv(path: Path, label_column: str) -> tuple[NDArray[np.float32], NDArray[np.generic]]:
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: tolerate a BOM
             rows = list(csv.reader(f))
     except UnicodeDecodeError:
         raise BnfoldError(f"{path}: not a UTF-8 text CSV file") from None

@@ -44,6 +44,15 @@ def test_image_arch_on_tabular_data_says_which_arch_fits() -> None:
         load_dataset("breast-cancer", arch="cnn")
 
 
+def test_channel_stats_leave_constant_channels_unscaled() -> None:
+    data = load_dataset("digits", arch="mlp")
+    mean, std = data.channel_stats()
+    x = data.X_train.astype(np.float64)
+    assert x[:, 0].std() == 0.0 and std[0] == 1.0 and mean[0] == 0.0  # the top-left pixel is always blank
+    np.testing.assert_allclose(std[10], x[:, 10].std(), rtol=1e-12)
+    np.testing.assert_allclose(mean[10], x[:, 10].mean(), rtol=1e-12)
+
+
 def test_split_is_deterministic_stratified_and_disjoint() -> None:
     y = np.repeat(np.arange(3), [10, 20, 50]).astype(np.int64)
     train_a, val_a = stratified_split(y, 0.2, seed=7)
@@ -88,7 +97,7 @@ def test_npz_with_class_names_and_image_samples(tmp_path: Path) -> None:
 
 def test_csv_with_default_and_named_label_column(tmp_path: Path) -> None:
     rows = ["a,b,label"] + [f"{i},{i * 0.5},{'yes' if i % 2 else 'no'}" for i in range(20)]
-    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "t.csv").write_text("\ufeff" + "\n".join(rows) + "\n", encoding="utf-8")  # with a BOM
     data = load_dataset(path=tmp_path / "t.csv", arch="mlp")
     assert data.input_shape == (2,) and data.class_labels == ["no", "yes"]
     rows = ["kind,a,b"] + [f"{i % 3 * 5},{i},{-i}" for i in range(30)]
