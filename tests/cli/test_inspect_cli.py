@@ -1,0 +1,42 @@
+"""``bnfold inspect``: summary and fold plan of a checkpoint or ONNX file; writes nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bnfold import pipeline
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.mark.slow
+def test_inspect_checkpoint_lists_every_batch_norm(trained: dict[str, Path], run_bnfold, tmp_path: Path) -> None:
+    before = _files(trained["resnet"].parent)
+    proc = run_bnfold("inspect", trained["resnet"])
+    assert proc.returncode == 0, proc.stderr
+    plan = pipeline.inspect_file(trained["resnet"]).fold
+    assert plan.counts["folded"] >= 5 and plan.counts["kept"] == 0
+    assert f"fold plan: {plan.counts['folded']} folded, 0 kept" in proc.stdout
+    for bn, _, detail in plan.rows():
+        assert bn in proc.stdout and detail in proc.stdout
+    assert "input shape" in proc.stdout and "(batch, 1, 8, 8)" in proc.stdout
+    assert _files(trained["resnet"].parent) == before
+
+
+@pytest.mark.slow
+def test_inspect_certified_onnx_as_json(trained: dict[str, Path], run_bnfold, tmp_path: Path) -> None:
+    out = tmp_path / "cnn.onnx"
+    pipeline.run(trained["cnn"], output=out, config=pipeline.Config(n_random=8, max_data=32))
+    proc = run_bnfold("inspect", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    body = json.loads(proc.stdout)
+    assert body["kind"] == "onnx" and body["opset"] == 17
+    assert "BatchNormalization" not in body["layers"]
+    assert body["fold_plan"] == []
+    assert body["certificate"]["architecture"] == "cnn"
+    assert body["certificate"]["source_sha256"] == pipeline.sha256_file(trained["cnn"])
