@@ -39,7 +39,8 @@ def fold_torch(
     ``model`` is not modified. ``example_inputs`` (a tensor or a tuple of positional inputs) are
     used only for shapes: some folds are correct only at certain input ranks (a ``BatchNorm1d``
     after a ``Linear`` is, for 2-D input). Without them the shapes come from ``model.input_shape``
-    or the first layer; if neither works, folds that depend on the rank are refused with a reason.
+    or the first layer (noted in ``result.notes``), else the ranks from the graph's structure
+    (``Flatten``, ``view``, ``BatchNorm2d``, ...); a fold whose rank stays unknown is refused with a reason.
     The result's model is in eval mode (a ``torch.fx.GraphModule`` when anything was folded).
     """
     if not isinstance(model, nn.Module):

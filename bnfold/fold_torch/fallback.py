@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bnfold.errors import BnfoldError
 from bnfold.fold_torch.trace import BN_TYPES, as_input_tuple, trace
 from bnfold.layers import InputNorm
 from bnfold.result import Folded, FoldResult, Skipped
@@ -116,8 +117,9 @@ def _child_inputs(work: nn.Module, example_inputs: Any) -> dict[int, tuple[torch
     try:
         with torch.no_grad():
             work(*inputs)
-    except Exception:
-        return {}
+    except Exception as e:
+        shapes = [tuple(t.shape) for t in inputs]
+        raise BnfoldError(f"example_inputs with shapes {shapes} do not run through the model: {e}") from e
     finally:
         for h in handles:
             h.remove()

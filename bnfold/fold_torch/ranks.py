@@ -111,8 +111,8 @@ def _size_count(sizes: tuple[Any, ...]) -> Ranks | None:
     """Rank produced by ``view``/``reshape`` with these size arguments (ints or traced scalars)."""
     if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
         sizes = tuple(sizes[0])
-    if len(sizes) == 1 and isinstance(sizes[0], fx.Node):
-        return None  # a whole torch.Size: its length is unknown here
+    if len(sizes) == 1 and isinstance(sizes[0], (fx.Node, torch.dtype)):
+        return None  # a whole torch.Size (length unknown here), or view(dtype), which keeps the rank
     return frozenset({len(sizes)}) if sizes else None
 
 

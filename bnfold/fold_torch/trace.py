@@ -103,11 +103,13 @@ def natural_inputs(model: nn.Module, gm: fx.GraphModule) -> tuple[Iterator[tuple
     ConvTranspose{d}d gives ``(2, C_in, S, ...)`` for a few spatial sizes ``S``, a Linear ``(2, in_features)``.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = torch.float32 if first is None else first.dtype
+    device = torch.device("cpu") if first is None else first.device
     shape = getattr(model, "input_shape", None)
     valid = isinstance(shape, (tuple, list)) and all(isinstance(s, int) and s >= 0 for s in shape)
     if valid and len(placeholders) == 1:
-        inputs: tuple[torch.Tensor, ...] = (torch.randn((2, *shape), dtype=dtype),)  # type: ignore[misc]
+        inputs: tuple[torch.Tensor, ...] = (torch.randn((2, *shape), dtype=dtype, device=device),)  # type: ignore[misc]
         return iter([inputs]), f"model.input_shape={tuple(shape)}"  # type: ignore[arg-type]
     if len(placeholders) != 1:
         return None
@@ -135,9 +137,10 @@ def natural_inputs(model: nn.Module, gm: fx.GraphModule) -> tuple[Iterator[tuple
         return None
     kind, dims, cin = next(iter(firsts))
     if dims == 0:
-        inputs = (torch.randn(2, cin, dtype=dtype),)
+        inputs = (torch.randn(2, cin, dtype=dtype, device=device),)
         return iter([inputs]), f"the first layer {where}: input shape (2, {cin})"
-    cands = ((torch.randn((2, cin, *(s,) * dims), dtype=dtype),) for s in _SPATIAL_SIZES)  # lazily: 299**3 is big
+    # A generator: the tensors are built one at a time (a 299**3 volume is big).
+    cands = ((torch.randn((2, cin, *(s,) * dims), dtype=dtype, device=device),) for s in _SPATIAL_SIZES)
     return cands, f"the first layer {where}: input shape (2, {cin}, S{', S' * (dims - 1)})"
 
 
