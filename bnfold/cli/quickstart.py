@@ -33,6 +33,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--epochs", type=int, help="training epochs (default: the architecture's default)")
     p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--checkpoint", metavar="PATH", help="also keep the trained checkpoint here")
+    p.add_argument("--report", metavar="REPORT.json", help="write the fold/verify measurements as JSON")
     p.add_argument("--no-serve", action="store_true", help="do not start the service")
     p.add_argument("--host", default="127.0.0.1", help="service bind address")
     p.add_argument("--port", type=int, default=8000, help="service port")
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from bnfold import pipeline
     from bnfold.train import TrainConfig, save_result, train
 
-    pipeline.check_destinations(repository_dir=args.repository, name=args.name)
+    pipeline.check_destinations(repository_dir=args.repository, name=args.name, report=args.report)
     if args.checkpoint and not Path(args.checkpoint).parent.is_dir():
         raise BnfoldError(f"checkpoint directory {Path(args.checkpoint).parent} does not exist")
     console = _console()
@@ -56,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         checkpoint = args.checkpoint or str(Path(tmp) / f"{args.name}.pt")
         save_result(result, checkpoint)
         with status(console) as update:
-            outcome = pipeline.run(checkpoint, repository_dir=args.repository, name=args.name, status=update)
+            outcome = pipeline.run(checkpoint, repository_dir=args.repository, name=args.name, report=args.report,
+                                   status=update)
     show_outcome(console, outcome)
     model_file = Path(outcome.written[0])
     version = model_file.parent.name
