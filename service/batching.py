@@ -97,7 +97,11 @@ class Batcher:
             if first is _STOP:
                 return
             batch, carry, stop = self._collect(first)
-            self._execute(batch)
+            try:
+                self._execute(batch)
+            except Exception as exc:  # never let the worker die: every later request would hang
+                for item in batch:
+                    item.loop.call_soon_threadsafe(_resolve, item.future, RuntimeError(f"batch failed: {exc!r}"))
             if stop:
                 return
 

@@ -160,3 +160,19 @@ def test_queue_delay_waits_for_more_rows() -> None:
     asyncio.run(scenario())
     batcher.close()
     assert run.runs == [2]
+
+
+def test_worker_survives_an_internal_error() -> None:
+    class Broken:
+        def batch(self, rows: int, queue_seconds: list[float]) -> None:
+            raise ZeroDivisionError("observer bug")
+
+    batcher = _make(Recorder(), observer=Broken())  # type: ignore[arg-type]
+
+    async def scenario() -> list[list[np.ndarray] | BaseException]:
+        return await _submit_all(batcher, [np.ones((1, 2), np.float32)] * 2)
+
+    first = asyncio.run(scenario())
+    second = asyncio.run(scenario())  # the worker is still there to answer
+    batcher.close()
+    assert all(isinstance(r, RuntimeError) and "observer bug" in str(r) for r in first + second)
