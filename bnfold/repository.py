@@ -46,6 +46,12 @@ def next_version(root: str | os.PathLike[str], name: str) -> int:
     return max(taken, default=0) + 1
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def model_path(root: str | os.PathLike[str], name: str, version: int) -> Path:
     return Path(root) / check_name(name) / str(version) / MODEL_FILE
 
@@ -60,6 +66,7 @@ def publish(root: str | os.PathLike[str], name: str, data: bytes, *, attempts: i
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
     try:
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; a server running as another user must read it
         (staging / MODEL_FILE).write_bytes(data)
         for _ in range(attempts):
             target = model_dir / str(next_version(root, name))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from bnfold.repository import check_name, model_path, next_version, publish, versions
@@ -39,3 +41,12 @@ def test_bad_names_are_refused(name: str) -> None:
 
 def test_good_names() -> None:
     assert check_name("digits_v2.cnn-1") == "digits_v2.cnn-1"
+
+
+def test_version_directory_follows_the_umask(tmp_path) -> None:
+    old = os.umask(0o022)
+    try:
+        path = publish(tmp_path, "m", b"x")
+    finally:
+        os.umask(old)
+    assert path.parent.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700: a server user must read it
