@@ -439,6 +439,24 @@ def test_uninitialized_lazy_module_raises() -> None:
         fold_torch(nn.Sequential(nn.LazyLinear(3), nn.BatchNorm1d(3)))
 
 
+class UntraceableShared(nn.Module):
+    """The same block object under two names: folding inside it could change the other use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+        self.b = self.a
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) if x.sum() > 0 else -self.b(x)
+
+
+def test_untraceable_model_refuses_shared_children(fold_check, randomize) -> None:
+    result = fold_check(randomize(UntraceableShared()).eval(), x_of(2, 3), folded=0, left=1)
+    assert [s.bn for s in result.skipped] == ["a.1"]
+    assert "reachable by more than one path" in result.skipped[0].reason
+
+
 def test_bad_example_inputs_raise() -> None:
     model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).eval()
     with pytest.raises(BnfoldError, match=r"shapes \[\(2, 5\)\] do not run through the model"):

@@ -38,13 +38,15 @@ def fold_untraceable(work: nn.Module, error: Exception, example_inputs: Any, not
     folded: list[Folded] = []
     skipped: list[Skipped] = []
     done: list[str] = []
+    visited: set[int] = set()
 
     def visit(module: nn.Module, prefix: str, ancestors: list[tuple[nn.Module, str]]) -> None:
         for name, child in module.named_children():
             path = f"{prefix}{name}"
             inner = norm_paths(child)
-            if not inner:
+            if not inner or id(child) in visited:  # a module under two names is reported once
                 continue
+            visited.add(id(child))
             why = (f"it is used by {type(module).__name__} ({prefix.rstrip('.') or 'the root'}), inside a forward() "
                    f"torch.fx cannot trace ({first_line}); make that forward traceable to fold it")
             if isinstance(child, (*BN_TYPES, InputNorm)):

@@ -169,6 +169,8 @@ def shapes_from(
         except Exception:
             continue
         shape = tuple(inputs[0].shape)
+        if source.startswith("model.input_shape"):
+            return f"no example_inputs given: shapes taken from {source}"
         return (
             f"no example_inputs given: input rank taken from {source} (ran shape {shape}); "
             "pass example_inputs if the model is used with inputs of another rank"
