@@ -64,9 +64,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _internal_error)
     protected = [Depends(require_api_key)]
-    app.include_router(health.router)
-    for module in (server, models, infer, predict, metrics):
+    for module in (infer, predict, models, server, metrics):  # hot routes first: matching is a linear scan
         app.include_router(module.router, dependencies=protected)
+    app.include_router(health.router)
     return app
 
 

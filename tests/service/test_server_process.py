@@ -5,6 +5,7 @@ Results must equal onnxruntime run in-process exactly (same runtime, same graph 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -24,6 +25,7 @@ import pytest
 from service.runtime import ModelRuntime
 
 pytestmark = pytest.mark.slow
+LIMIT = 1_000_000  # request body limit of the test server
 
 
 def _free_port() -> int:
@@ -36,7 +38,8 @@ def _free_port() -> int:
 def server(repository: Path) -> Iterator[str]:
     port = _free_port()
     env = {**os.environ, "BNFOLD_MODEL_REPOSITORY": str(repository), "BNFOLD_PORT": str(port),
-           "BNFOLD_HOST": "127.0.0.1", "BNFOLD_INTRA_OP_THREADS": "1", "BNFOLD_MAX_QUEUE_DELAY_MS": "2"}
+           "BNFOLD_HOST": "127.0.0.1", "BNFOLD_INTRA_OP_THREADS": "1", "BNFOLD_MAX_QUEUE_DELAY_MS": "2",
+           "BNFOLD_MAX_BODY_BYTES": str(LIMIT)}
     process = subprocess.Popen([sys.executable, "-m", "service"], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
     url = f"127.0.0.1:{port}"
@@ -139,3 +142,39 @@ def test_in_process_reference_is_unoptimized_equivalent(repository: Path) -> Non
     reference = ort.InferenceSession(str(repository / "conv" / "1" / "model.onnx"), options).run(None, {"input": x})[0]
     served = ModelRuntime(repository / "conv" / "1" / "model.onnx", threads=1).run({"input": x})[0]
     np.testing.assert_allclose(served, reference, rtol=1e-5, atol=1e-6)
+
+
+def _raw(server: str, request: bytes, then: bytes = b"") -> bytes:
+    """Send raw HTTP/1.1 bytes; return what the server answers within 10 s."""
+    host, port = server.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        if then:
+            with contextlib.suppress(OSError):  # the server may already have answered and closed
+                sock.sendall(then)
+        data = b""
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+def test_413_from_content_length_without_sending_the_body(server: str) -> None:
+    start = time.monotonic()
+    answer = _raw(server, b"POST /v2/models/classifier/infer HTTP/1.1\r\nHost: x\r\n"
+                          b"Content-Length: 500000000\r\n\r\n")  # the body never comes
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b'"error":"request body of 500000000 bytes exceeds the limit of 1000000 bytes"' in answer
+    assert time.monotonic() - start < 5
+
+
+def test_413_for_chunked_body_over_the_limit(server: str) -> None:
+    chunk = b"x" * 65536
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(LIMIT // len(chunk) + 2))
+    answer = _raw(server, b"POST /v2/models/classifier/infer HTTP/1.1\r\nHost: x\r\n"
+                          b"Transfer-Encoding: chunked\r\n\r\n", body + b"0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"exceeds the limit of 1000000 bytes" in answer
+    assert httpx.get(f"http://{server}/v2/health/live").status_code == 200
