@@ -124,6 +124,14 @@ class MyConv(nn.Conv2d):
     pass
 
 
+class OwnForwardBN(nn.BatchNorm2d):
+    """Overrides forward: traced through, its F.batch_norm is matched and reported under the module's name."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                            0.1, self.eps)
+
+
 class ViewHead(nn.Module):
     """No natural input (the input is scaled first); the rank comes from the graph: ``view(n, -1)`` is 2-D,
     ``view(n, 4, -1)`` is 3-D (then the Linear's features are not the axis BatchNorm1d normalizes)."""
@@ -216,6 +224,10 @@ FOLDS = [
                  id="weight-read-elsewhere-private-copy"),
     pytest.param(BufferWeight, torch.randn(4, 4), 1, 0, {}, id="weight-is-a-buffer"),
     pytest.param(lambda: nn.Sequential(MyConv(3, 4, 3), MyBN(4)), x_of(2, 3), 1, 0, {}, id="subclasses"),
+    pytest.param(lambda: nn.Sequential(nn.Conv2d(3, 4, 3), OwnForwardBN(4)), x_of(2, 3), 1, 0, {},
+                 id="bn-subclass-with-own-forward"),
+    pytest.param(lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4)), x_of(2, 3), 1, 0, {},
+                 id="syncbatchnorm-eval"),
     pytest.param(lambda: nn.Sequential(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4)), x_of(1, 3), 1, 0,
                  {"example_inputs": x_of(1, 3)}, id="conv1d-bn1d-example-inputs"),
     pytest.param(lambda: nn.Sequential(nn.Flatten(), nn.Linear(48, 5), nn.BatchNorm1d(5)), torch.randn(2, 3, 4, 4),
@@ -386,6 +398,10 @@ REFUSALS = [
     pytest.param(ThreeD, torch.randn(2, 3, 5), {}, "transpose", id="non-identity-op-between"),
     pytest.param(lambda: nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1)), x_of(2, 3), {},
                  "zero padding (1, 1)", id="bn-before-zero-padded-conv"),
+    pytest.param(lambda: nn.Sequential(InputNorm(3), nn.Conv2d(3, 4, 3, padding=1)), x_of(2, 3), {},
+                 "zero padding (1, 1)", id="inputnorm-before-zero-padded-conv"),
+    pytest.param(lambda: nn.Sequential(nn.BatchNorm1d(5), nn.Linear(5, 2)), torch.randn(2, 5, 5),
+                 {"example_inputs": torch.randn(2, 5, 5)}, "same axis only for 2-D", id="bn-before-linear-3d"),
     pytest.param(lambda: nn.Sequential(nn.BatchNorm2d(3), nn.ConvTranspose2d(3, 4, 3)), x_of(2, 3), {},
                  "transposed convolution is not exact", id="bn-before-convtranspose"),
     pytest.param(SharedBN, x_of(2, 3), {}, "applied at 2 places", id="bn-applied-twice"),
@@ -398,7 +414,7 @@ REFUSALS = [
 def test_refuses_with_reason(build: Callable[[], nn.Module], x: torch.Tensor, options: dict, reason: str,
                              fold_check, randomize) -> None:
     model = randomize(build()).eval()
-    n_norms = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) or 1  # or 1 functional
+    n_norms = sum(isinstance(m, (nn.modules.batchnorm._BatchNorm, InputNorm)) for m in model.modules()) or 1
     result = fold_check(model, x, folded=0, left=n_norms, **options)
     assert result.skipped and any(reason in s.reason for s in result.skipped), result.skipped
 
