@@ -75,9 +75,8 @@ def fold_graph(work: nn.Module, gm: fx.GraphModule, example_inputs: Any) -> Fold
     """Fold inside ``gm``, the trace of ``work`` (an eval-mode copy). Returns ``work`` if nothing folded."""
     notes: list[str] = []
     paths = norm_paths(work)
-    shape_note = shapes_from(work, gm, example_inputs)
-    if shape_note == "none":
-        shape_note = None
+    have_shapes, shape_note = shapes_from(work, gm, example_inputs)
+    if not have_shapes:
         annotate_ranks(gm)
     norms = find_norms(gm, set(paths))
     by_name: dict[str, list[Norm]] = {}

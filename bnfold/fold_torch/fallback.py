@@ -71,6 +71,7 @@ def fold_untraceable(work: nn.Module, error: Exception, example_inputs: Any, not
                     skipped.extend(Skipped(bn=f"{path}.{p}", reason=reason) for p in inner)
                     continue
             folded.extend(Folded(bn=f"{path}.{f.bn}", into=f"{path}.{f.into}", side=f.side) for f in sub.folded)
+            notes.extend(f"{path}: {n}" for n in sub.notes)
             skipped.extend(Skipped(bn=f"{path}.{s.bn}", reason=s.reason) for s in sub.skipped)
             if sub.folded:
                 setattr(module, name, sub.model)

@@ -144,12 +144,10 @@ def natural_inputs(model: nn.Module, gm: fx.GraphModule) -> tuple[Iterator[tuple
     return cands, f"the first layer {where}: input shape (2, {cin}, S{', S' * (dims - 1)})"
 
 
-def shapes_from(
-    model: nn.Module, gm: fx.GraphModule, example_inputs: object | None
-) -> str | None:
-    """Annotate ``gm`` with shapes. Returns a note when the shapes were inferred, raises on bad inputs.
+def shapes_from(model: nn.Module, gm: fx.GraphModule, example_inputs: object | None) -> tuple[bool, str | None]:
+    """Record shapes on ``gm``'s nodes. Returns whether that worked and a note if they were inferred.
 
-    Returns ``"none"`` when no shapes could be had (rank-dependent folds are then refused).
+    Raises :class:`BnfoldError` when given ``example_inputs`` do not run through the model.
     """
     if example_inputs is not None:
         inputs = as_input_tuple(example_inputs)
@@ -158,10 +156,10 @@ def shapes_from(
         except Exception as e:  # the user's inputs do not fit the model
             shapes = [tuple(t.shape) for t in inputs]
             raise BnfoldError(f"example_inputs with shapes {shapes} do not run through the model: {e}") from e
-        return None
+        return True, None
     found = natural_inputs(model, gm)
     if found is None:
-        return "none"
+        return False, None
     candidates, source = found
     for inputs in candidates:
         try:
@@ -170,9 +168,9 @@ def shapes_from(
             continue
         shape = tuple(inputs[0].shape)
         if source.startswith("model.input_shape"):
-            return f"no example_inputs given: shapes taken from {source}"
-        return (
+            return True, f"no example_inputs given: shapes taken from {source}"
+        return True, (
             f"no example_inputs given: input rank taken from {source} (ran shape {shape}); "
             "pass example_inputs if the model is used with inputs of another rank"
         )
-    return "none"
+    return False, None
