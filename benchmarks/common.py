@@ -10,6 +10,7 @@ parameters, so that folding changes every weight.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -60,6 +61,29 @@ def machine() -> dict[str, Any]:
         info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                             text=True, check=True).stdout.strip()
     return info
+
+
+MODES = ("full", "quick", "smoke")  # full: the published numbers; quick: a few minutes; smoke: CI, seconds
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+
+
+def add_mode_options(parser: argparse.ArgumentParser) -> None:
+    """``--quick`` / ``--smoke`` and ``--out`` (results directory), shared by every benchmark script."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", dest="mode", action="store_const", const="quick", default="full",
+                       help="fewer repeats and points, 1-epoch models (a few minutes)")
+    group.add_argument("--smoke", dest="mode", action="store_const", const="smoke",
+                       help="the smallest run that exercises everything (CI)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results directory (default: benchmarks/results, or results-quick for --quick/--smoke)")
+
+
+def out_dir(out: Path | None, mode: str) -> Path:
+    return out if out is not None else (RESULTS if mode == "full" else BENCH / "results-quick")
 
 
 def write_json(path: Path, body: dict[str, Any]) -> None:

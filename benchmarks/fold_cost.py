@@ -56,18 +56,20 @@ def linear_fit(x: list[float], y: list[float]) -> dict[str, float]:
     return {"intercept_s": float(intercept), "slope_s_per_layer": float(slope), "r2": r2, "loglog_slope": loglog}
 
 
-def run(out: Path, *, quick: bool = False) -> dict[str, Any]:
+def run(out: Path, *, mode: str = "full") -> dict[str, Any]:
+    """Measure and write ``fold_cost.json`` and ``fold_cost.md`` to ``out``; ``mode`` is full, quick or smoke."""
     import torch
 
+    common.check_mode(mode)
     torch.set_num_threads(1)
-    repeats = 1 if quick else 3
-    epochs = 1 if quick else 3
+    repeats = 3 if mode == "full" else 1
+    epochs = 3 if mode == "full" else 1
     per_arch = []
-    for arch in ("resnet", "mobilenet", "mlp", "cnn"):
+    for arch in (("mlp", "cnn") if mode == "smoke" else ("resnet", "mobilenet", "mlp", "cnn")):
         common.log(f"fold cost: {arch}")
         per_arch.append({"model": arch, **time_pipeline(common.trained_checkpoint(arch, epochs=epochs), repeats)})
     depth = []
-    for blocks in ((3, 7) if quick else (3, 7, 15, 31)):
+    for blocks in {"full": (3, 7, 15, 31), "quick": (3, 7, 15), "smoke": (1, 2, 3)}[mode]:
         path = common.trained_checkpoint("resnet", epochs=1, depth=1, blocks_per_stage=blocks)
         common.log(f"fold cost: resnet with {2 * blocks + 2} normalization layers")
         depth.append({"blocks": blocks, "norm_layers": 2 * blocks + 2, **time_pipeline(path, repeats)})
@@ -76,7 +78,7 @@ def run(out: Path, *, quick: bool = False) -> dict[str, Any]:
         values = [d["steps_s"][step] for d in depth]
         if min(values) > 0:
             fits[step] = linear_fit([d["norm_layers"] for d in depth], values)
-    body = {"benchmark": "fold_cost", "quick": quick, "machine": common.machine(),
+    body = {"benchmark": "fold_cost", "mode": mode, "machine": common.machine(),
             "settings": {"threads": 1, "repeats": repeats}, "architectures": per_arch, "depth": depth, "fits": fits}
     common.write_json(out / "fold_cost.json", body)
     (out / "fold_cost.md").write_text(markdown(body))
@@ -101,10 +103,9 @@ def markdown(body: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one repeat, two depths: a smoke run")
-    parser.add_argument("--out", type=Path, default=common.RESULTS, help="results directory")
+    common.add_mode_options(parser)
     args = parser.parse_args(argv)
-    print(markdown(run(args.out, quick=args.quick)))
+    print(markdown(run(common.out_dir(args.out, args.mode), mode=args.mode)))
     return 0
 
 

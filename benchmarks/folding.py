@@ -31,16 +31,12 @@ from benchmarks import common
 RUNTIMES = ("pytorch eager", "onnxruntime (opt off)", "onnxruntime (opt on)")
 
 
-def models(quick: bool) -> list[tuple[str, Path]]:
+def models(mode: str) -> list[tuple[str, Path]]:
     """(label, checkpoint) of the benchmarked models: trained briefly with bnfold's own train()."""
-    epochs = 1 if quick else 3
-    found = [
-        ("resnet", common.trained_checkpoint("resnet", epochs=epochs)),
-        ("mobilenet", common.trained_checkpoint("mobilenet", epochs=epochs)),
-        ("mlp", common.trained_checkpoint("mlp", epochs=epochs)),
-        ("cnn", common.trained_checkpoint("cnn", epochs=epochs)),
-    ]
-    if not quick:
+    epochs = 3 if mode == "full" else 1
+    archs = ("mlp", "cnn") if mode == "smoke" else ("resnet", "mobilenet", "mlp", "cnn")
+    found = [(arch, common.trained_checkpoint(arch, epochs=epochs)) for arch in archs]
+    if mode == "full":
         found.append(("resnet 3x32x32", common.calibrated_checkpoint("resnet", (3, 32, 32))))
     return found
 
@@ -113,17 +109,20 @@ def bench_model(label: str, path: Path, *, batches: tuple[int, ...], repeats: di
     }
 
 
-def run(out: Path, *, quick: bool = False) -> dict[str, Any]:
+def run(out: Path, *, mode: str = "full") -> dict[str, Any]:
+    """Measure and write ``folding.json`` and ``folding.md`` to ``out``; ``mode`` is full, quick or smoke."""
     import torch
 
+    common.check_mode(mode)
     torch.set_num_threads(1)
     batches = (1, 32)
-    repeats = {1: 30, 32: 10} if quick else {1: 300, 32: 60}
+    repeats = {1: 300, 32: 60} if mode == "full" else {1: 30, 32: 10}
     results = []
-    for label, path in models(quick):
+    for label, path in models(mode):
         common.log(f"folding benchmark: {label}")
-        results.append(bench_model(label, path, batches=batches, repeats=repeats, session_repeats=3 if quick else 15))
-    body = {"benchmark": "folding", "quick": quick, "machine": common.machine(),
+        results.append(bench_model(label, path, batches=batches, repeats=repeats,
+                                   session_repeats=15 if mode == "full" else 3))
+    body = {"benchmark": "folding", "mode": mode, "machine": common.machine(),
             "settings": {"threads": 1, "batches": list(batches), "repeats": {str(k): v for k, v in repeats.items()}},
             "results": results}
     common.write_json(out / "folding.json", body)
@@ -157,10 +156,9 @@ def markdown(body: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few repeats, 1-epoch models: a smoke run")
-    parser.add_argument("--out", type=Path, default=common.RESULTS, help="results directory")
+    common.add_mode_options(parser)
     args = parser.parse_args(argv)
-    print(markdown(run(args.out, quick=args.quick)))
+    print(markdown(run(common.out_dir(args.out, args.mode), mode=args.mode)))
     return 0
 
 

@@ -82,13 +82,14 @@ class Model:
         return json.dumps({"input": self.sample.tolist()}).encode(), {"Content-Type": "application/json"}
 
 
-def prepare_models(workdir: Path, quick: bool) -> dict[str, Model]:
-    """Fold the two serving models with ``bnfold fold``'s pipeline into a repository under ``workdir``."""
+def prepare_models(workdir: Path, mode: str) -> dict[str, Model]:
+    """Fold the serving models with ``bnfold fold``'s pipeline into a repository under ``workdir``."""
     from bnfold import export
     from bnfold.pipeline import run
 
-    checkpoints = {"resnet": common.calibrated_checkpoint("resnet", (3, 32, 32)),
-                   "cnn": common.trained_checkpoint("cnn", epochs=1 if quick else 3)}
+    checkpoints = {"cnn": common.trained_checkpoint("cnn", epochs=3 if mode == "full" else 1)}
+    if mode != "smoke":
+        checkpoints["resnet"] = common.calibrated_checkpoint("resnet", (3, 32, 32))
     repo = workdir / "repo-batching"
     shutil.rmtree(workdir, ignore_errors=True)
     models = {}
@@ -272,10 +273,18 @@ def _body(target: Target, model: Model, encoding: str) -> tuple[bytes, dict[str,
     return model.oip_binary() if encoding == "binary" else model.oip_json()
 
 
-def run(out: Path, *, quick: bool = False, skip: tuple[str, ...] = (), generator: str = "auto") -> dict[str, Any]:
-    workdir = common.CACHE / ("serving-quick" if quick else "serving")
-    levels = (1, 8) if quick else CONCURRENCY
-    seconds = 1.0 if quick else 3.0
+def run(out: Path, *, mode: str = "full", skip: tuple[str, ...] = (), generator: str = "auto") -> dict[str, Any]:
+    """Measure and write ``serving.json`` and ``serving.md`` to ``out``; ``mode`` is full, quick or smoke.
+
+    ``skip``: leave out servers whose label contains one of these (lower case), e.g. ``("bentoml",)``.
+    Smoke mode serves only the cnn, from bnfold (batching) and the naive server, at concurrency 1 and 8.
+    """
+    common.check_mode(mode)
+    workdir = common.CACHE / f"serving-{mode}"
+    levels = {"full": CONCURRENCY, "quick": (1, 32), "smoke": (1, 8)}[mode]
+    seconds = {"full": 3.0, "quick": 1.0, "smoke": 0.5}[mode]
+    if mode == "smoke":
+        skip = (*skip, "bentoml", "no batching")
     cpus = os.sched_getaffinity(0)
     global SERVER_CPUS, GENERATOR_CPUS
     if len(cpus) >= 2:
@@ -283,11 +292,9 @@ def run(out: Path, *, quick: bool = False, skip: tuple[str, ...] = (), generator
     else:  # one CPU: nothing to pin apart
         SERVER_CPUS, GENERATOR_CPUS = set(), set()
     if generator == "auto":
-        generator = "wrk" if loadgen.ensure_wrk(install=not quick) else "asyncio"
+        generator = "wrk" if loadgen.ensure_wrk(install=mode != "smoke") else "asyncio"
     common.log(f"serving benchmark: generator {generator}, server CPUs {SERVER_CPUS}, generator CPUs {GENERATOR_CPUS}")
-    models = prepare_models(workdir, quick)
-    if quick:
-        models = {"cnn": models["cnn"], "resnet": models["resnet"]}
+    models = prepare_models(workdir, mode)
     bentoml = None if "bentoml" in skip else ensure_bentoml()
 
     def load(url: str, body: bytes, headers: dict[str, str], c: int, secs: float) -> loadgen.Load:
@@ -295,7 +302,7 @@ def run(out: Path, *, quick: bool = False, skip: tuple[str, ...] = (), generator
 
     # The generator's own ceiling, against the trivial endpoint on the server CPU.
     port = free_port()
-    body, headers = models["resnet"].oip_json()
+    body, headers = models["resnet" if "resnet" in models else "cnn"].oip_json()
     generator_ceiling = []
     with server([sys.executable, str(common.BENCH / "loadgen.py"), "--serve-trivial", str(port)],
                 f"http://127.0.0.1:{port}/", log=workdir / "logs" / "trivial.log"):
@@ -322,19 +329,19 @@ def run(out: Path, *, quick: bool = False, skip: tuple[str, ...] = (), generator
                                    "max_abs_error_vs_inprocess": err, "startup_s": startup})
                     if err > 1e-4 * max(1.0, float(np.max(np.abs(references[name])))):
                         raise RuntimeError(f"{target.label} answered {got} for {name}, expected {references[name]}")
-                    load(target.urls[name], body, headers, 8, 1.0)  # warm-up, not recorded
+                    load(target.urls[name], body, headers, 8, 1.0 if mode == "full" else 0.2)  # warm-up, not recorded
                     for c in levels:
                         result = load(target.urls[name], body, headers, c, seconds)
                         rows.append({"server": target.label, "model": name, "encoding": encoding,
                                      "body_bytes": len(body), **result.to_dict()})
                         common.log(f"  {name} {encoding} c={c}: {result.rps:.0f} req/s, p50 {result.p50_ms:.2f} ms, "
                                    f"p99 {result.p99_ms:.2f} ms, errors {result.errors}")
-    ceilings = {m.name: run_ceiling(m, levels, 50 if quick else 300) for m in models.values()}
+    ceilings = {m.name: run_ceiling(m, levels, 300 if mode == "full" else 50) for m in models.values()}
     for name, ceil in ceilings.items():
         for c in ceil:
             rows.append({"server": "in-process onnxruntime", "model": name, "encoding": "none", "body_bytes": 0,
                          "generator": "none", "seconds": 0.0, "requests": 0, "errors": 0, **c})
-    body_ = {"benchmark": "serving", "quick": quick, "machine": common.machine(),
+    body_ = {"benchmark": "serving", "mode": mode, "machine": common.machine(),
              "settings": {"generator": generator, "server_cpus": sorted(SERVER_CPUS),
                           "generator_cpus": sorted(GENERATOR_CPUS), "seconds_per_point": seconds,
                           "concurrency": list(levels), "request_rows": 1,
@@ -413,8 +420,7 @@ def markdown(body: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 s per point, concurrency 1 and 8: a smoke run")
-    parser.add_argument("--out", type=Path, default=common.RESULTS, help="results directory")
+    common.add_mode_options(parser)
     parser.add_argument("--skip", action="append", default=[], help="skip servers whose label contains this")
     parser.add_argument("--generator", choices=["auto", "wrk", "asyncio"], default="auto")
     parser.add_argument("--ceiling", type=Path, help=argparse.SUPPRESS)  # internal: in-process ceiling
@@ -426,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(ceiling(args.ceiling, json.loads(args.shape), tuple(json.loads(args.concurrency)),
                                  args.repeats)))
         return 0
-    print(markdown(run(args.out, quick=args.quick, skip=tuple(s.lower() for s in args.skip),
+    print(markdown(run(common.out_dir(args.out, args.mode), mode=args.mode, skip=tuple(s.lower() for s in args.skip),
                        generator=args.generator)))
     return 0
 

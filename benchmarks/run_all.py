@@ -1,0 +1,101 @@
+"""Run every benchmark (folding speedup, fold cost, serving), draw the plots and write summary.md.
+
+    python benchmarks/run_all.py            # the published numbers -> benchmarks/results/ (< 10 min on 2 cores)
+    python benchmarks/run_all.py --quick    # a few minutes -> benchmarks/results-quick/
+    python benchmarks/run_all.py --smoke    # seconds; what CI runs (tests/test_benchmarks_smoke.py)
+
+Options: ``--only folding|fold_cost|serving`` (repeatable), ``--skip-server LABEL`` (e.g. bentoml),
+``--generator wrk|asyncio``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common, fold_cost, folding, plots, serving
+
+BENCHMARKS = ("folding", "fold_cost", "serving")
+
+
+def summary(results: dict[str, dict[str, Any]], seconds: float) -> str:
+    """The issue's targets with the measured values, one line each, from this run."""
+    rows = []
+    fold = results.get("folding")
+    if fold:
+        for r in fold["results"]:
+            by = {(lat["runtime"], lat["batch"]): lat["ratio"] for lat in r["latency"]}
+            if r["model"] in ("resnet", "mobilenet", "resnet 3x32x32"):
+                v = by[("pytorch eager", 1)]
+                rows.append([f"{r['model']}: eager batch 1 speedup >= 1.10x", f"{v:.2f}x", _met(v >= 1.10)])
+            worst = min((v, k) for k, v in by.items() if k[0].startswith("onnxruntime"))
+            rows.append([f"{r['model']}: never slower in onnxruntime (worst ratio)",
+                         f"{worst[0]:.2f}x ({worst[1][0]}, batch {worst[1][1]})", _met(worst[0] >= 1.0)])
+            sess = min(s["ratio"] for s in r["session_creation"])
+            rows.append([f"{r['model']}: faster session creation (worst of opt off/on)", f"{sess:.2f}x",
+                         _met(sess > 1.0)])
+    cost = results.get("fold_cost")
+    if cost:
+        f = cost["fits"]["total"]
+        rows.append(["fold cost linear in depth (R^2, log-log slope)",
+                     f"R^2 {f['r2']:.4f}, log-log slope {f['loglog_slope']:.2f}, "
+                     f"{f['slope_s_per_layer'] * 1e3:.1f} ms per layer",
+                     _met(f["r2"] >= 0.98)])
+    serve = results.get("serving")
+    if serve:
+        for t in serve["targets"]:
+            unit = " ms" if "ms" in t["target"] else "x"
+            rows.append([f"{t['model']} {t['encoding']}: {t['target']}", f"{t['value']:.2f}{unit} "
+                         f"({t['ours']:.1f} vs {t['theirs']:.1f})", _met(t["met"])])
+        top = max(g["rps"] for g in serve["generator_ceiling"])
+        best = max(r["rps"] for r in serve["results"] if r["generator"] != "none")
+        rows.append(["load generator is not the bottleneck (its ceiling vs the fastest server)",
+                     f"{top:.0f} vs {best:.0f} req/s", _met(top >= 2 * best)])
+    machine = common.machine()
+    return (f"Run of {machine['date_utc']} on {machine['cpu']} ({machine['cores']} cores), load average "
+            f"{machine['load_average_1_5_15']} at the end, total {seconds:.0f} s.\n\n"
+            + common.markdown_table(["target", "measured", "met"], rows))
+
+
+def _met(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_mode_options(parser)
+    parser.add_argument("--only", action="append", choices=BENCHMARKS, help="run only these benchmarks")
+    parser.add_argument("--skip-server", action="append", default=[], metavar="LABEL",
+                        help="serving: skip servers whose label contains LABEL (e.g. bentoml)")
+    parser.add_argument("--generator", choices=["auto", "wrk", "asyncio"], default="auto")
+    args = parser.parse_args(argv)
+    out = common.out_dir(args.out, args.mode)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {}
+    common.log(f"run_all ({args.mode}) -> {out}; load average {os.getloadavg()}")
+    for name in args.only or BENCHMARKS:
+        if name == "folding":
+            results[name] = folding.run(out, mode=args.mode)
+        elif name == "fold_cost":
+            results[name] = fold_cost.run(out, mode=args.mode)
+        else:
+            results[name] = serving.run(out, mode=args.mode, skip=tuple(s.lower() for s in args.skip_server),
+                                        generator=args.generator)
+    plots.draw(out)
+    text = summary(results, time.perf_counter() - start)
+    (out / "summary.md").write_text(text)
+    print(text)
+    common.log(f"done in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
