@@ -43,12 +43,11 @@ def try_fold(gm: fx.GraphModule, norm: Norm, notes: list[str]) -> Folded | str:
     """Fold ``norm`` if some side allows it exactly; otherwise return why neither does."""
     assert norm.affine is not None
     start = norm.input
-    prod, problem = producer(gm, norm.node, start)
-    if problem is None:
-        problem = _check(gm, norm, prod, known_ranks(start), "output")
-        if problem is None:
-            return _apply(gm, norm, prod, "output", notes)
-    before = problem
+    prod, shared = producer(gm, norm.node, start)
+    # "not a foldable layer" is the more useful reason when both apply
+    before = _check(gm, norm, prod, known_ranks(start), "output") or shared
+    if before is None:
+        return _apply(gm, norm, prod, "output", notes)
     cons, value, problem = consumer(gm, norm.node)
     if problem is None and cons is not None:
         if not only_data_input(cons, value):
