@@ -208,3 +208,54 @@ def test_inference_service_selects_the_v2_runtime(manifests: dict[str, list[dict
     assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
     assert "storageUri" not in model  # the model is baked into the image
     assert [c["name"] for c in runtime["spec"]["containers"]] == ["kserve-container"]  # KServe's required name
+
+
+def probes(manifests: dict[str, list[dict[str, Any]]]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """``(probe kind, probe, container)`` for every HTTP probe of the server containers."""
+    return [
+        (kind, container[kind], container)
+        for container in server_containers(manifests)
+        for kind in ("startupProbe", "livenessProbe", "readinessProbe")
+        if kind in container
+    ]
+
+
+def test_probes_target_the_served_port(manifests: dict[str, list[dict[str, Any]]]) -> None:
+    assert {kind for kind, _, _ in probes(manifests)} == {"startupProbe", "livenessProbe", "readinessProbe"}
+    for kind, probe, container in probes(manifests):
+        port = probe["httpGet"]["port"]
+        named = {p.get("name"): p["containerPort"] for p in container["ports"]}
+        assert (named[port] if isinstance(port, str) else port) == int(env_of(container)["BNFOLD_PORT"]), kind
+
+
+def test_probes_answer_200_from_the_real_app_even_with_an_api_key(
+    manifests: dict[str, list[dict[str, Any]]], digits_repository: Path
+) -> None:
+    """Kubernetes probes send no credentials: with BNFOLD_API_KEY set they must still pass."""
+    from fastapi.testclient import TestClient
+    from pydantic import SecretStr
+
+    from service.config import Settings
+    from service.main import create_app
+
+    app = create_app(Settings(model_repository=digits_repository, api_key=SecretStr("probe-test-key")))
+    with TestClient(app) as client:
+        assert client.get("/v2/models/digits").status_code == 401  # the key is really enforced
+        for kind, probe, container in probes(manifests):
+            response = client.get(probe["httpGet"]["path"])
+            assert response.status_code == 200, (container["name"], kind, response.text)
+
+
+def test_liveness_does_not_wait_for_models(manifests: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
+    """A pod whose models are not (yet) servable must be unready, not restarted in a loop."""
+    from fastapi.testclient import TestClient
+
+    from service.config import Settings
+    from service.main import create_app
+
+    (tmp_path / "digits" / "1").mkdir(parents=True)
+    (tmp_path / "digits" / "1" / "model.onnx").write_bytes(b"not an onnx model")
+    with TestClient(create_app(Settings(model_repository=tmp_path))) as client:
+        for kind, probe, container in probes(manifests):
+            expected = 200 if kind == "livenessProbe" else 503
+            assert client.get(probe["httpGet"]["path"]).status_code == expected, (container["name"], kind)
