@@ -7,6 +7,7 @@ thread hop per dependency per request.
 from __future__ import annotations
 
 import hmac
+import zlib
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -46,8 +47,31 @@ async def require_api_key(request: Request, service: ServiceDep) -> None:
 
 
 async def read_body(request: Request, service: ServiceDep) -> bytes:
-    """The request body, refused with 413 from Content-Length before reading, and capped while streaming."""
+    """The request body, refused with 413 from Content-Length before reading, capped while streaming,
+    and inflated when ``Content-Encoding`` is gzip or deflate (tritonclient's request compression),
+    with the same cap on the inflated size."""
     limit = service.settings.max_body_bytes
+    body = await _read_capped(request, limit)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in INFLATE:
+        raise HTTPException(415, f"Content-Encoding {encoding[:40]!r} is not supported; use gzip, deflate or identity")
+    inflater = zlib.decompressobj(INFLATE[encoding])
+    try:
+        inflated = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise HTTPException(400, f"body is not valid {encoding} data: {exc}") from None
+    if len(inflated) > limit or inflater.unconsumed_tail:
+        raise HTTPException(413, f"inflated request body exceeds the limit of {limit} bytes")
+    return inflated
+
+
+# zlib window-bits selecting the container: gzip header, zlib header (HTTP "deflate").
+INFLATE = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+async def _read_capped(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not (declared.isascii() and declared.isdigit()):

@@ -438,3 +438,32 @@ def test_binary_input_alignment_does_not_matter(client: TestClient, misalign: in
                            headers={"Inference-Header-Content-Length": str(len(head))})
     via_json = client.post("/v2/models/classifier/infer", json=infer_body(x)).json()["outputs"][0]["data"]
     assert response.json()["outputs"][0]["data"] == via_json
+
+
+@pytest.mark.parametrize("encoding", [pytest.param("gzip", id="gzip"), pytest.param("deflate", id="deflate")])
+def test_compressed_request(client: TestClient, encoding: str) -> None:
+    import gzip
+    import zlib
+
+    raw = json.dumps(infer_body()).encode()
+    packed = gzip.compress(raw) if encoding == "gzip" else zlib.compress(raw)
+    response = client.post("/v2/models/classifier/infer", content=packed, headers={"Content-Encoding": encoding})
+    assert response.json() == client.post("/v2/models/classifier/infer", content=raw).json()
+
+
+@pytest.mark.parametrize(("encoding", "payload", "status", "message"), [
+    pytest.param("br", b"{}", 415, "Content-Encoding 'br' is not supported", id="unknown-encoding"),
+    pytest.param("gzip", b"not gzip", 400, "not valid gzip data", id="corrupt-gzip"),
+])
+def test_bad_compressed_request(client: TestClient, encoding: str, payload: bytes, status: int, message: str) -> None:
+    response = client.post("/v2/models/classifier/infer", content=payload, headers={"Content-Encoding": encoding})
+    assert_error(response, status, message)
+
+
+def test_413_for_a_decompression_bomb(small_client: TestClient) -> None:
+    import gzip
+
+    bomb = gzip.compress(b" " * 1_000_000)  # ~1 kB on the wire, 1 MB inflated
+    assert len(bomb) < 1024
+    response = small_client.post("/v2/models/classifier/infer", content=bomb, headers={"Content-Encoding": "gzip"})
+    assert_error(response, 413, "inflated request body exceeds the limit of 1024 bytes")

@@ -96,6 +96,10 @@ def test_tritonclient(server: str, repository: Path) -> None:
     inp = triton.InferInput("input", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
     np.testing.assert_array_equal(client.infer("classifier", [inp]).as_numpy("logits"), expected[2])
+    for algorithm in ("gzip", "deflate"):  # tritonclient's request compression; responses stay uncompressed
+        result = client.infer("classifier", [inp], request_compression_algorithm=algorithm,
+                              response_compression_algorithm=algorithm)
+        np.testing.assert_array_equal(result.as_numpy("logits"), expected[2])
     with pytest.raises(triton.InferenceServerException, match="unknown model"):
         client.infer("nope", [inp])
     client.close()
