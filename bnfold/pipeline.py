@@ -39,7 +39,7 @@ from bnfold._version import __version__
 from bnfold.errors import BnfoldError, VerificationFailed
 from bnfold.result import FoldResult
 from bnfold.tolerance import Comparison, Tolerance
-from bnfold.verification import VerifyReport, ort_runner, verify
+from bnfold.verification import VerifyReport, baseline_outputs, ort_runner, verify
 
 Status = Callable[[str], None]
 Kind = Literal["checkpoint", "onnx"]
@@ -275,8 +275,10 @@ def fold_and_certify(source: Source, config: Config | None = None, *, status: St
     stage = "pytorch" if source.kind == "checkpoint" else "onnxruntime"
     status(f"verifying the folded model ({stage})")
     with _timed(timings, "verify"):
-        for label, x in sets:
-            rep = verify(source.model, result.model, x, tolerance=config.tolerance, inputs_label=label)
+        baselines = [baseline_outputs(source.model, x) for _, x in sets]  # shared by both stages
+        for (label, x), base in zip(sets, baselines, strict=True):
+            rep = verify(source.model, result.model, x, tolerance=config.tolerance, inputs_label=label,
+                         baseline=base)
             checks.append(Check(stage, rep))
             rep.raise_if_failed()
     if source.kind == "checkpoint":
@@ -286,9 +288,9 @@ def fold_and_certify(source: Source, config: Config | None = None, *, status: St
                                    input_name=config.input_name, output_name=config.output_name)
         status("verifying onnxruntime against PyTorch")
         with _timed(timings, "verify_onnx"):
-            for label, x in sets:
+            for (label, x), base in zip(sets, baselines, strict=True):
                 rep = verify(source.model, proto, x, tolerance=config.tolerance, inputs_label=label,
-                             names=("original", "onnx"))
+                             names=("original", "onnx"), baseline=base)
                 checks.append(Check("onnxruntime", rep))
                 rep.raise_if_failed()
     else:

@@ -96,30 +96,31 @@ def verify(
     reference: Reference = "float64",
     names: tuple[str, str] = ("original", "folded"),
     inputs_label: str = "inputs",
+    baseline: Baseline | None = None,
 ) -> VerifyReport:
     """Run ``original`` and ``folded`` on ``inputs`` (a batch, first axis = samples) and compare.
 
     ``reference="float64"`` compares both against a float64 copy of ``original`` when it is a
     PyTorch module (otherwise, and with ``reference="original"``, against ``original`` itself).
-    Neither model is modified. Raises ``ValueError`` if the inputs are empty or the two models'
-    outputs have different shapes.
+    ``baseline`` (from :func:`baseline_outputs` on the same original and inputs) skips re-running
+    the original when several candidates are checked against it. Neither model is modified.
+    Raises ``ValueError`` if the inputs are empty or the two models' outputs have different shapes.
     """
     tolerance = tolerance or Tolerance()
-    if reference not in ("float64", "original"):
-        raise ValueError(f"reference must be 'float64' or 'original', got {reference!r}")
     x = _as_array(inputs)
-    if x.ndim == 0 or x.shape[0] == 0:
-        raise ValueError(f"verification needs a non-empty batch of inputs, got shape {x.shape}")
+    if baseline is None:
+        baseline = baseline_outputs(original, x, reference=reference)
+    elif baseline.original.shape[0] != x.shape[0]:
+        raise ValueError(f"baseline has {baseline.original.shape[0]} samples but inputs have {x.shape[0]}")
     name_a, name_b = names
-    out_a = run_batched(runner(original), x)
+    out_a = baseline.original
     out_b = run_batched(runner(folded), x)
     if out_a.shape != out_b.shape:
         raise BnfoldError(f"{name_a} and {name_b} outputs differ in shape: {out_a.shape} vs {out_b.shape}")
 
     rows: list[Row] = []
-    ref64 = _float64_copy(original) if reference == "float64" else None
-    if ref64 is not None:
-        out_ref = run_batched(ref64, x.astype(np.float64))
+    out_ref = baseline.float64
+    if out_ref is not None:
         ref_name = f"{name_a} (float64)"
         rows.append(_row(f"{name_b} (float32)", ref_name, out_b, out_ref, tolerance, gating=True))
         rows.append(_row(f"{name_a} (float32)", ref_name, out_a, out_ref, tolerance, gating=False))
@@ -140,6 +141,26 @@ def verify(
         inputs=inputs_label,
         rows=rows,
     )
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The original model's outputs on some inputs: as is, and from its float64 copy (if any)."""
+
+    original: np.ndarray
+    float64: np.ndarray | None
+
+
+def baseline_outputs(original: Any, inputs: Any, *, reference: Reference = "float64") -> Baseline:
+    """Run ``original`` (and, for ``reference="float64"`` and a PyTorch module, its float64 copy)."""
+    if reference not in ("float64", "original"):
+        raise ValueError(f"reference must be 'float64' or 'original', got {reference!r}")
+    x = _as_array(inputs)
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise ValueError(f"verification needs a non-empty batch of inputs, got shape {x.shape}")
+    ref64 = _float64_copy(original) if reference == "float64" else None
+    return Baseline(run_batched(runner(original), x),
+                    None if ref64 is None else run_batched(ref64, x.astype(np.float64)))
 
 
 def _row(actual: str, reference: str, out: np.ndarray, ref: np.ndarray, tol: Tolerance, *, gating: bool) -> Row:

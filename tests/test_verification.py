@@ -15,7 +15,7 @@ import bnfold
 from bnfold.errors import BnfoldError, VerificationFailed
 from bnfold.export import to_onnx
 from bnfold.tolerance import Tolerance
-from bnfold.verification import top1_agreement, verify
+from bnfold.verification import baseline_outputs, top1_agreement, verify
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -160,3 +160,14 @@ def test_unknown_model_type_is_a_type_error() -> None:
 )
 def test_top1_agreement(a: list[list[float]], b: list[list[float]], expected: float | None) -> None:
     assert top1_agreement(np.array(a, float), np.array(b, float)) == expected
+
+
+def test_precomputed_baseline_gives_the_same_report() -> None:
+    m = _model()
+    folded = bnfold.fold(m).model
+    x = _inputs()
+    base = baseline_outputs(m, x)
+    assert base.float64 is not None and base.float64.dtype == np.float64
+    assert verify(m, folded, x, baseline=base) == verify(m, folded, x)
+    with pytest.raises(ValueError, match="baseline has 32 samples but inputs have 8"):
+        verify(m, folded, x[:8], baseline=base)
