@@ -308,3 +308,15 @@ def test_python_examples_use_the_digits_model(readme_python: list[str]) -> None:
     assert 'client.infer("digits"' in example and 'InferRequestedOutput("logits")' in example
     assert "(4, 1, 8, 8)" in example  # the digits model's input shape after the batch dimension
     assert DIGITS["input"][1][1:] == [1, 8, 8]
+
+
+def test_pipeline_figure_is_drawn_by_the_committed_script(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("make_pipeline_figure", REPO / "docs" / "make_pipeline_figure.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.draw(tmp_path / "pipeline.svg")
+    drawn = (tmp_path / "pipeline.svg").read_text()
+    committed = (REPO / "docs" / "pipeline.svg").read_text()
+    for stage in ("train", "fold", "verify", "export", "serve"):
+        assert f">{stage}<" in drawn and f">{stage}<" in committed, stage
