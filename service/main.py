@@ -22,6 +22,7 @@ from bnfold._version import __version__
 from service.api.deps import Service, require_api_key
 from service.api.routes import health, infer, metrics, models, predict, server
 from service.config import Settings
+from service.cpu import usable_cpus
 from service.logs import event, log_config
 from service.metrics import ServiceMetrics
 from service.repository import ModelRepository
@@ -31,6 +32,11 @@ from service.repository import ModelRepository
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     repository: ModelRepository = app.state.service.repository
     repository.load()
+    versions = [v for versions in repository.models.values() for v in versions.values()]
+    event(logging.INFO if repository.ready else logging.ERROR, "service started",
+          repository=str(repository.settings.model_repository), usable_cpus=usable_cpus(),
+          workers=repository.settings.workers, versions=len(versions), ready=sum(v.ready for v in versions),
+          api_key=repository.settings.api_key is not None)
     try:
         yield
     finally:
