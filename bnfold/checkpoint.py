@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import os
 import pickle
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,7 +186,9 @@ def read_checkpoint(path: str | Path) -> Any:
             raise BnfoldError(f"checkpoint {str(path)!r} is a text file, not a PyTorch checkpoint")
         raise BnfoldError(f"checkpoint {str(path)!r} is not a PyTorch checkpoint (unrecognized file header)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns before refusing a TorchScript archive
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         message = " ".join(str(exc).split())
         if "Weights only load failed" in message or "Unsupported" in message:
@@ -196,6 +200,11 @@ def read_checkpoint(path: str | Path) -> Any:
         raise BnfoldError(f"checkpoint {str(path)!r} is corrupted: {message[:200]}") from None
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
         message = " ".join(str(exc).split())
+        if "TorchScript" in message:
+            raise BnfoldError(
+                f"checkpoint {str(path)!r} is a TorchScript archive; bnfold needs a state_dict or a bnfold "
+                "checkpoint (torch.jit.load it and torch.save its state_dict())"
+            ) from None
         raise BnfoldError(
             f"checkpoint {str(path)!r} is truncated or corrupted ({size} bytes): {message[:160]}"
         ) from None
@@ -295,6 +304,8 @@ def _plain(value: Any, where: str) -> Any:
     """Metadata as the builtin types ``weights_only`` loading accepts (numpy scalars -> Python)."""
     if value is None or isinstance(value, bool | int | float | str):
         return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     if isinstance(value, Mapping):
         return {str(k): _plain(v, f"{where}.{k}") for k, v in value.items()}
     if isinstance(value, list | tuple):

@@ -36,7 +36,7 @@ DEVICES = ("auto", "cpu", "cuda")
 class TrainConfig:
     arch: str = "cnn"  # a bnfold.archs.ARCHITECTURES name
     dataset: str | None = None  # bundled data set; None with data=None means the arch's reference set
-    data: str | None = None  # path to .npz / .csv / image folder (instead of dataset)
+    data: str | Path | None = None  # path to .npz / .csv / image folder (instead of dataset)
     epochs: int | None = None  # None: the arch's default (ArchSpec.train)
     batch_size: int | None = None  # None: the arch's default
     lr: float | None = None  # peak learning rate; None: the arch's default

@@ -180,6 +180,10 @@ def _bad(tmp_path: Path, case: str) -> tuple[Path, dict[str, Any]]:
         path.write_text("this is a README, not a model\n")
     elif case == "binary-junk":
         path.write_bytes(bytes(range(7, 200)))
+    elif case == "torchscript":
+        torch.jit.save(torch.jit.script(nn.Linear(2, 2)), path)
+    elif case == "whole-module":
+        torch.save(nn.Linear(2, 2), path)
     elif case == "not-a-state-dict":
         torch.save([1, 2, 3], path)
     elif case == "empty-state-dict":
@@ -219,6 +223,9 @@ BAD = [
     pytest.param("truncated", r"is truncated or corrupted \(300 bytes\)", id="truncated"),
     pytest.param("text", r"is a text file, not a PyTorch checkpoint", id="text-file"),
     pytest.param("binary-junk", r"not a PyTorch checkpoint \(unrecognized file header\)", id="binary-junk"),
+    pytest.param("torchscript", r"is a TorchScript archive; bnfold needs a state_dict", id="torchscript"),
+    pytest.param("whole-module", r"refused: file contains pickled code \(torch\.nn\.modules\.linear\.Linear\)",
+                 id="pickled-module"),
     pytest.param("not-a-state-dict", r"not a bnfold checkpoint or a state_dict \(found a list\)", id="list"),
     pytest.param("empty-state-dict", r"the state_dict is empty", id="empty-state-dict"),
     pytest.param("newer-format", r"format version 2 is newer than this bnfold supports \(1\)", id="newer-format"),

@@ -118,8 +118,11 @@ def test_user_data_trains(tmp_path: Path) -> None:
     y = np.arange(60) % 3
     x = rng.normal(size=(60, 4)) + y[:, None] * 3.0  # well separated
     np.savez(tmp_path / "d.npz", X=x.astype(np.float32), y=y)
-    result = train(TrainConfig(arch="mlp", data=str(tmp_path / "d.npz"), epochs=10, device="cpu"))
+    result = train(TrainConfig(arch="mlp", data=tmp_path / "d.npz", epochs=10, device="cpu"), output=tmp_path / "m.pt")
     assert result.dataset.name.endswith("d.npz") and result.best_val_accuracy == 1.0
+    loaded = load_model(tmp_path / "m.pt")
+    assert loaded.meta["train_config"]["data"] == str(tmp_path / "d.npz")
+    assert loaded.class_labels == ["0", "1", "2"] and loaded.input_shape == (4,)
 
 
 @pytest.mark.parametrize(
