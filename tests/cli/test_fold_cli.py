@@ -207,3 +207,39 @@ def test_usage_errors_exit_2(args: list[str], run_bnfold, tmp_path: Path) -> Non
     proc = run_bnfold(*args, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.startswith("bnfold: error: ") and len(proc.stderr.splitlines()) == 1
+
+
+FACTORY = '''
+from torch import nn
+
+
+def build(width=6):
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.Conv2d(width, width, 3, padding=1, groups=width), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 3))
+'''
+
+
+@pytest.mark.slow
+def test_fold_state_dict_with_own_model_factory(run_bnfold, tmp_path: Path) -> None:
+    (tmp_path / "mymodels.py").write_text(FACTORY)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+        torch.nn.Conv2d(6, 6, 3, padding=1, groups=6), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(6, 3))
+    with torch.no_grad():
+        for bn in (model[1], model[4]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5)
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    proc = run_bnfold("fold", "weights.pt", "--model", "mymodels:build", "--arch-config",
+                      '{"input_shape": [3, 10, 10]}', "-o", "out.onnx", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    exported = onnx.load(str(tmp_path / "out.onnx"))
+    assert "BatchNormalization" not in op_counts(exported)
+    x = np.random.default_rng(0).standard_normal((8, 3, 10, 10)).astype(np.float32)
+    with torch.no_grad():
+        expected = model.eval().double()(torch.from_numpy(x).double()).numpy()
+    assert Tolerance().compare(ort_runner(exported)(x), expected).passed
