@@ -128,7 +128,7 @@ def natural_inputs(model: nn.Module, gm: fx.GraphModule) -> tuple[Iterator[tuple
                 dims = 0 if isinstance(mod, nn.Linear) else len(mod.kernel_size)  # type: ignore[arg-type]
                 cin = mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels
                 firsts.add((kind, dims, int(cin)))  # type: ignore[arg-type]
-                where = f"{user.target} ({kind}, {cin} input channels)"
+                where = f"{user.target} ({kind}, {'in_features' if dims == 0 else 'in_channels'}={cin})"
             elif isinstance(mod, (*BN_TYPES, InputNorm, nn.Identity, nn.Dropout)):
                 frontier.append(user)
             else:
