@@ -108,7 +108,7 @@ def _cnn(input_shape: tuple[int, ...], num_classes: int, norm: str, *, width: in
          convs_per_stage: int) -> nn.Sequential:
     """VGG-style: ``depth`` stages of ``convs_per_stage`` x (Conv3x3-BN-ReLU) then MaxPool2; width doubles."""
     _check_positive("cnn", width=width, depth=depth, convs_per_stage=convs_per_stage)
-    _check_spatial("cnn", input_shape, 2 ** depth, "depth")
+    _check_spatial("cnn", input_shape, depth, 2 ** depth)
     layers: list[nn.Module] = []
     cin, cout = input_shape[0], width
     for stage in range(depth):
@@ -148,7 +148,7 @@ def _resnet(input_shape: tuple[int, ...], num_classes: int, norm: str, *, width:
             blocks_per_stage: int) -> nn.Sequential:
     """Stem Conv3x3-BN-ReLU, then ``depth`` stages of basic blocks (stride 2 and doubled width from stage 2)."""
     _check_positive("resnet", width=width, depth=depth, blocks_per_stage=blocks_per_stage)
-    _check_spatial("resnet", input_shape, 2 ** (depth - 1), "depth")
+    _check_spatial("resnet", input_shape, depth, 2 ** (depth - 1))
     layers: list[nn.Module] = [
         _conv(2, input_shape[0], width, 3, bias=norm == "none", first=True), _norm(norm, 2, width), nn.ReLU()
     ]
@@ -186,7 +186,7 @@ def _mobilenet(input_shape: tuple[int, ...], num_classes: int, norm: str, *, wid
                expansion: int) -> nn.Sequential:
     """Stem Conv3x3-BN-ReLU6, then ``depth`` stages of two inverted residuals (stride 2, doubled width from stage 2)."""
     _check_positive("mobilenet", width=width, depth=depth, expansion=expansion)
-    _check_spatial("mobilenet", input_shape, 2 ** (depth - 1), "depth")
+    _check_spatial("mobilenet", input_shape, depth, 2 ** (depth - 1))
     layers: list[nn.Module] = [
         _conv(2, input_shape[0], width, 3, bias=norm == "none", first=True), _norm(norm, 2, width), nn.ReLU6()
     ]
@@ -203,7 +203,7 @@ def _conv1d(input_shape: tuple[int, ...], num_classes: int, norm: str, *, width:
             kernel_size: int) -> nn.Sequential:
     """``depth`` stages of Conv1d-BN-ReLU then MaxPool1d(2); width doubles per stage."""
     _check_positive("conv1d", width=width, depth=depth, kernel_size=kernel_size)
-    _check_spatial("conv1d", input_shape, 2 ** depth, "depth")
+    _check_spatial("conv1d", input_shape, depth, 2 ** depth)
     layers: list[nn.Module] = []
     cin, cout = input_shape[0], width
     for stage in range(depth):
@@ -213,12 +213,13 @@ def _conv1d(input_shape: tuple[int, ...], num_classes: int, norm: str, *, width:
     return _assemble(input_shape, layers, _head(1, cin, num_classes))
 
 
-def _check_spatial(name: str, input_shape: tuple[int, ...], reduction: int, knob: str) -> None:
+def _check_spatial(name: str, input_shape: tuple[int, ...], depth: int, reduction: int) -> None:
+    """Each spatial size must survive the ``reduction``-fold downsampling of ``depth`` stages."""
     small = min(input_shape[1:])
     if small < reduction:
         raise BnfoldError(
-            f"{name}: input {tuple(input_shape)} is too small for {knob}={reduction.bit_length() - 1} "
-            f"(spatial size {small} < downsampling factor {reduction}); lower {knob} or use larger inputs"
+            f"{name}: input {tuple(input_shape)} is too small for depth={depth} "
+            f"(spatial size {small} < downsampling factor {reduction}); lower depth or use larger inputs"
         )
 
 

@@ -97,7 +97,10 @@ def test_width_and_depth_are_configurable(name: str, config: dict[str, int], lin
         pytest.param({"name": "cnn", "num_classes": 1}, "num_classes must be an integer >= 2, got 1", id="one-class"),
         pytest.param({"name": "cnn", "widht": 3}, "cnn: unknown config key(s) widht", id="unknown-key"),
         pytest.param({"name": "cnn", "width": 0}, "cnn: width must be a positive integer, got 0", id="zero-width"),
-        pytest.param({"name": "cnn", "depth": 4}, "input (1, 8, 8) is too small for depth=4", id="too-deep"),
+        pytest.param({"name": "cnn", "depth": 4}, "input (1, 8, 8) is too small for depth=4 (spatial size 8 < "
+                     "downsampling factor 16)", id="too-deep"),
+        pytest.param({"name": "resnet", "depth": 5}, "input (1, 8, 8) is too small for depth=5 (spatial size 8 < "
+                     "downsampling factor 16)", id="resnet-too-deep"),
     ],
 )
 def test_bad_requests_name_the_values(kwargs: dict[str, object], message: str) -> None:
