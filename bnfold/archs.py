@@ -1,6 +1,6 @@
 """The architecture registry: small classifiers with and without batch norm, built by name.
 
-Every model is ``InputNorm -> body -> head`` with three named children:
+Every model is ``input_norm -> features -> head``, an ``nn.Sequential`` with three named children:
 
 * ``input_norm``: :class:`~bnfold.layers.InputNorm`, the input normalization fitted on the
   training split (identity until the trainer sets it). Its per-channel affine map folds exactly
@@ -9,7 +9,7 @@ Every model is ``InputNorm -> body -> head`` with three named children:
 * ``features``: the architecture's blocks;
 * ``head``: global average pooling (for spatial inputs), flatten, one ``Linear``.
 
-``norm="bn"`` puts a batch norm after every convolution/linear layer of the body (those layers
+``norm="bn"`` puts a batch norm after every convolution/linear layer of ``features`` (those layers
 then have no bias, since the batch norm's shift replaces it); ``norm="none"`` drops the batch
 norms and gives the layers a bias, so training with and without BN can be compared.
 
@@ -203,6 +203,8 @@ def _conv1d(input_shape: tuple[int, ...], num_classes: int, norm: str, *, width:
             kernel_size: int) -> nn.Sequential:
     """``depth`` stages of Conv1d-BN-ReLU then MaxPool1d(2); width doubles per stage."""
     _check_positive("conv1d", width=width, depth=depth, kernel_size=kernel_size)
+    if kernel_size % 2 == 0:
+        raise BnfoldError(f"conv1d: kernel_size must be odd (for 'same' padding), got {kernel_size}")
     _check_spatial("conv1d", input_shape, depth, 2 ** depth)
     layers: list[nn.Module] = []
     cin, cout = input_shape[0], width

@@ -99,6 +99,8 @@ def test_width_and_depth_are_configurable(name: str, config: dict[str, int], lin
         pytest.param({"name": "cnn", "width": 0}, "cnn: width must be a positive integer, got 0", id="zero-width"),
         pytest.param({"name": "cnn", "depth": 4}, "input (1, 8, 8) is too small for depth=4 (spatial size 8 < "
                      "downsampling factor 16)", id="too-deep"),
+        pytest.param({"name": "conv1d", "input_shape": (1, 64), "kernel_size": 4},
+                     "conv1d: kernel_size must be odd (for 'same' padding), got 4", id="even-kernel"),
         pytest.param({"name": "resnet", "depth": 5}, "input (1, 8, 8) is too small for depth=5 (spatial size 8 < "
                      "downsampling factor 16)", id="resnet-too-deep"),
     ],
