@@ -61,7 +61,12 @@ def fold_torch(
         from bnfold.fold_torch.fallback import fold_untraceable
 
         return fold_untraceable(work, e, example_inputs, notes)
-    result = fold_graph(work, gm, example_inputs)
+    try:
+        result = fold_graph(work, gm, example_inputs)
+    except (BnfoldError, TypeError, ValueError):
+        raise
+    except Exception as e:  # a bug or an unforeseen model: say so in one line rather than crash
+        raise BnfoldError(f"bnfold could not fold {type(model).__name__}: {type(e).__name__}: {e}") from e
     result.notes[:0] = notes
     return result
 
