@@ -56,6 +56,8 @@ def check_bnfold(argv: list[str], ctx: Context) -> None:
     try:
         args = build_parser().parse_args(argv[1:])
     except SystemExit as exc:
+        if exc.code == 0 and "--help" in argv:
+            return
         raise AssertionError(f"bnfold rejects {shlex.join(argv)} (exit {exc.code})") from None
     assert args.command == sub
 
@@ -249,6 +251,20 @@ def test_readme_command(readme_command: str, context: Context) -> None:
         checker = CHECKERS.get(argv[0])
         assert checker is not None, f"no test checks {argv[0]!r} commands; add a checker to {__file__}"
         checker(argv, context)
+
+
+def test_inline_bnfold_commands_parse(readme: str, context: Context, capsys: pytest.CaptureFixture[str]) -> None:
+    """`bnfold ...` in running text (outside the bash blocks) is a command too."""
+    prose = re.sub(r"^```.*?^```", "", readme, flags=re.MULTILINE | re.DOTALL)
+    inline = re.findall(r"`(bnfold [^`]+)`", prose)
+    assert len(inline) >= 3, inline
+    for command in inline:
+        argv = shlex.split(command)
+        if len(argv) == 2:  # names a command ("`bnfold fold` writes nothing unless ...")
+            assert importlib.util.find_spec(f"bnfold.cli.{argv[1]}") is not None, command
+        else:
+            check_bnfold(argv, context)
+    capsys.readouterr()  # --help output
 
 
 def marked_block(readme: str, marker: str) -> str:
