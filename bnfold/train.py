@@ -98,6 +98,8 @@ def train(
     for target in (output, plot):
         if target is not None and not Path(target).parent.is_dir():
             raise BnfoldError(f"output directory {str(Path(target).parent)!r} does not exist")
+        if target is not None and Path(target).is_dir():
+            raise BnfoldError(f"output {str(target)!r} is a directory; give a file name")
     data = load_dataset(
         plan.dataset if config.data is None else None, path=config.data, seed=config.seed,
         val_fraction=config.val_fraction, label_column=config.label_column, image_size=config.image_size,

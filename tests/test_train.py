@@ -149,9 +149,33 @@ def test_bad_options_fail_before_writing(tmp_path: Path, config: dict[str, Any],
     assert list(tmp_path.iterdir()) == []
 
 
-def test_missing_output_directory_fails_before_training(tmp_path: Path) -> None:
+def test_bad_output_path_fails_before_training(tmp_path: Path) -> None:
     with pytest.raises(BnfoldError, match=r"output directory '.*missing' does not exist"):
         train(_small("mlp"), output=tmp_path / "missing" / "m.pt")
+    with pytest.raises(BnfoldError, match=r"output '.*' is a directory; give a file name"):
+        train(_small("mlp"), plot=tmp_path)
+
+
+def test_rgb_image_folder_trains_and_folds(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls, channel in (("red", 0), ("blue", 2)):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(8):
+            pixels = rng.integers(0, 80, size=(10, 10, 3), dtype=np.uint8)
+            pixels[..., channel] += 150
+            Image.fromarray(pixels, "RGB").save(tmp_path / "imgs" / cls / f"{i}.{'png' if i % 2 else 'jpg'}")
+    result = train(TrainConfig(arch="resnet", data=tmp_path / "imgs", image_size=8, epochs=3, batch_size=4,
+                               arch_config={"width": 4, "depth": 2}, device="cpu"))
+    assert result.dataset.input_shape == (3, 8, 8) and result.dataset.class_labels == ["blue", "red"]
+    assert len(result.input_norm["mean"]) == 3
+    folded = bnfold.fold(result.model)
+    assert folded.skipped == [] and _norms(folded.model) == []
+    x = torch.from_numpy(np.concatenate([result.dataset.X_train, result.dataset.X_val]))
+    with torch.no_grad():
+        comparison = Tolerance().compare(folded.model(x).numpy(), result.model(x).numpy())
+    assert comparison.passed, comparison
 
 
 @pytest.mark.slow
