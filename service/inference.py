@@ -34,7 +34,7 @@ async def infer(repository: ModelRepository, name: str, version: str | None, bod
     request = codec.decode_infer_request(body, codec.parse_header_length(header_length, len(body)),
                                          runtime.inputs, runtime.outputs)
     feeds = request.inputs
-    if len(feeds) > 1:  # onnxruntime wants the session's input order for nothing, but batching keys need one
+    if len(feeds) > 1:  # the session's input order, so equal requests get equal batching keys
         feeds = {spec.name: feeds[spec.name] for spec in runtime.inputs}
     outputs = await batcher.submit(feeds)
     named = dict(zip(runtime.output_names, outputs, strict=True))

@@ -76,7 +76,7 @@ async def _read_capped(request: Request, limit: int) -> bytes:
     if declared is not None:
         if not (declared.isascii() and declared.isdigit()):
             raise HTTPException(400, f"Content-Length must be a non-negative integer, got {declared[:40]!r}")
-        if int(declared) > limit:
+        if len(declared) > 18 or int(declared) > limit:  # 19+ digits: beyond any limit (and int()'s digit cap)
             raise HTTPException(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
         body = await request.body()
         if len(body) > limit:  # pragma: no cover - the server enforces Content-Length

@@ -381,9 +381,13 @@ def test_413_for_chunked_body(small_client: TestClient) -> None:
     assert_error(small_client.post("/v2/models/classifier/infer", content=chunks()), 413, "limit of 1024")
 
 
-def test_bad_content_length(small_client: TestClient) -> None:
-    assert_error(small_client.post("/v2/models/classifier/infer", content=b"{}", headers={"Content-Length": "-1"}),
-                 400, "Content-Length")
+@pytest.mark.parametrize(("declared", "status"), [
+    pytest.param("-1", 400, id="negative"), pytest.param("1e3", 400, id="float"),
+    pytest.param("9" * 5000, 413, id="5000-digits"),
+])
+def test_bad_content_length(small_client: TestClient, declared: str, status: int) -> None:
+    response = small_client.post("/v2/models/classifier/infer", content=b"{}", headers={"Content-Length": declared})
+    assert_error(response, status, "Content-Length" if status == 400 else "exceeds the limit")
 
 
 def test_503_with_retry_after_when_queue_is_full(small_client: TestClient) -> None:

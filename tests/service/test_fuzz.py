@@ -60,9 +60,12 @@ def test_structured_bodies(fuzz_client: TestClient, path: str, body: dict[str, A
 
 @FUZZ
 @given(path=st.sampled_from(PATHS), body=st.binary(max_size=600), header=st.none() | st.text(max_size=8)
-       | st.integers(-10, 700).map(str))
-def test_raw_bytes_and_framing_header(fuzz_client: TestClient, path: str, body: bytes, header: str | None) -> None:
+       | st.integers(-10, 700).map(str), encoding=st.none() | st.sampled_from(["gzip", "deflate", "br", " GZIP"]))
+def test_raw_bytes_and_framing_header(fuzz_client: TestClient, path: str, body: bytes, header: str | None,
+                                      encoding: str | None) -> None:
     headers = {} if header is None else {"Inference-Header-Content-Length": header}
+    if encoding is not None:
+        headers["Content-Encoding"] = encoding
     try:
         response = fuzz_client.post(path, content=body, headers=headers)
     except UnicodeEncodeError:  # httpx refuses to send non-ASCII header text; nothing reached the server
