@@ -8,8 +8,9 @@ statistics) of the epoch with the highest validation accuracy is kept (ties: the
 validation loss) and is what :func:`train` returns and saves.
 
 Reproducibility: with ``device="cpu"`` the same config and seed give the same weights
-(``torch.manual_seed`` for initialization, a seeded ``torch.Generator`` for batch order and
-dropout, no data-loader workers).
+(``torch.manual_seed`` for initialization and dropout, a separately seeded ``torch.Generator``
+for the batch order, no data-loader workers). Training uses one CPU thread by default: these
+models are small, and extra intra-op threads slow down badly when other processes share the cores.
 """
 
 from __future__ import annotations
