@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import certified, gemm_model
+from service_models import certified, gemm_model
 
 from service.config import Settings
 from service.errors import ModelNotFound, ModelNotReady

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import LABELS, TYPES, gemm_reference
 from fastapi.testclient import TestClient
+from service_models import LABELS, TYPES, gemm_reference
 
 from service.config import Settings
 from service.main import create_app
