@@ -114,6 +114,7 @@ class Outcome:
     selftest: Comparison
     timings: dict[str, float]
     written: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # pipeline remarks (fold remarks are in fold.notes)
 
     @property
     def batchnorm_nodes(self) -> int:
@@ -132,6 +133,7 @@ class Outcome:
                 "batchnorms": [{"bn": bn, "status": st, "detail": detail} for bn, st, detail in self.fold.rows()],
                 "notes": list(self.fold.notes),
             },
+            "notes": list(self.notes),
             "checks": {c.key: {"stage": c.stage, **c.report.to_dict()} for c in self.checks},
             "onnx": {
                 "opset": _opset(self.onnx_model),
@@ -205,12 +207,22 @@ def _certificate_or_none(meta: dict[str, str]) -> certificate.Certificate | None
         return None
 
 
-def input_sets(source: Source, config: Config) -> list[tuple[str, np.ndarray]]:
-    """The inputs to verify on: random N(0, 1) samples, plus real validation samples if a data set is known."""
+def input_sets(source: Source, config: Config, notes: list[str] | None = None) -> list[tuple[str, np.ndarray]]:
+    """The inputs to verify on: random N(0, 1) samples, plus real validation samples if a data set is known.
+
+    Data the user named (``config.data``) must load; the checkpoint's own data set is skipped with
+    a note in ``notes`` if it cannot be loaded (e.g. a data path that has moved since training).
+    """
     sets = [("random", export.random_inputs(source.input_shape, config.n_random, seed=config.seed))]
-    name = config.data or (source.dataset if config.use_data else None)
-    if name:
-        sets.append(_validation_set(name, source, config, explicit=config.data is not None))
+    if config.data:
+        sets.append(_validation_set(config.data, source, config, explicit=True))
+    elif config.use_data and source.dataset:
+        try:
+            sets.append(_validation_set(source.dataset, source, config, explicit=False))
+        except (BnfoldError, OSError) as exc:
+            if notes is not None:
+                notes.append(f"verified on random inputs only: the checkpoint's data set {source.dataset!r} "
+                             f"did not load ({' '.join(str(exc).split())})")
     return sets
 
 
@@ -266,8 +278,9 @@ def fold_and_certify(source: Source, config: Config | None = None, *, status: St
     """
     config = config or Config()
     timings: dict[str, float] = {}
+    notes: list[str] = []
     with _timed(timings, "inputs"):
-        sets = input_sets(source, config)
+        sets = input_sets(source, config, notes)
     status("folding batch norms")
     with _timed(timings, "fold"):
         result = fold_source(source, sets[0][1][:2])
@@ -301,7 +314,7 @@ def fold_and_certify(source: Source, config: Config | None = None, *, status: St
     with _timed(timings, "certify"):
         cert, selftest = _certify(proto, source, result, checks, sets, config)
         proto = onnx.load_from_string(proto.SerializeToString())  # what gets written
-    return Outcome(source, result, checks, proto, cert, selftest, timings)
+    return Outcome(source, result, checks, proto, cert, selftest, timings, notes=notes)
 
 
 def _certify(proto: onnx.ModelProto, source: Source, result: FoldResult[Any], checks: list[Check],

@@ -27,6 +27,10 @@ FAST = pipeline.Config(n_random=16, max_data=64)
 @pytest.fixture
 def checkpoint(tmp_path: Path) -> Path:
     """An untrained digits-shaped CNN with non-trivial batch-norm statistics, as a bnfold checkpoint."""
+    return _save_cnn(tmp_path / "cnn.pt", dataset="digits")
+
+
+def _save_cnn(path: Path, *, dataset: str) -> Path:
     torch.manual_seed(0)
     model = build_model("cnn", input_shape=(1, 8, 8), num_classes=10, width=4, depth=1)
     with torch.no_grad():
@@ -36,9 +40,8 @@ def checkpoint(tmp_path: Path) -> Path:
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.3, 0.3)
-    path = tmp_path / "cnn.pt"
     save_checkpoint(path, model.eval(), arch="cnn", arch_config={"width": 4, "depth": 1}, input_shape=(1, 8, 8),
-                    class_labels=[str(i) for i in range(10)], dataset="digits", seed=0)
+                    class_labels=[str(i) for i in range(10)], dataset=dataset, seed=0)
     return path
 
 
@@ -162,3 +165,14 @@ def test_missing_and_empty_inputs(tmp_path: Path) -> None:
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(BnfoldError, match=r"is empty \(0 bytes\)"):
         pipeline.load_source(tmp_path / "empty.pt")
+
+
+def test_a_moved_training_data_path_is_a_note_but_named_data_must_load(tmp_path: Path) -> None:
+    moved = str(tmp_path / "gone" / "train.npz")
+    path = _save_cnn(tmp_path / "cnn.pt", dataset=moved)
+    outcome = pipeline.run(path, output=tmp_path / "a.onnx", config=FAST)
+    assert [c.key for c in outcome.checks] == ["pytorch/random", "onnxruntime/random"]
+    assert len(outcome.notes) == 1 and moved in outcome.notes[0]
+    with pytest.raises(BnfoldError):
+        pipeline.run(path, output=tmp_path / "b.onnx", config=pipeline.Config(n_random=8, data=moved))
+    assert not (tmp_path / "b.onnx").exists()

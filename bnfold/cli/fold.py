@@ -183,7 +183,7 @@ def show_outcome(console: Console, outcome: Outcome) -> None:
     console.print(f"[bold]{src.path}[/] ({src.kind}, {src.architecture}, input {src.input_shape}, "
                   f"{len(src.class_labels)} classes)")
     console.print(fold_table(outcome.fold))
-    for note in outcome.fold.notes:
+    for note in [*outcome.fold.notes, *outcome.notes]:
         console.print(f"note: {note}")
     console.print(verify_table([(c.stage, c.report) for c in outcome.checks]))
     summary = Table(title="artifact", title_justify="left", show_header=False)
