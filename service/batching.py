@@ -36,6 +36,7 @@ class _Item:
     key: tuple[Any, ...]
     future: asyncio.Future[list[np.ndarray]]
     loop: asyncio.AbstractEventLoop
+    nbytes: int
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -55,13 +56,17 @@ class Batcher:
     """A worker thread running ``run`` over coalesced requests; :meth:`submit` is called on the event loop."""
 
     def __init__(self, name: str, run: RunFn, *, batches: bool, max_batch_size: int, max_queue_delay_s: float,
-                 max_queue_size: int, observer: BatchObserver | None = None) -> None:
+                 max_queue_size: int, max_queue_bytes: int | None = None,
+                 observer: BatchObserver | None = None) -> None:
         self.name = name
         self._run = run
         self.batches = batches
         self.max_batch_size = max_batch_size if batches else 1
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
+        self.max_queue_bytes = max_queue_bytes
+        self._queued_bytes = 0  # input bytes accepted but not yet running
+        self._bytes_lock = threading.Lock()
         self._observer = observer
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=f"bnfold-batcher-{name}", daemon=True)
@@ -76,11 +81,18 @@ class Batcher:
         if self._queue.qsize() >= self.max_queue_size:
             raise Overloaded(f"model {self.name!r} already has {self.max_queue_size} requests queued "
                              "(max_queue_size); retry later")
+        nbytes = sum(a.nbytes for a in feeds.values())
+        with self._bytes_lock:
+            if self.max_queue_bytes is not None and self._queued_bytes and \
+                    self._queued_bytes + nbytes > self.max_queue_bytes:
+                raise Overloaded(f"model {self.name!r} already has {self._queued_bytes} input bytes queued; "
+                                 f"{nbytes} more would pass max_queue_bytes={self.max_queue_bytes}; retry later")
+            self._queued_bytes += nbytes
         loop = asyncio.get_running_loop()
         first = next(iter(feeds.values()))
         rows = first.shape[0] if self.batches and first.ndim else 1
         key = tuple((n, a.shape[1:], a.dtype.str) for n, a in feeds.items()) if self.batches else ()
-        item = _Item(feeds, rows, key, loop.create_future(), loop)
+        item = _Item(feeds, rows, key, loop.create_future(), loop, nbytes)
         self._queue.put(item)
         return await item.future
 
@@ -125,6 +137,8 @@ class Batcher:
         return batch, None, False
 
     def _execute(self, batch: list[_Item]) -> None:
+        with self._bytes_lock:
+            self._queued_bytes -= sum(i.nbytes for i in batch)
         start = time.perf_counter()
         if self._observer is not None:
             self._observer.batch(sum(i.rows for i in batch), [start - i.enqueued for i in batch])

@@ -23,6 +23,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=64, ge=1)  # most rows one coalesced onnxruntime run takes (per-model override)
     max_queue_delay_ms: float = Field(default=0.0, ge=0.0)  # extra wait to fill a batch; 0 = take what is queued now
     max_queue_size: int = Field(default=256, ge=1)  # queued requests per model before 503 + Retry-After
+    max_queue_bytes: int = Field(default=256 * 1024 * 1024, ge=1)  # queued input bytes per model before 503
     intra_op_threads: int = Field(default=0, ge=0)  # onnxruntime threads per model; 0 = usable CPUs/(workers*models)
     ort_spinning: bool = False  # let onnxruntime threads busy-wait (faster alone, steals CPU from the event loop)
     retry_after_s: int = Field(default=1, ge=1)  # Retry-After seconds sent with 503 overload

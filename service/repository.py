@@ -182,6 +182,7 @@ class ModelRepository:
             max_batch_size=config.max_batch_size or settings.max_batch_size,
             max_queue_delay_s=delay_ms / 1000.0,
             max_queue_size=settings.max_queue_size,
+            max_queue_bytes=settings.max_queue_bytes,
             observer=self.metrics.observer(entry.name),
         )
         entry.ready = True

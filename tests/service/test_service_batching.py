@@ -176,3 +176,23 @@ def test_worker_survives_an_internal_error() -> None:
     second = asyncio.run(scenario())  # the worker is still there to answer
     batcher.close()
     assert all(isinstance(r, RuntimeError) and "observer bug" in str(r) for r in first + second)
+
+
+def test_queue_bytes_are_bounded() -> None:
+    gate = threading.Event()
+    run = Recorder(gate)
+    batcher = _make(run, max_queue_bytes=12)  # one (1, 2) float32 request is 8 bytes
+
+    async def scenario() -> list[list[np.ndarray] | BaseException]:
+        first = asyncio.ensure_future(batcher.submit({"x": np.ones((1, 2), np.float32)}))
+        while not run.started.is_set():  # running requests no longer count against the budget
+            await asyncio.sleep(0.005)
+        rest = asyncio.ensure_future(_submit_all(batcher, [np.ones((1, 2), np.float32)] * 2))
+        await asyncio.sleep(0.02)
+        gate.set()
+        return [await first, *await rest]
+
+    results = asyncio.run(scenario())
+    batcher.close()
+    assert [type(r).__name__ for r in results] == ["list", "list", "Overloaded"]
+    assert "8 input bytes queued; 8 more would pass max_queue_bytes=12" in str(results[2])
