@@ -427,6 +427,7 @@ class Inspection:
     fold: FoldResult[Any]
     certificate: certificate.Certificate | None = None
     opset: int | None = None
+    selftest: Comparison | None = None  # the certificate's self-test re-run in onnxruntime
 
     def to_dict(self) -> dict[str, Any]:
         src = self.source
@@ -437,6 +438,9 @@ class Inspection:
             "fold_plan": [{"bn": bn, "status": s, "detail": d} for bn, s, d in self.fold.rows()],
             "notes": list(self.fold.notes),
             "certificate": None if self.certificate is None else json.loads(self.certificate.to_json()),
+            "selftest": None if self.selftest is None else {
+                "max_abs_error": self.selftest.max_abs, "allowed": self.selftest.allowed,
+                "passed": self.selftest.passed},
         }
 
 
@@ -448,7 +452,9 @@ def inspect_file(path: str | Path, options: LoadOptions | None = None) -> Inspec
         proto = source.model
         params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
         meta = {e.key: e.value for e in proto.metadata_props}
-        return Inspection(source, export.op_counts(proto), params, result, _certificate_or_none(meta), _opset(proto))
+        cert = _certificate_or_none(meta)
+        selftest = None if cert is None else cert.check(ort_runner(proto))
+        return Inspection(source, export.op_counts(proto), params, result, cert, _opset(proto), selftest)
     model = source.model
     leaves = [type(m).__name__ for m in model.modules() if next(m.children(), None) is None]
     params = sum(p.numel() for p in model.parameters())

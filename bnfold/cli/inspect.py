@@ -72,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
             top1 = err.get("top1_agreement")
             table.add_row(key, f"max abs {err.get('max_abs_error', float('nan')):.3g} on {err.get('n_samples')} "
                           f"samples, top-1 {'n/a' if top1 is None else f'{top1:.2%}'}")
-        table.add_row("self-test", f"{len(cert.selftest_input)} samples")
+        if info.selftest is not None:
+            verdict = "[green]reproduces[/]" if info.selftest.passed else "[red]DOES NOT REPRODUCE[/]"
+            table.add_row("self-test", f"{len(cert.selftest_input)} samples, {verdict} in onnxruntime: max abs error "
+                          f"{info.selftest.max_abs:.3g} (allowed {info.selftest.allowed:.3g})")
         console.print(table)
     return 0

@@ -40,3 +40,4 @@ def test_inspect_certified_onnx_as_json(trained: dict[str, Path], run_bnfold, tm
     assert body["fold_plan"] == []
     assert body["certificate"]["architecture"] == "cnn"
     assert body["certificate"]["source_sha256"] == pipeline.sha256_file(trained["cnn"])
+    assert body["selftest"]["passed"] is True and body["selftest"]["max_abs_error"] == 0.0
