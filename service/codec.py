@@ -232,8 +232,17 @@ def _decode_outputs(header: Mapping[str, Any], known: set[str], request: InferRe
 
 
 def _json_data(array: np.ndarray) -> Any:
-    flat = array.reshape(-1)
+    flat = np.ascontiguousarray(array).reshape(-1)
+    if flat.dtype.kind not in "biuf":  # strings (BYTES outputs): plain JSON strings
+        return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat.tolist()]
     return flat.astype(np.float32) if flat.dtype == np.float16 else flat  # float16 -> float32 is exact
+
+
+def _binary_data(array: np.ndarray) -> bytes:
+    if array.dtype.kind not in "biuf":  # BYTES: each element as a 4-byte little-endian length + its bytes
+        items = [v if isinstance(v, bytes) else str(v).encode() for v in array.reshape(-1).tolist()]
+        return b"".join(len(v).to_bytes(4, "little") + v for v in items)
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
 
 
 def encode_infer_response(model_name: str, model_version: str, request: InferRequest,
@@ -248,7 +257,7 @@ def encode_infer_response(model_name: str, model_version: str, request: InferReq
         entry: dict[str, Any] = {"name": name, "datatype": datatypes.get(name) or _datatype_of(array),
                                  "shape": list(array.shape)}
         if name in request.binary_outputs:
-            blob = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            blob = _binary_data(array)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:

@@ -91,6 +91,16 @@ def types_model() -> onnx.ModelProto:
     return model
 
 
+def strings_model() -> onnx.ModelProto:
+    """x FP32 [N,2] -> Cast(STRING) -> text BYTES [N,2]: a model whose output is not numeric."""
+    graph = helper.make_graph([helper.make_node("Cast", ["x"], ["text"], to=TensorProto.STRING)], "strings",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+                              [helper.make_tensor_value_info("text", TensorProto.STRING, ["N", 2])])
+    model = helper.make_model(graph, opset_imports=OPSET, ir_version=10)
+    onnx.checker.check_model(model)
+    return model
+
+
 def write_repository(root: Path) -> Path:
     """classifier (2 certified versions), conv, types, static (batch 1), tampered, corrupt, badconfig."""
     def save(name: str, version: int, model: onnx.ModelProto | bytes) -> None:
@@ -103,6 +113,7 @@ def write_repository(root: Path) -> Path:
     save("conv", 1, conv_model())
     (root / "conv" / "config.json").write_text(json.dumps({"max_batch_size": 8, "max_queue_delay_ms": 0}))
     save("types", 1, types_model())
+    save("strings", 1, strings_model())
     save("static", 1, gemm_model(3, batch=1))
     save("tampered", 1, certified(gemm_model(4), 4, tamper=0.5))
     save("corrupt", 1, b"this is not an onnx model")

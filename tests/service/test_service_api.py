@@ -471,3 +471,18 @@ def test_413_for_a_decompression_bomb(small_client: TestClient) -> None:
     assert len(bomb) < 1024
     response = small_client.post("/v2/models/classifier/infer", content=bomb, headers={"Content-Encoding": "gzip"})
     assert_error(response, 413, "inflated request body exceeds the limit of 1024 bytes")
+
+
+@pytest.mark.parametrize("binary", [pytest.param(False, id="json"), pytest.param(True, id="binary")])
+def test_string_outputs(client: TestClient, binary: bool) -> None:
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1.5, -2]}],
+            "outputs": [{"name": "text", "parameters": {"binary_data": binary}}]}
+    response = client.post("/v2/models/strings/infer", json=body)
+    assert response.status_code == 200, response.text
+    if binary:
+        length = int(response.headers["Inference-Header-Content-Length"])
+        assert json.loads(response.content[:length])["outputs"][0]["datatype"] == "BYTES"
+        assert response.content[length:] == b"\x03\x00\x00\x001.5\x02\x00\x00\x00-2"
+    else:
+        assert response.json()["outputs"][0] == {"name": "text", "datatype": "BYTES", "shape": [1, 2],
+                                                 "data": ["1.5", "-2"]}
