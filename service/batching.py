@@ -11,6 +11,7 @@ If a coalesced run fails, its requests are retried one by one so one bad input f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -50,6 +51,12 @@ def _resolve(future: asyncio.Future[list[np.ndarray]], result: list[np.ndarray] 
         future.set_exception(result)
     else:
         future.set_result(result)
+
+
+def _deliver(item: _Item, result: list[np.ndarray] | BaseException) -> None:
+    """Hand ``result`` to the caller's event loop (thread-safe); a closed loop means the caller is gone."""
+    with contextlib.suppress(RuntimeError):
+        item.loop.call_soon_threadsafe(_resolve, item.future, result)
 
 
 class Batcher:
@@ -113,7 +120,7 @@ class Batcher:
                 self._execute(batch)
             except Exception as exc:  # never let the worker die: every later request would hang
                 for item in batch:
-                    item.loop.call_soon_threadsafe(_resolve, item.future, RuntimeError(f"batch failed: {exc!r}"))
+                    _deliver(item, RuntimeError(f"batch failed: {exc!r}"))
             if stop:
                 return
 
@@ -144,7 +151,7 @@ class Batcher:
             self._observer.batch(sum(i.rows for i in batch), [start - i.enqueued for i in batch])
         if len(batch) == 1:
             item = batch[0]
-            item.loop.call_soon_threadsafe(_resolve, item.future, self._run_one(item.feeds))
+            _deliver(item, self._run_one(item.feeds))
             return
         feeds = {name: np.concatenate([i.feeds[name] for i in batch]) for name in batch[0].feeds}
         total = sum(i.rows for i in batch)
@@ -154,12 +161,12 @@ class Batcher:
                 raise ValueError(f"outputs {[o.shape for o in outputs]} do not have {total} rows")
         except Exception:  # retry one by one so only a bad input fails
             for item in batch:
-                item.loop.call_soon_threadsafe(_resolve, item.future, self._run_one(item.feeds))
+                _deliver(item, self._run_one(item.feeds))
             return
         start_row = 0
         for item in batch:
             stop_row = start_row + item.rows
-            item.loop.call_soon_threadsafe(_resolve, item.future, [o[start_row:stop_row] for o in outputs])
+            _deliver(item, [o[start_row:stop_row] for o in outputs])
             start_row = stop_row
 
     def _run_one(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray] | BaseException:

@@ -196,3 +196,19 @@ def test_queue_bytes_are_bounded() -> None:
     batcher.close()
     assert [type(r).__name__ for r in results] == ["list", "list", "Overloaded"]
     assert "8 input bytes queued; 8 more would pass max_queue_bytes=12" in str(results[2])
+
+
+def test_worker_survives_a_closed_caller_loop() -> None:
+    gate = threading.Event()
+    run = Recorder(gate)
+    batcher = _make(run)
+    loop = asyncio.new_event_loop()
+    future = loop.create_future()
+    loop.close()  # the caller's loop is gone before its result arrives
+    from service.batching import _Item
+
+    batcher._queue.put(_Item({"x": np.ones((1, 2), np.float32)}, 1, (), future, loop, 8))
+    gate.set()
+    results = asyncio.run(_submit_all(batcher, [np.ones((1, 2), np.float32)]))  # still answered
+    batcher.close()
+    assert not isinstance(results[0], BaseException)
