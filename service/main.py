@@ -45,12 +45,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    request.app.state.service.metrics.http_errors.labels(str(exc.status_code)).inc()
     return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+    request.app.state.service.metrics.http_errors.labels("400").inc()
     return JSONResponse({"error": f"invalid request: {problems}"}, status_code=400)
 
 

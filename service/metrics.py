@@ -22,6 +22,8 @@ class ServiceMetrics:
                                     ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.batch_size = Histogram("bnfold_batch_size", "Rows per onnxruntime run",
                                     ["model"], buckets=BATCH_BUCKETS, registry=self.registry)
+        self.http_errors = Counter("bnfold_http_errors", "Error responses by HTTP status (auth, limits, routing too)",
+                                   ["status"], registry=self.registry)
         self.model_ready = Gauge("bnfold_model_ready", "1 if the model version serves, else 0",
                                  ["model", "version"], registry=self.registry)
 

@@ -52,6 +52,8 @@ def test_401_without_the_key(keyed: TestClient, method: str, path: str, headers:
     assert response.status_code == 401
     assert response.json() == {"error": "missing or wrong API key: send 'Authorization: Bearer <key>'"}
     assert response.headers["WWW-Authenticate"] == "Bearer"
+    text = keyed.get("/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    assert 'bnfold_http_errors_total{status="401"} 1.0' in text
 
 
 @pytest.mark.parametrize(("method", "path"), PROTECTED)
