@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -196,7 +197,9 @@ def runner(model: Any) -> Runner:
 def ort_runner(model: Any, *, optimize: bool = False, threads: int = 0) -> Runner:
     """Run an ONNX model with onnxruntime on CPU; graph optimizations off unless ``optimize``.
 
-    Feeds the first graph input (cast to its declared dtype) and returns the first output.
+    Feeds the first graph input (cast to its declared dtype) and returns the first output. A
+    model with a fixed batch size ``b`` is run in chunks of ``b`` (the last one padded by
+    repeating its first sample, and the padding's outputs dropped).
     """
     import onnxruntime as ort
 
@@ -210,14 +213,43 @@ def ort_runner(model: Any, *, optimize: bool = False, threads: int = 0) -> Runne
     try:
         session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for invalid graphs
-        raise BnfoldError(f"onnxruntime cannot load the model: {' '.join(str(exc).split())[:300]}") from exc
+        raise BnfoldError(f"onnxruntime cannot load the model: {ort_message(exc)}") from exc
     feed = session.get_inputs()[0]
     dtype = np.float64 if feed.type == "tensor(double)" else np.float32
 
+    fixed = feed.shape[0] if feed.shape and isinstance(feed.shape[0], int) and feed.shape[0] > 0 else None
+
+    def run_once(x: np.ndarray) -> np.ndarray:
+        try:
+            return np.asarray(session.run(None, {feed.name: np.ascontiguousarray(x, dtype=dtype)})[0])
+        except Exception as exc:  # onnxruntime's own exception types
+            raise BnfoldError(
+                f"onnxruntime failed on input {feed.name!r} of shape {list(x.shape)} (model expects {feed.shape}): "
+                f"{ort_message(exc)}"
+            ) from exc
+
     def run(x: np.ndarray) -> np.ndarray:
-        return np.asarray(session.run(None, {feed.name: np.ascontiguousarray(x, dtype=dtype)})[0])
+        if fixed is None or x.shape[0] == fixed:
+            return run_once(x)
+        outs = []
+        for i in range(0, x.shape[0], fixed):
+            chunk = x[i : i + fixed]
+            n = chunk.shape[0]
+            if n < fixed:
+                chunk = np.concatenate([chunk, np.repeat(chunk[:1], fixed - n, axis=0)])
+            outs.append(run_once(chunk)[:n])
+        return np.concatenate(outs, axis=0)
 
     return run
+
+
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (/\S+:\d+ .*?\)\s(?=[A-Z\[]))?")
+
+
+def ort_message(exc: BaseException) -> str:
+    """onnxruntime's error text without its status code and C++ source location, on one line."""
+    text = _ORT_PREFIX.sub("", " ".join(str(exc).split()))
+    return text if len(text) <= 300 else text[:300] + "..."
 
 
 def _torch_runner(module: Any) -> Runner:

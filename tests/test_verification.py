@@ -15,7 +15,7 @@ import bnfold
 from bnfold.errors import BnfoldError, VerificationFailed
 from bnfold.export import to_onnx
 from bnfold.tolerance import Tolerance
-from bnfold.verification import baseline_outputs, top1_agreement, verify
+from bnfold.verification import baseline_outputs, ort_runner, top1_agreement, verify
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -171,3 +171,26 @@ def test_precomputed_baseline_gives_the_same_report() -> None:
     assert verify(m, folded, x, baseline=base) == verify(m, folded, x)
     with pytest.raises(ValueError, match="baseline has 32 samples but inputs have 8"):
         verify(m, folded, x[:8], baseline=base)
+
+
+def _relu_onnx(batch: int | str, ir_version: int = 10) -> onnx.ModelProto:
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [batch, 3])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [batch, 3])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=ir_version)
+
+
+@pytest.mark.parametrize("batch", [pytest.param(1, id="batch-1"), pytest.param(4, id="batch-4-padded")])
+def test_fixed_batch_onnx_models_run_in_chunks(batch: int) -> None:
+    x = np.random.default_rng(0).standard_normal((10, 3)).astype(np.float32)
+    np.testing.assert_array_equal(ort_runner(_relu_onnx(batch))(x), np.maximum(x, 0))
+
+
+def test_onnxruntime_run_failure_names_the_shapes() -> None:
+    with pytest.raises(BnfoldError, match=r"failed on input 'x' of shape \[2, 5\]"):
+        ort_runner(_relu_onnx("N"))(np.zeros((2, 5), np.float32))
+
+
+def test_onnxruntime_load_failure_is_one_readable_line() -> None:
+    with pytest.raises(BnfoldError, match=r"^onnxruntime cannot load the model: Unsupported model IR version: 99"):
+        ort_runner(_relu_onnx("N", ir_version=99))
