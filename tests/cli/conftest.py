@@ -39,15 +39,23 @@ def run_bnfold() -> RunBnfold:
     return run
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One trained bnfold checkpoint per architecture (session-scoped: trained once)."""
-    from bnfold.train import TrainConfig, train
+class Checkpoints(dict[str, Path]):
+    """Trained tiny checkpoints by architecture name, each trained on first use and then reused."""
 
-    root = tmp_path_factory.mktemp("checkpoints")
-    paths = {}
-    for arch, config in TINY.items():
-        path = root / f"{arch}.pt"
-        train(TrainConfig(arch=arch, epochs=1, batch_size=128, arch_config=config, device="cpu"), output=path)
-        paths[arch] = path
-    return paths
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, arch: str) -> Path:
+        from bnfold.train import TrainConfig, train
+
+        path = self.root / f"{arch}.pt"
+        train(TrainConfig(arch=arch, epochs=1, batch_size=128, arch_config=TINY[arch], device="cpu"), output=path)
+        self[arch] = path
+        return path
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
+    """``trained[arch]``: a bnfold checkpoint of ``arch`` trained for one epoch (session-scoped)."""
+    return Checkpoints(tmp_path_factory.mktemp("checkpoints"))
