@@ -243,3 +243,27 @@ def test_fold_state_dict_with_own_model_factory(run_bnfold, tmp_path: Path) -> N
     with torch.no_grad():
         expected = model.eval().double()(torch.from_numpy(x).double()).numpy()
     assert Tolerance().compare(ort_runner(exported)(x), expected).passed
+
+
+def test_a_bad_fold_exits_1_and_writes_nothing(trained: dict[str, Path], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import copy
+
+    import bnfold
+    from bnfold.cli import main
+    from bnfold.result import FoldResult
+
+    def bad_fold(model: torch.nn.Module, **_: object) -> FoldResult[torch.nn.Module]:
+        broken = copy.deepcopy(model).eval()
+        with torch.no_grad():
+            broken.head[-1].weight.mul_(1.001)  # a fold with a 0.1 % scale error
+        return FoldResult(broken)
+
+    monkeypatch.setattr(bnfold, "fold", bad_fold)
+    before = _files(tmp_path)
+    code = main(["fold", str(trained["cnn"]), "-o", str(tmp_path / "out.onnx"), "--report", str(tmp_path / "r.json")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("bnfold: error: verification failed against original (float64)")
+    assert _files(tmp_path) == before
