@@ -88,7 +88,7 @@ def add_verify_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--samples", type=int, default=64, help="random N(0,1) inputs per check")
     g.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     g.add_argument("--data", metavar="NAME|PATH",
-                   help="also verify on this data set's validation split (default: the checkpoint's data set)")
+                   help="also verify on this data set's validation split; unset: the checkpoint's own data set")
     g.add_argument("--no-data", action="store_true", help="verify on random inputs only")
 
 
