@@ -3,7 +3,8 @@
 Each measurement runs :func:`bnfold.pipeline.fold_and_certify` (exactly what ``bnfold fold`` does
 between loading and writing: fold, verify in PyTorch against a float64 reference on 64 random and
 the validation samples, export to ONNX, verify onnxruntime against PyTorch, attach and re-check
-the certificate) and reads its per-step timings; the median of ``repeats`` runs is reported.
+the certificate) and reads its per-step timings; the median of ``repeats`` interleaved rounds is
+reported (each round runs every model once), and the fit is repeated on the per-model minimum.
 
 The depth sweep uses bnfold's ``resnet`` with one stage of ``b`` basic blocks at constant width,
 so the number of normalization layers is ``n = 2b + 1`` BatchNorm2d plus the InputNorm: 8, 16, 32
@@ -28,19 +29,26 @@ from benchmarks import common
 STEPS = ("fold", "verify", "export", "verify_onnx", "certify")
 
 
-def time_pipeline(path: Path, repeats: int) -> dict[str, Any]:
-    """Median per-step and total seconds of ``fold_and_certify`` on ``path`` over ``repeats`` runs."""
+def time_pipelines(paths: list[Path], repeats: int) -> list[dict[str, Any]]:
+    """Per path: median (and minimum) per-step and total seconds of ``fold_and_certify`` over ``repeats``
+    rounds; each round runs every path once, so load from other processes hits all paths alike."""
     from bnfold.pipeline import fold_and_certify, load_source
 
-    runs = []
+    runs: list[list[dict[str, float]]] = [[] for _ in paths]
+    info: list[dict[str, Any]] = [{} for _ in paths]
     for _ in range(repeats):
-        source = load_source(path)  # a fresh, unfolded model every time (fold never mutates, but be sure)
-        outcome = fold_and_certify(source)
-        runs.append(outcome.timings)
-    steps = {step: statistics.median(r.get(step, 0.0) for r in runs) for step in STEPS}
-    total = statistics.median(sum(r.get(s, 0.0) for s in STEPS) for r in runs)
-    return {"steps_s": steps, "total_s": total, "folded": outcome.fold.counts.get("folded", 0),
-            "kept": outcome.fold.counts.get("kept", 0), "input_shape": source.input_shape}
+        for i, path in enumerate(paths):
+            source = load_source(path)  # a fresh, unfolded model every time
+            outcome = fold_and_certify(source)
+            runs[i].append(outcome.timings)
+            info[i] = {"folded": outcome.fold.counts.get("folded", 0), "kept": outcome.fold.counts.get("kept", 0),
+                       "input_shape": source.input_shape}
+    results = []
+    for timings, extra in zip(runs, info, strict=True):
+        totals = [sum(t.get(s, 0.0) for s in STEPS) for t in timings]
+        results.append({"steps_s": {step: statistics.median(t.get(step, 0.0) for t in timings) for step in STEPS},
+                        "total_s": statistics.median(totals), "total_min_s": min(totals), **extra})
+    return results
 
 
 def linear_fit(x: list[float], y: list[float]) -> dict[str, float]:
@@ -62,18 +70,19 @@ def run(out: Path, *, mode: str = "full") -> dict[str, Any]:
 
     common.check_mode(mode)
     torch.set_num_threads(1)
-    repeats = 3 if mode == "full" else 1
+    repeats = 5 if mode == "full" else 1
     epochs = 3 if mode == "full" else 1
-    per_arch = []
-    for arch in (("mlp", "cnn") if mode == "smoke" else ("resnet", "mobilenet", "mlp", "cnn")):
-        common.log(f"fold cost: {arch}")
-        per_arch.append({"model": arch, **time_pipeline(common.trained_checkpoint(arch, epochs=epochs), repeats)})
-    depth = []
-    for blocks in {"full": (3, 7, 15, 31), "quick": (3, 7, 15), "smoke": (1, 2, 3)}[mode]:
-        path = common.trained_checkpoint("resnet", epochs=1, depth=1, blocks_per_stage=blocks)
-        common.log(f"fold cost: resnet with {2 * blocks + 2} normalization layers")
-        depth.append({"blocks": blocks, "norm_layers": 2 * blocks + 2, **time_pipeline(path, repeats)})
-    fits = {"total": linear_fit([d["norm_layers"] for d in depth], [d["total_s"] for d in depth])}
+    archs = ("mlp", "cnn") if mode == "smoke" else ("resnet", "mobilenet", "mlp", "cnn")
+    common.log(f"fold cost: {', '.join(archs)}")
+    per_arch = [{"model": arch, **row} for arch, row in zip(archs, time_pipelines(
+        [common.trained_checkpoint(arch, epochs=epochs) for arch in archs], repeats), strict=True)]
+    blocks = {"full": (3, 7, 15, 31), "quick": (3, 7, 15), "smoke": (1, 2, 3)}[mode]
+    paths = [common.trained_checkpoint("resnet", epochs=1, depth=1, blocks_per_stage=b) for b in blocks]
+    common.log(f"fold cost: resnet with {', '.join(str(2 * b + 2) for b in blocks)} normalization layers")
+    depth = [{"blocks": b, "norm_layers": 2 * b + 2, **row}
+             for b, row in zip(blocks, time_pipelines(paths, repeats), strict=True)]
+    fits = {"total": linear_fit([d["norm_layers"] for d in depth], [d["total_s"] for d in depth]),
+            "total (minimum)": linear_fit([d["norm_layers"] for d in depth], [d["total_min_s"] for d in depth])}
     for step in STEPS:
         values = [d["steps_s"][step] for d in depth]
         if min(values) > 0:

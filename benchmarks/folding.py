@@ -121,7 +121,7 @@ def run(out: Path, *, mode: str = "full") -> dict[str, Any]:
     for label, path in models(mode):
         common.log(f"folding benchmark: {label}")
         results.append(bench_model(label, path, batches=batches, repeats=repeats,
-                                   session_repeats=15 if mode == "full" else 3))
+                                   session_repeats=30 if mode == "full" else 3))
     body = {"benchmark": "folding", "mode": mode, "machine": common.machine(),
             "settings": {"threads": 1, "batches": list(batches), "repeats": {str(k): v for k, v in repeats.items()}},
             "results": results}
