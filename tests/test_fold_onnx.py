@@ -447,6 +447,24 @@ def test_constant_node_weights_and_bn_params() -> None:
     assert [node.op_type for node in result.model.graph.node] == ["Conv"]  # dead Constants removed
 
 
+def test_identity_wrapped_weights_and_bn_params() -> None:
+    """torch.onnx without constant folding reads every initializer through an Identity node."""
+    n = Net()
+    n.bn(n.node("Conv", ["x", n.rand("w", 3, 2, 3, 3), n.rand("b", 3)], "y"), 3, "z")
+    identities = []
+    for node in n.nodes:
+        for j in range(1, len(node.input)):
+            name = node.input[j]
+            identities.append(helper.make_node("Identity", [name], [f"{name}_id"], name=f"id_{name}"))
+            node.input[j] = f"{name}_id"
+    n.nodes[:0] = identities
+    model = n.model({"x": (1, 2, 5, 5)}, ["z"])
+    assert sum(node.op_type == "Identity" for node in model.graph.node) == 6
+    result = check_fold(model, n.feeds(model), folded=1, bns_left=0, nodes_left=1, numpy_reference=False)
+    assert [node.op_type for node in result.model.graph.node] == ["Conv"]  # dead Identities removed
+    assert len(result.model.graph.initializer) == 2  # only the folded weight and bias remain
+
+
 def test_value_float_constants() -> None:
     n = Net()
     n.node("Gemm", ["x", n.rand("w", 2, 1)], "y")

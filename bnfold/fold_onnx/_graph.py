@@ -121,6 +121,10 @@ class Graph:
             node = self.producer.get(name)
             if node is None:
                 return f"{subject} is not produced by any node or initializer"
+            if node.op_type == "Identity" and node.domain in ("", "ai.onnx"):
+                # Exporters emit Identity over initializers (torch.onnx without constant folding).
+                inner = self.constant(node.input[0], role, owner)
+                return inner if isinstance(inner, str) else Const(name, inner.value, inner.elem_type)
             if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
                 return f"{subject} is computed by {self.describe(node)} at run time, not a constant"
             tensor = _constant_tensor(node)
@@ -227,12 +231,15 @@ class Graph:
     def finish(self) -> None:
         """Drop removed nodes, the initializers and Constant nodes the rewrites orphaned (never
         anything else), and value_info of values that no longer exist."""
-        for name in sorted(self.orphan_candidates):
+        pending = sorted(self.orphan_candidates)
+        while pending:  # removing an Identity can orphan its input in turn
+            name = pending.pop()
             if self.uses[name] > 0 or name in self.inputs:
                 continue
             node = self.producer.get(name)
-            if node is not None and node.op_type == "Constant" and len(node.output) == 1:
+            if node is not None and node.op_type in ("Constant", "Identity") and len(node.output) == 1:
                 self.remove_node(node)
+                pending.extend(n for n in node.input if n)
             if name in self.initializers:
                 self._gone.add(name)
                 del self.initializers[name]
