@@ -259,3 +259,16 @@ def test_liveness_does_not_wait_for_models(manifests: dict[str, list[dict[str, A
         for kind, probe, container in probes(manifests):
             expected = 200 if kind == "livenessProbe" else 503
             assert client.get(probe["httpGet"]["path"]).status_code == expected, (container["name"], kind)
+
+
+def test_autoscaling_bounds_are_consistent(manifests: dict[str, list[dict[str, Any]]]) -> None:
+    replicas = find(manifests, "Deployment")["spec"]["replicas"]
+    hpa = find(manifests, "HorizontalPodAutoscaler")["spec"]
+    pdb = find(manifests, "PodDisruptionBudget")["spec"]
+    assert hpa["minReplicas"] <= replicas <= hpa["maxReplicas"], (replicas, hpa)
+    # minAvailable below the HPA floor, or the PDB would block every node drain at minimum scale.
+    assert pdb["minAvailable"] < hpa["minReplicas"], (pdb, hpa)
+    (metric,) = hpa["metrics"]
+    assert metric["resource"]["name"] == "cpu"  # Utilization is relative to the CPU request, which exists:
+    container = find(manifests, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert "cpu" in container["resources"]["requests"]
