@@ -51,7 +51,7 @@ def summary(results: dict[str, dict[str, Any]], seconds: float) -> str:
     serve = results.get("serving")
     if serve:
         for t in serve["targets"]:
-            unit = " ms" if "ms" in t["target"] else "x"
+            unit = " ms" if t["target"].startswith("c=1 p50") else "x"
             rows.append([f"{t['model']} {t['encoding']}: {t['target']}", f"{t['value']:.2f}{unit} "
                          f"({t['ours']:.1f} vs {t['theirs']:.1f})", _met(t["met"])])
         top = max(g["rps"] for g in serve["generator_ceiling"])

@@ -459,7 +459,7 @@ def markdown(body: dict[str, Any]) -> str:
     text += "\n### Targets\n\n" + common.markdown_table(
         ["target", "model", "body", "bnfold", "other", "value", "met"],
         [[t["target"], t["model"], t["encoding"], f"{t['ours']:.2f}", f"{t['theirs']:.2f}",
-          f"{t['value']:.2f}{' ms' if 'ms' in t['target'] else 'x'}", "yes" if t["met"] else "**no**"]
+          f"{t['value']:.2f}{' ms' if t['target'].startswith('c=1 p50') else 'x'}", "yes" if t["met"] else "**no**"]
          for t in body["targets"]])
     return text
 
