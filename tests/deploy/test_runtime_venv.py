@@ -95,11 +95,12 @@ def build_stage_outputs(dockerfile: Any, scratch: Path, models: Path) -> Path:
         for src in sources:
             copy_into(REPO / src, in_root(root, dest, workdir), dest.endswith("/"))
     wheels = in_root(root, "/build/wheels")
-    subprocess.run(
+    result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
          "--wheel-dir", str(wheels), str(in_root(root, workdir))],
-        check=True, capture_output=True, timeout=120,
+        capture_output=True, text=True, timeout=120, check=False,
     )
+    assert result.returncode == 0, f"building the bnfold wheel failed:\n{result.stdout}\n{result.stderr}"
     shutil.copytree(models, in_root(root, "/build/models"))
     return root
 
