@@ -106,7 +106,7 @@ def serving(body: dict[str, Any], path: Path) -> None:
         ceiling = sorted((g["concurrency"], g["rps"]) for g in body["generator_ceiling"])
         if ceiling:
             c, rps = zip(*ceiling, strict=True)
-            row_axes[0].plot(c, rps, color="gray", lw=3, alpha=0.4, label="load generator ceiling")
+            row_axes[0].plot(c, rps, color="gray", lw=3, alpha=0.4, label="load generator ceiling (trivial endpoint)")
         for ax, ylabel in zip(row_axes, ("requests/s", "p50 latency (ms)"), strict=True):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -114,7 +114,8 @@ def serving(body: dict[str, Any], path: Path) -> None:
             ax.set_ylabel(ylabel)
             ax.set_title(f"{model}: {ylabel}", fontsize=10)
             ax.grid(alpha=0.3, which="both")
-        row_axes[1].legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
     s = body["settings"]
     fig.suptitle(f"Serving, server on CPU {s['server_cpus']}, {s['generator']} on CPU {s['generator_cpus']}; "
                  f"{_subtitle(body)}", fontsize=10)
