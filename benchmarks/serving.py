@@ -363,10 +363,10 @@ def run(out: Path, *, mode: str = "full", skip: tuple[str, ...] = (), generator:
                                    f"server CPU {cpu_ms:.3f} ms/request, errors {result.errors}")
     ceilings = {m.name: run_ceiling(m, levels, 300 if mode == "full" else 50) for m in models.values()}
     for name, ceil in ceilings.items():
-        for c in ceil:
+        for point in ceil:
             rows.append({"server": "in-process onnxruntime", "model": name, "encoding": "none", "body_bytes": 0,
                          "generator": "none", "seconds": 0.0, "requests": 0, "errors": 0,
-                         "server_cpu_ms_per_request": c["p50_ms"] / c["concurrency"], **c})
+                         "server_cpu_ms_per_request": point["p50_ms"] / point["concurrency"], **point})
     body_ = {"benchmark": "serving", "mode": mode, "machine": common.machine(),
              "settings": {"generator": generator, "server_cpus": sorted(SERVER_CPUS),
                           "generator_cpus": sorted(GENERATOR_CPUS), "seconds_per_point": seconds,
