@@ -20,7 +20,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import common, fold_cost, folding, plots, serving
+from benchmarks import common, fold_cost, folding, plots, report, serving
 
 BENCHMARKS = ("folding", "fold_cost", "serving")
 
@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     text = summary(results, time.perf_counter() - start)
     (out / "summary.md").write_text(text)
     print(text)
+    if out == common.RESULTS and args.mode == "full" and not args.only:
+        report.update_readmes(out)  # the READMEs quote the checked-in run
+        common.log("updated the result tables in benchmarks/README.md and README.md")
     common.log(f"done in {time.perf_counter() - start:.0f} s")
     return 0
 
