@@ -4,10 +4,12 @@ The serving benchmark shows ``bnfold serve`` spending far more CPU per request t
 does (cnn: ~0.3 ms per request for ~0.01 ms of model time), and py-spy puts most of the main
 thread's time in FastAPI's own request handling (dependency solving, included-router matching,
 the request/response wrapper), not in bnfold's code. This experiment measures that share directly:
-one server process runs bnfold's unchanged app plus one extra route,
-``POST /raw/v2/models/{name}/infer``, a plain Starlette endpoint that calls the very same
-:func:`service.inference.infer` (without the API-key check, body cap and metrics, which are cheap);
-both paths are loaded in interleaved slices and compared on server CPU per request and requests/s.
+one server process runs bnfold's unchanged app plus two extra routes that call the very same
+:func:`service.inference.infer` (without the API-key check, body cap and metrics, which are cheap):
+``POST /raw/v2/models/{name}/infer``, a plain Starlette endpoint, and
+``POST /nodeps/v2/models/{name}/infer``, the same handler as a FastAPI route on the app itself
+without dependencies; all paths are loaded in interleaved slices and compared on server CPU per
+request and requests/s.
 Nothing in ``service/`` is changed.
 
 Run: ``python benchmarks/route_overhead.py [--quick] [--out DIR]`` (needs the serving benchmark's
@@ -27,14 +29,14 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
+from starlette.requests import Request  # module level: FastAPI resolves the route's annotations here
+from starlette.responses import Response
 
 from benchmarks import common, loadgen, serving
 
 
 def app() -> Any:
     """bnfold's app from ``BNFOLD_*`` settings, plus the raw Starlette route in front of its routers."""
-    from starlette.requests import Request
-    from starlette.responses import Response
     from starlette.routing import Route
 
     from service import inference
@@ -56,7 +58,13 @@ def app() -> Any:
         return Response(result.body, media_type="application/octet-stream",
                         headers={"Inference-Header-Content-Length": str(result.header_length)})
 
+    async def nodeps_infer(name: str, request: Request) -> Response:
+        """The raw handler as a FastAPI route on the app itself: no dependencies, no included router."""
+        return await raw_infer(request)
+
     fastapi_app.router.routes.insert(0, Route("/raw/v2/models/{name}/infer", raw_infer, methods=["POST"]))
+    fastapi_app.add_api_route("/nodeps/v2/models/{name}/infer", nodeps_infer, methods=["POST"])
+    fastapi_app.router.routes.insert(1, fastapi_app.router.routes.pop())  # match before the included routers
     return fastapi_app
 
 
@@ -90,17 +98,18 @@ def run(out: Path, *, mode: str = "full") -> dict[str, Any]:
             for encoding in ("json", "binary"):
                 body, headers = model.oip_binary() if encoding == "binary" else model.oip_json()
                 urls = {"FastAPI route (as served)": f"http://127.0.0.1:{port}/v2/models/{name}/infer",
+                        "FastAPI route, no dependencies": f"http://127.0.0.1:{port}/nodeps/v2/models/{name}/infer",
                         "raw Starlette route": f"http://127.0.0.1:{port}/raw/v2/models/{name}/infer"}
                 answers = [serving.decode_output(*serving.post(u, body, headers)) for u in urls.values()]
-                assert (answers[0] == answers[1]).all(), "the two routes must answer identically"
+                assert all((a == answers[0]).all() for a in answers), "every route must answer identically"
                 cpu: dict[str, list[float]] = {k: [] for k in urls}
                 rps: dict[str, list[float]] = {k: [] for k in urls}
                 for url in urls.values():
                     loadgen.run_load(generator, url, body, headers, concurrency=concurrency, seconds=1.0,
                                      cpus=serving.GENERATOR_CPUS)
                 for round_ in range(rounds):
-                    order = list(urls) if round_ % 2 == 0 else list(urls)[::-1]
-                    for label in order:
+                    shift = round_ % len(urls)
+                    for label in list(urls)[shift:] + list(urls)[:shift]:
                         before = common.tree_cpu_seconds(proc.pid)
                         load = loadgen.run_load(generator, urls[label], body, headers, concurrency=concurrency,
                                                 seconds=seconds, cpus=serving.GENERATOR_CPUS)
@@ -123,18 +132,18 @@ def run(out: Path, *, mode: str = "full") -> dict[str, Any]:
 
 
 def markdown(body: dict[str, Any]) -> str:
-    rows = []
+    routes = list(dict.fromkeys(r["route"] for r in body["results"]))
     by = {(r["model"], r["encoding"], r["route"]): r for r in body["results"]}
-    for (model, encoding, route), r in by.items():
-        if route.startswith("raw"):
-            continue
-        raw = by[(model, encoding, "raw Starlette route")]
-        rows.append([model, encoding, f"{r['server_cpu_ms_per_request']:.3f}",
-                     f"{raw['server_cpu_ms_per_request']:.3f}", f"{r['rps']:.0f}", f"{raw['rps']:.0f}",
-                     f"**{raw['rps'] / r['rps']:.2f}x**"])
+    rows = []
+    for model, encoding in dict.fromkeys((r["model"], r["encoding"]) for r in body["results"]):
+        base = by[(model, encoding, routes[0])]
+        rows.append([model, encoding, *[f"{by[(model, encoding, route)]['server_cpu_ms_per_request']:.3f}"
+                                        for route in routes],
+                     *[f"{r['rps']:.0f} ({r['rps'] / base['rps']:.2f}x)"
+                       for r in (by[(model, encoding, route)] for route in routes)]])
+    header = ["model", "body", *[f"CPU ms/req, {route}" for route in routes], *[f"req/s, {route}" for route in routes]]
     return (f"c={body['results'][0]['concurrency']}, load average {body['machine']['load_average_1_5_15']}\n\n"
-            + common.markdown_table(["model", "body", "CPU ms/req, FastAPI route", "CPU ms/req, raw route",
-                                     "req/s, FastAPI route", "req/s, raw route", "raw / FastAPI"], rows))
+            + common.markdown_table(header, rows))
 
 
 def main(argv: list[str] | None = None) -> int:
