@@ -80,11 +80,12 @@ def run(out: Path, *, mode: str = "full") -> dict[str, Any]:
     if not repo.is_dir():
         flag = "" if mode == "full" else f" --{mode}"
         raise SystemExit(f"{repo} is missing: run `python benchmarks/serving.py{flag}` first")
-    rounds, seconds, concurrency = (3, 1.0, 32) if mode == "full" else (1, 1.0, 32)
+    rounds, seconds, concurrency = (3, 1.0, 32) if mode == "full" else (1, 0.5, 32)
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) >= 2:
         serving.SERVER_CPUS, serving.GENERATOR_CPUS = {cpus[0]}, {cpus[1]}
     generator = "wrk" if loadgen.ensure_wrk(install=False) else "asyncio"
+    common.log(f"route overhead: {generator} on CPU {sorted(serving.GENERATOR_CPUS)}")
     port = serving.free_port()
     env = {"BNFOLD_MODEL_REPOSITORY": str(repo), "BNFOLD_PORT": str(port), "BNFOLD_LOG_LEVEL": "warning"}
     shapes = {"cnn": [1, 8, 8], "resnet": [3, 32, 32]}
@@ -104,7 +105,7 @@ def run(out: Path, *, mode: str = "full") -> dict[str, Any]:
                 assert all((a == answers[0]).all() for a in answers), "every route must answer identically"
                 cpu: dict[str, list[float]] = {k: [] for k in urls}
                 rps: dict[str, list[float]] = {k: [] for k in urls}
-                for url in urls.values():
+                for url in urls.values() if mode != "smoke" else ():  # warm-up, not recorded
                     loadgen.run_load(generator, url, body, headers, concurrency=concurrency, seconds=1.0,
                                      cpus=serving.GENERATOR_CPUS)
                 for round_ in range(rounds):

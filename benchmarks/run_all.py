@@ -4,7 +4,7 @@
     python benchmarks/run_all.py --quick    # a few minutes -> benchmarks/results-quick/
     python benchmarks/run_all.py --smoke    # seconds; what CI runs (tests/test_benchmarks_smoke.py)
 
-Options: ``--only folding|fold_cost|serving`` (repeatable), ``--skip-server LABEL`` (e.g. bentoml),
+Options: ``--only folding|fold_cost|serving|route_overhead`` (repeatable), ``--skip-server LABEL`` (e.g. bentoml),
 ``--generator wrk|asyncio``.
 """
 
@@ -20,9 +20,9 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import common, fold_cost, folding, plots, report, serving
+from benchmarks import common, fold_cost, folding, plots, report, route_overhead, serving
 
-BENCHMARKS = ("folding", "fold_cost", "serving")
+BENCHMARKS = ("folding", "fold_cost", "serving", "route_overhead")  # route_overhead reuses serving's models
 
 
 def summary(results: dict[str, dict[str, Any]], seconds: float) -> str:
@@ -86,9 +86,11 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = folding.run(out, mode=args.mode)
         elif name == "fold_cost":
             results[name] = fold_cost.run(out, mode=args.mode)
-        else:
+        elif name == "serving":
             results[name] = serving.run(out, mode=args.mode, skip=tuple(s.lower() for s in args.skip_server),
                                         generator=args.generator)
+        else:
+            results[name] = route_overhead.run(out, mode=args.mode)
     plots.draw(out)
     text = summary(results, time.perf_counter() - start)
     (out / "summary.md").write_text(text)

@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import fold_cost, loadgen  # noqa: E402
+from benchmarks import fold_cost, loadgen, report  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,8 @@ def _positive(value: float) -> bool:
 
 @pytest.mark.parametrize("name", [
     pytest.param(n, id=n) for n in ("folding.json", "folding.md", "folding.png", "fold_cost.json", "fold_cost.md",
-                                    "fold_cost.png", "serving.json", "serving.md", "serving.png", "summary.md")])
+                                    "fold_cost.png", "serving.json", "serving.md", "serving.png", "route_overhead.json",
+                                    "route_overhead.md", "summary.md")])
 def test_output_written(smoke: Path, name: str) -> None:
     path = smoke / name
     assert path.is_file() and path.stat().st_size > 100
@@ -115,3 +116,26 @@ def test_asyncio_generator_counts_errors_and_latency(tmp_path: Path) -> None:
     assert 0 < load.p50_ms <= load.p99_ms
     with pytest.raises(RuntimeError, match=r"load generator failed|no response"):
         loadgen.run_asyncio(f"http://127.0.0.1:{free_port()}/x", b"{}", {}, concurrency=2, seconds=0.2)
+
+
+def test_route_overhead_values(smoke: Path) -> None:
+    body = _load(smoke, "route_overhead")
+    routes = {r["route"] for r in body["results"]}
+    assert routes == {"FastAPI route (as served)", "FastAPI route, no dependencies", "raw Starlette route"}
+    assert {(r["model"], r["encoding"]) for r in body["results"]} == {("cnn", "json"), ("cnn", "binary")}
+    for r in body["results"]:
+        assert _positive(r["rps"]) and _positive(r["server_cpu_ms_per_request"])
+
+
+def test_report_renders_the_smoke_results(smoke: Path, tmp_path: Path) -> None:
+    results = {n: _load(smoke, n) for n in ("folding", "fold_cost", "serving")}
+    folding = report.folding_table(results["folding"])
+    assert folding.count("\n") == 2 + len(results["folding"]["results"]) and "nan" not in folding
+    serving = report.serving_table(results["serving"], c=8)
+    assert "bnfold serve (batching)" in serving and "naive FastAPI + PyTorch" in serving and "nan" not in serving
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- bench:t -->\nold\n<!-- /bench:t -->\nrest\n")
+    report.replace_block(readme, "t", serving)
+    assert readme.read_text() == f"# x\n<!-- bench:t -->\n{serving}<!-- /bench:t -->\nrest\n"
+    with pytest.raises(ValueError, match="no <!-- bench:missing -->"):
+        report.replace_block(readme, "missing", "text")
