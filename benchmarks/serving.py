@@ -319,14 +319,23 @@ def run(out: Path, *, mode: str = "full", skip: tuple[str, ...] = (), generator:
     references = {m.name: _reference(m) for m in models.values()}
     running = [t for t in targets(models, workdir, bentoml) if not any(s in t.label.lower() for s in skip)]
     pids: dict[str, int] = {}
+    skipped: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
         # Every server runs at once (idle ones cost nothing) so that each point's slices can be interleaved.
-        for i, target in enumerate(running):
+        for i, target in enumerate(list(running)):
             common.log(f"serving benchmark: starting {target.label}")
             started = time.perf_counter()
-            pids[target.label] = stack.enter_context(server(target.cmd, target.ready, env=target.env,
-                                                            timeout=target.timeout,
-                                                            log=workdir / "logs" / f"server-{i}.log")).pid
+            try:
+                pids[target.label] = stack.enter_context(server(target.cmd, target.ready, env=target.env,
+                                                                timeout=target.timeout,
+                                                                log=workdir / "logs" / f"server-{i}.log")).pid
+            except RuntimeError as exc:  # a comparison server that cannot start is left out, and said so
+                if target.label.startswith("bnfold"):
+                    raise
+                common.log(f"serving benchmark: skipping {target.label}: {' '.join(str(exc).split())[:300]}")
+                skipped[target.label] = " ".join(str(exc).split())[:1000]
+                running.remove(target)
+                continue
             startup = time.perf_counter() - started
             for name, model in models.items():
                 for encoding in target.encodings:
@@ -374,7 +383,7 @@ def run(out: Path, *, mode: str = "full", skip: tuple[str, ...] = (), generator:
                           "concurrency": list(levels), "request_rows": 1,
                           "bnfold_settings": "defaults: max_batch_size 64, max_queue_delay_ms 0, 1 intra-op thread",
                           "bentoml": BENTOML_PIN if bentoml else None},
-             "generator_ceiling": generator_ceiling, "checks": checks, "results": rows}
+             "generator_ceiling": generator_ceiling, "checks": checks, "skipped_servers": skipped, "results": rows}
     body_["targets"] = target_summary(body_)
     common.write_json(out / "serving.json", body_)
     (out / "serving.md").write_text(markdown(body_))
