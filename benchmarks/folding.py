@@ -95,6 +95,8 @@ def bench_model(label: str, path: Path, *, batches: tuple[int, ...], repeats: di
     return {
         "model": label,
         "checkpoint": path.name,
+        "dataset": source.dataset,
+        "val_accuracy": _val_accuracy(path),
         "architecture": source.architecture,
         "input_shape": source.input_shape,
         "batchnorms": outcome.fold.counts,
@@ -107,6 +109,15 @@ def bench_model(label: str, path: Path, *, batches: tuple[int, ...], repeats: di
             "unfolded_ops": export.op_counts(unfolded_onnx), "folded_ops": export.op_counts(folded_onnx),
         },
     }
+
+
+def _val_accuracy(path: Path) -> float | None:
+    """The checkpoint's best validation accuracy as bnfold.train recorded it (None if not trained)."""
+    import torch
+
+    metrics = torch.load(path, weights_only=True, map_location="cpu").get("metrics") or {}
+    value = metrics.get("best_val_accuracy")
+    return float(value) if value is not None else None
 
 
 def run(out: Path, *, mode: str = "full") -> dict[str, Any]:
@@ -138,6 +149,13 @@ def markdown(body: dict[str, Any]) -> str:
                          f"{lat['folded_ms']:.3f}", f"**{lat['ratio']:.2f}x**"])
     text = "### Latency, median ms (unfolded / folded)\n\n" + common.markdown_table(
         ["model", "runtime", "batch", "unfolded ms", "folded ms", "ratio"], rows)
+    rows = []
+    for r in body["results"]:
+        acc = r.get("val_accuracy")
+        rows.append([r["model"], r.get("dataset") or "synthetic (calibrated BN statistics)",
+                     "-" if acc is None else f"{acc:.3f}", r["checkpoint"]])
+    text += "\n### Models\n\n" + common.markdown_table(["model", "data set", "validation accuracy", "checkpoint"],
+                                                          rows)
     rows = []
     for r in body["results"]:
         s = {s["optimize"]: s for s in r["session_creation"]}
