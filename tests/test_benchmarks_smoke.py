@@ -56,7 +56,7 @@ def test_folding_values(smoke: Path) -> None:
     assert body["machine"]["cores"] >= 1 and len(body["machine"]["load_average_1_5_15"]) == 3
     assert {r["model"] for r in body["results"]} == {"mlp", "cnn"}
     for r in body["results"]:
-        assert 0.3 < r["val_accuracy"] <= 1.0  # trained by bnfold.train, one epoch: well above chance
+        assert 0.3 < r["val_accuracy"] <= 1.0  # trained by bnfold.train (one epoch); a sanity bound, not a quality bar
         assert r["batchnorms"]["kept"] == 0 and r["batchnorms"]["folded"] >= 3
         f = r["file"]
         assert f["folded_nodes"] < f["unfolded_nodes"]
