@@ -143,6 +143,8 @@ def update_readmes(out: Path = common.RESULTS) -> None:
     replace_block(bench_readme, "folding", folding_table(results["folding"]))
     replace_block(bench_readme, "serving", serving_table(results["serving"]) + "\n" + latency_table(results["serving"]))
     replace_block(bench_readme, "summary", (out / "summary.md").read_text().split("\n\n", 1)[1])
+    if (out / "route_overhead.md").exists():
+        replace_block(bench_readme, "route_overhead", (out / "route_overhead.md").read_text())
     replace_block(common.ROOT / "README.md", "summary", main_readme(results))
 
 
