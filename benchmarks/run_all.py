@@ -53,15 +53,20 @@ def summary(results: dict[str, dict[str, Any]], seconds: float) -> str:
         for t in serve["targets"]:
             unit = " ms" if t["target"].startswith("c=1 p50") else "x"
             rows.append([f"{t['model']} {t['encoding']}: {t['target']}", f"{t['value']:.2f}{unit} "
-                         f"({t['ours']:.1f} vs {t['theirs']:.1f})", _met(t["met"])])
+                         f"({_num(t['ours'])} vs {_num(t['theirs'])})", _met(t["met"])])
         top = max(g["rps"] for g in serve["generator_ceiling"])
         best = max(r["rps"] for r in serve["results"] if r["generator"] != "none")
         rows.append(["load generator is not the bottleneck (its ceiling vs the fastest server)",
                      f"{top:.0f} vs {best:.0f} req/s", _met(top >= 2 * best)])
-    machine = common.machine()
+    machine = list(results.values())[-1]["machine"] if results else common.machine()  # the end of the run
     return (f"Run of {machine['date_utc']} on {machine['cpu']} ({machine['cores']} cores), load average "
             f"{machine['load_average_1_5_15']} at the end, total {seconds:.0f} s.\n\n"
             + common.markdown_table(["target", "measured", "met"], rows))
+
+
+def _num(value: float) -> str:
+    """Requests/s as integers, milliseconds with two decimals."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.2f}"
 
 
 def _met(ok: bool) -> str:
