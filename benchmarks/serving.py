@@ -10,8 +10,8 @@ machine affects every server alike -- the same method as the folding benchmark's
 (b) the same with ``dynamic_batching: false`` in each model's ``config.json``;
 (c) a naive FastAPI + PyTorch eager server on the *unfolded* checkpoints (``naive_server.py``);
 (d) BentoML serving the same folded ONNX files with onnxruntime and adaptive batching, from its own
-    venv ``benchmarks/.venv-bentoml`` (``bentoml_service.py``; JSON only: BentoML has no binary
-    tensor protocol);
+    venv ``benchmarks/.venv-bentoml`` (``bentoml_service.py``; JSON only: its ``np.ndarray`` inputs
+    arrive as JSON, and we wrote no custom binary endpoint for it);
 (e) in-process onnxruntime on the same CPU with the same session settings as (a): the ceiling.
     At concurrency ``c`` it is ``c`` rows per ``session.run`` (perfect batching, no HTTP, no
     encoding): requests/s = ``c`` / median run time, latency = the median run time.
