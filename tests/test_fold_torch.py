@@ -419,7 +419,12 @@ def test_refuses_with_reason(build: Callable[[], nn.Module], x: torch.Tensor, op
     assert result.skipped and any(reason in s.reason for s in result.skipped), result.skipped
 
 
-def test_rank_unknown_refuses_and_asks_for_example_inputs(fold_check, randomize) -> None:
+def _rank_checks(model: nn.Module) -> int:
+    graph = getattr(model, "graph", None)
+    return 0 if graph is None else sum(n.target is torch._assert for n in graph.nodes)
+
+
+def test_rank_unknown_folds_with_a_run_time_rank_check(fold_check, randomize) -> None:
     class Scaled(nn.Module):  # the input is scaled first: no natural input shape can be inferred
         def __init__(self) -> None:
             super().__init__()
@@ -429,9 +434,43 @@ def test_rank_unknown_refuses_and_asks_for_example_inputs(fold_check, randomize)
             return self.bn(self.fc(x * 2))
 
     model = randomize(Scaled()).eval()
-    result = fold_check(model, torch.randn(3, 5), folded=0, left=1)
-    assert "pass example_inputs" in result.skipped[0].reason
-    fold_check(model, torch.randn(3, 5), folded=1, left=0, example_inputs=torch.randn(3, 5))
+    result = fold_check(model, torch.randn(3, 5), folded=1, left=0)
+    assert _rank_checks(result.model) == 1
+    assert any("assuming its input is 2-D" in n and "example_inputs" in n for n in result.notes), result.notes
+    with pytest.raises(AssertionError, match="assuming a 2-D input"):
+        result.model(torch.randn(3, 4, 5))
+    given = fold_check(model, torch.randn(3, 5), folded=1, left=0, example_inputs=torch.randn(3, 5))
+    assert _rank_checks(given.model) == 0
+
+
+@pytest.mark.parametrize("build", [
+    pytest.param(lambda: nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), id="linear-bn1d"),
+    pytest.param(lambda: nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 4)), id="bn1d-linear"),
+])
+def test_guessed_2d_fold_never_computes_a_wrong_3d_result(build, fold_check, randomize) -> None:
+    """Regression: with no example_inputs the input rank of a Linear-first model was guessed as 2-D and
+    the fold silently changed the result for (N, L, C) input with L == num_features (axis mismatch)."""
+    model = randomize(build()).eval()
+    x3 = torch.randn(3, 4, 4)
+    result = fold_check(model, torch.randn(3, 4), folded=1, left=0)
+    with pytest.raises(AssertionError, match="example_inputs"):
+        result.model(x3)
+    refused = fold_check(model, x3, folded=0, left=1, example_inputs=x3)
+    assert "only for 2-D tensors" in refused.skipped[0].reason
+
+
+def test_rank_checks_do_not_block_chains_or_second_inputs(fold_check, randomize) -> None:
+    class TwoInputs(nn.Module):  # two graph inputs: no natural input shape; the second one is pre-scaled
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.bn_a = nn.Linear(6, 4), nn.BatchNorm1d(4)
+            self.pre, self.pre2, self.b = nn.BatchNorm1d(3), nn.BatchNorm1d(3), nn.Linear(3, 4)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.bn_a(self.a(x)) + self.b(self.pre2(self.pre(y / 2)))
+
+    result = fold_check(randomize(TwoInputs()).eval(), (torch.randn(5, 6), torch.randn(5, 3)), folded=3, left=0)
+    assert _rank_checks(result.model) == 2
 
 
 def test_untraceable_model_folds_inside_safe_children(fold_check, randomize) -> None:

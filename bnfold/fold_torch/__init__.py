@@ -80,9 +80,8 @@ def fold_graph(work: nn.Module, gm: fx.GraphModule, example_inputs: Any) -> Fold
     """Fold inside ``gm``, the trace of ``work`` (an eval-mode copy). Returns ``work`` if nothing folded."""
     notes: list[str] = []
     paths = norm_paths(work)
-    have_shapes, shape_note = shapes_from(work, gm, example_inputs)
-    if not have_shapes:
-        annotate_ranks(gm)
+    annotate_ranks(gm)  # before shapes: these ranks come from the graph's structure alone
+    source, shape_note = shapes_from(work, gm, example_inputs)
     norms = find_norms(gm, set(paths))
     by_name: dict[str, list[Norm]] = {}
     for norm in norms:
@@ -102,7 +101,7 @@ def fold_graph(work: nn.Module, gm: fx.GraphModule, example_inputs: Any) -> Fold
     while progress and pending:
         progress = False
         for norm in list(pending):
-            result = try_fold(gm, norm, notes)
+            result = try_fold(gm, norm, notes, trusted_shapes=source == "given")
             outcome[norm.name] = result
             if isinstance(result, Folded):
                 pending.remove(norm)

@@ -128,9 +128,19 @@ def rank_problem(layer: Layer, target: str, norm_kind: str, norm_name: str, norm
                     f"axis 1: they are the same axis only for 2-D tensors")
         return (f"{target} ({layer.type_name}) sees an unbatched {actual}-D tensor here, so its channels are on "
                 f"axis 0 but {norm_name} normalizes axis 1")
+    if layer.good_rank in both:
+        return None  # exact at the good rank only: the rewrite adds a run-time rank check (rank_pinned)
     return (f"whether {norm_name} normalizes the channel axis of {target} ({layer.type_name}) depends on the "
             f"input rank ({' or '.join(f'{r}-D' for r in sorted(both))}), which is unknown: pass "
             "example_inputs=... to bnfold.fold")
+
+
+def rank_pinned(layer: Layer, norm_ranks: frozenset[int] | None, known: frozenset[int] | None) -> bool:
+    """True when ``known`` (ranks the graph's structure allows; None: any) leaves only the rank at which
+    the fold is exact. Otherwise a fold needs a run-time check that the layer's input has that rank."""
+    possible = layer.possible_ranks if known is None else layer.possible_ranks & known
+    accepted = norm_ranks if norm_ranks is not None else frozenset(range(2, 10))
+    return possible & accepted == {layer.good_rank}
 
 
 def channel_problem(layer: Layer, target: str, norm_name: str, channels: int, side: Side) -> str | None:

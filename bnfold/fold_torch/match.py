@@ -54,8 +54,17 @@ def is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
+GUARD_KEY = "bnfold_rank_guard"  # meta flag on the ``x.dim()`` node of a rank check the rewrite inserted
+
+
+def users(value: fx.Node) -> list[fx.Node]:
+    """The nodes using ``value``, except rank checks bnfold inserted (they only read its rank, which
+    folding a per-channel op does not change)."""
+    return [u for u in value.users if not u.meta.get(GUARD_KEY)]
+
+
 def _single_use(gm: fx.GraphModule, value: fx.Node, user: fx.Node, what: str) -> str | None:
-    others = [u for u in value.users if u is not user]
+    others = [u for u in users(value) if u is not user]
     if not others:
         return None
     names = ", ".join(describe(gm, u) for u in others)
@@ -89,11 +98,11 @@ def consumer(gm: fx.GraphModule, norm_node: fx.Node) -> tuple[fx.Node | None, fx
     """
     cur = norm_node
     while True:
-        users = list(cur.users)
-        if len(users) != 1:
-            names = ", ".join(describe(gm, u) for u in users) or "nothing"
+        found = users(cur)
+        if len(found) != 1:
+            names = ", ".join(describe(gm, u) for u in found) or "nothing"
             return None, cur, f"its output goes to {names}, not to a single layer"
-        nxt = users[0]
+        nxt = found[0]
         if not is_identity(gm, nxt) or data_input(nxt) is not cur:
             return nxt, cur, None
         cur = nxt

@@ -14,12 +14,19 @@ the layer's dtype. They are always new tensors: when the layer module is also us
 at another site, or its parameters read by ``get_attr``), the fold goes into a private copy of the
 module and the other uses keep the original. The norm's node is then removed, and its module (or
 its now-unused constants) deleted from the module tree.
+
+Some folds are exact at one input rank only (``Linear -> BatchNorm1d`` for 2-D tensors). When neither
+the caller's ``example_inputs`` nor the graph's structure fix that rank (shapes guessed from the first
+layer, or none), the fold is made and guarded: ``torch._assert(x.dim() == rank)`` before the layer,
+so the folded model raises on an input of another rank instead of computing something else.
 """
 
 from __future__ import annotations
 
 import copy
+import operator
 
+import torch
 from torch import fx, nn
 
 from bnfold.fold_torch.layers import (
@@ -31,23 +38,28 @@ from bnfold.fold_torch.layers import (
     describe,
     exactness_problem,
     folded_params,
+    rank_pinned,
     rank_problem,
 )
-from bnfold.fold_torch.match import consumer, only_data_input, producer
+from bnfold.fold_torch.match import GUARD_KEY, consumer, only_data_input, producer
 from bnfold.fold_torch.norms import Norm
-from bnfold.fold_torch.ranks import Ranks, known_ranks
+from bnfold.fold_torch.ranks import RANKS_KEY, Ranks, known_ranks
 from bnfold.result import Folded
 
 
-def try_fold(gm: fx.GraphModule, norm: Norm, notes: list[str]) -> Folded | str:
-    """Fold ``norm`` if some side allows it exactly; otherwise return why neither does."""
+def try_fold(gm: fx.GraphModule, norm: Norm, notes: list[str], trusted_shapes: bool = False) -> Folded | str:
+    """Fold ``norm`` if some side allows it exactly; otherwise return why neither does.
+
+    ``trusted_shapes``: the recorded shapes come from the caller (``example_inputs``/``input_shape``),
+    so a rank they fix needs no run-time check.
+    """
     assert norm.affine is not None
     start = norm.input
     prod, shared = producer(gm, norm.node, start)
     # "not a foldable layer" is the more useful reason when both apply
     before = _check(gm, norm, prod, known_ranks(start), "output") or shared
     if before is None:
-        return _apply(gm, norm, prod, "output", notes)
+        return _apply(gm, norm, prod, "output", notes, not trusted_shapes and _needs_guard(gm, norm, prod, start))
     cons, value, problem = consumer(gm, norm.node)
     if problem is None and cons is not None:
         if not only_data_input(cons, value):
@@ -55,7 +67,7 @@ def try_fold(gm: fx.GraphModule, norm: Norm, notes: list[str]) -> Folded | str:
         else:
             problem = _check(gm, norm, cons, known_ranks(value), "input")
         if problem is None:
-            return _apply(gm, norm, cons, "input", notes)
+            return _apply(gm, norm, cons, "input", notes, not trusted_shapes and _needs_guard(gm, norm, cons, value))
     return f"cannot fold into the op before it ({before}) nor into the op after it ({problem})"
 
 
@@ -75,7 +87,14 @@ def _check(gm: fx.GraphModule, norm: Norm, node: fx.Node, ranks: Ranks | None, s
     return problem
 
 
-def _apply(gm: fx.GraphModule, norm: Norm, node: fx.Node, side: Side, notes: list[str]) -> Folded:
+def _needs_guard(gm: fx.GraphModule, norm: Norm, node: fx.Node, value: fx.Node) -> bool:
+    """True when only the (guessed or absent) shapes, not the graph's structure, make the fold exact."""
+    layer = as_layer(gm, node)
+    assert isinstance(layer, Layer)
+    return not rank_pinned(layer, norm.ranks, value.meta.get(RANKS_KEY) or None)
+
+
+def _apply(gm: fx.GraphModule, norm: Norm, node: fx.Node, side: Side, notes: list[str], guard: bool) -> Folded:
     target = _private_target(gm, node, notes)
     layer = as_layer(gm, node)
     assert isinstance(layer, Layer) and norm.affine is not None
@@ -85,7 +104,27 @@ def _apply(gm: fx.GraphModule, norm: Norm, node: fx.Node, side: Side, notes: lis
     assign(mod, "weight", weight, old_w)  # type: ignore[arg-type]
     assign(mod, "bias", bias, old_w if old_b is None else old_b)  # type: ignore[arg-type]
     _remove(gm, norm)
+    if guard:
+        _guard_rank(gm, node, layer.good_rank, norm.name, target)
+        notes.append(f"{norm.name} was folded into {target} assuming its input is {layer.good_rank}-D (the only rank "
+                     "at which the fold is exact; nothing fixed the rank): the folded model raises on other ranks. "
+                     "Pass example_inputs=... to fold without this check")
     return Folded(bn=norm.name, into=target, side=side)
+
+
+def _guard_rank(gm: fx.GraphModule, node: fx.Node, rank: int, bn: str, target: str) -> None:
+    """Insert ``torch._assert(x.dim() == rank, ...)`` before ``node`` on its data input ``x`` (once per value)."""
+    value = node.args[0]
+    assert isinstance(value, fx.Node)
+    if any(u.meta.get(GUARD_KEY) for u in value.users):
+        return
+    message = (f"bnfold folded {bn} into {target} assuming a {rank}-D input, which is the only rank at which that "
+               "fold is exact; fold again with example_inputs of the rank you use")
+    with gm.graph.inserting_before(node):
+        dim = gm.graph.call_method("dim", (value,))
+        dim.meta[GUARD_KEY] = True
+        same = gm.graph.call_function(operator.eq, (dim, rank))
+        gm.graph.call_function(torch._assert, (same, message))
 
 
 def _other_uses(gm: fx.GraphModule, node: fx.Node, mod: nn.Module) -> list[str]:

@@ -14,7 +14,7 @@ layer (see :func:`natural_inputs`).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import fx, nn
@@ -144,8 +144,14 @@ def natural_inputs(model: nn.Module, gm: fx.GraphModule) -> tuple[Iterator[tuple
     return cands, f"the first layer {where}: input shape (2, {cin}, S{', S' * (dims - 1)})"
 
 
-def shapes_from(model: nn.Module, gm: fx.GraphModule, example_inputs: object | None) -> tuple[bool, str | None]:
-    """Record shapes on ``gm``'s nodes. Returns whether that worked and a note if they were inferred.
+ShapeSource = Literal["given", "guessed", "none"]
+
+
+def shapes_from(model: nn.Module, gm: fx.GraphModule, example_inputs: object | None) -> tuple[ShapeSource, str | None]:
+    """Record shapes on ``gm``'s nodes. Returns where they came from and a note if they were inferred.
+
+    ``"given"``: from ``example_inputs`` or ``model.input_shape``; ``"guessed"``: from the first
+    layer (the input rank is an assumption); ``"none"``: no shapes recorded.
 
     Raises :class:`BnfoldError` when given ``example_inputs`` do not run through the model.
     """
@@ -156,10 +162,10 @@ def shapes_from(model: nn.Module, gm: fx.GraphModule, example_inputs: object | N
         except Exception as e:  # the user's inputs do not fit the model
             shapes = [tuple(t.shape) for t in inputs]
             raise BnfoldError(f"example_inputs with shapes {shapes} do not run through the model: {e}") from e
-        return True, None
+        return "given", None
     found = natural_inputs(model, gm)
     if found is None:
-        return False, None
+        return "none", None
     candidates, source = found
     for inputs in candidates:
         try:
@@ -168,9 +174,9 @@ def shapes_from(model: nn.Module, gm: fx.GraphModule, example_inputs: object | N
             continue
         shape = tuple(inputs[0].shape)
         if source.startswith("model.input_shape"):
-            return True, f"no example_inputs given: shapes taken from {source}"
-        return True, (
+            return "given", f"no example_inputs given: shapes taken from {source}"
+        return "guessed", (
             f"no example_inputs given: input rank taken from {source} (ran shape {shape}); "
             "pass example_inputs if the model is used with inputs of another rank"
         )
-    return False, None
+    return "none", None
