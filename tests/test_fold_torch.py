@@ -520,3 +520,20 @@ def test_bad_example_inputs_raise() -> None:
         fold_torch(model, example_inputs=[[1.0]])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="got str"):
         bnfold.fold("model.pt")
+
+
+def test_bn_whose_weight_forward_still_reads_leaves_no_batch_norm_module(fold_check, randomize) -> None:
+    """Regression: the folded BN stayed in the result as a BatchNorm2d (never called) because forward reads
+    ``bn.weight``; now only its tensors are kept, in a plain module."""
+
+    class ReadsWeight(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(x)) * self.bn.weight.view(1, -1, 1, 1)
+
+    result = fold_check(randomize(ReadsWeight()).eval(), x_of(2, 3), folded=1, left=0)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in result.model.modules())
+    assert set(dict(result.model.bn.named_buffers())) == {"running_mean", "running_var", "num_batches_tracked"}

@@ -188,8 +188,10 @@ def _remove(gm: fx.GraphModule, norm: Norm) -> None:
     if node.op == "call_module":
         target = str(node.target)
         refs = [str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")]
-        if not any(r == target or r.startswith(target + ".") for r in refs):  # forward may still read bn.weight
+        if not any(r == target or r.startswith(target + ".") for r in refs):
             gm.delete_submodule(target)
+        else:  # forward still reads e.g. bn.weight: keep the tensors, not a batch norm that is never called
+            _replace_with_holder(gm, target)
         return
     erased: set[fx.Node] = set()
     for attr in norm.attr_nodes:
@@ -209,3 +211,15 @@ def _remove(gm: fx.GraphModule, norm: Norm) -> None:
             del owner._buffers[name]
         elif hasattr(owner, name):
             delattr(owner, name)
+
+
+def _replace_with_holder(gm: fx.GraphModule, target: str) -> None:
+    """Swap module ``target`` for a plain ``nn.Module`` holding the same parameters and buffers."""
+    mod = gm.get_submodule(target)
+    holder = nn.Module()
+    for name, param in mod.named_parameters(recurse=False):
+        holder.register_parameter(name, param)
+    for name, buf in mod.named_buffers(recurse=False):
+        holder.register_buffer(name, buf, persistent=name not in mod._non_persistent_buffers_set)
+    parent, _, leaf = target.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, leaf, holder)
