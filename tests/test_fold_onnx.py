@@ -516,6 +516,27 @@ def test_shared_weight_gets_a_private_copy() -> None:
     assert result.model.graph.node[0].input[1] == "w_bnfold"
 
 
+def test_initializers_that_are_graph_inputs_fold_and_their_unused_inputs_go() -> None:
+    """Regression: torch.onnx.export(..., keep_initializers_as_inputs=True) lists every initializer as a
+    graph input, and every BN of such an export was refused. They fold as the constants they hold; the
+    inputs the fold left unused are removed, the ones still read (``keep``) stay."""
+    n = Net()
+    n.bn(n.node("Conv", ["x", n.rand("w", 3, 2, 3, 3)], "y"), 3, "z")
+    n.node("Add", ["z", n.rand("keep", 1, 3, 1, 1)], "out")
+    model = n.model({"x": (1, 2, 5, 5)}, ["out"])
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, TensorProto.FLOAT, t.dims)
+                             for t in model.graph.initializer)
+    result = fold_onnx(model)
+    assert [f.bn for f in result.folded] == ["z_node"] and not result.skipped
+    onnx.checker.check_model(result.model, full_check=True)
+    assert [i.name for i in result.model.graph.input] == ["x", "keep"]
+    assert sorted(t.name for t in result.model.graph.initializer) == ["keep", "w_bnfold", "y_bias_bnfold"]
+    assert any("keep_initializers_as_inputs" in note for note in result.notes)
+    feeds = {"x": n.rng.normal(size=(1, 2, 5, 5)).astype(np.float32)}
+    cmp = Tolerance().compare(ort_run(result.model, feeds)[0], reference(model, feeds)[0])
+    assert cmp.passed, cmp
+
+
 def test_chained_bns_both_fold() -> None:
     n = Net()
     n.bn(n.bn(n.node("Conv", ["x", n.rand("w", 3, 2, 3, 3)], "y"), 3, "z1"), 3, "z2")
@@ -578,11 +599,6 @@ def refuse_param_graph_input(n: Net) -> onnx.ModelProto:
     return n.model({"x": (1, 2, 5, 5), "z.mean": (3,)}, ["z"])
 
 
-def refuse_param_overridable_initializer(n: Net) -> onnx.ModelProto:
-    _conv_bn(n)
-    return n.model({"x": (1, 2, 5, 5), "z.var": (3,)}, ["z"])
-
-
 def refuse_param_computed(n: Net) -> onnx.ModelProto:
     _conv_bn(n)
     bn = n.nodes[-1]
@@ -593,11 +609,6 @@ def refuse_param_computed(n: Net) -> onnx.ModelProto:
 
 def refuse_weight_graph_input(n: Net) -> onnx.ModelProto:
     n.bn(n.node("Conv", ["x", "w"], "y"), 3, "z")
-    return n.model({"x": (1, 2, 5, 5), "w": (3, 2, 3, 3)}, ["z"])
-
-
-def refuse_weight_overridable_initializer(n: Net) -> onnx.ModelProto:
-    _conv_bn(n)
     return n.model({"x": (1, 2, 5, 5), "w": (3, 2, 3, 3)}, ["z"])
 
 
@@ -678,12 +689,8 @@ REFUSALS = [
     pytest.param(refuse_relu_between, "input comes from Relu 'r'.*output goes to Relu 'out'", id="relu-between"),
     pytest.param(refuse_param_graph_input, "batch norm input_mean 'z.mean' is a graph input",
                  id="bn-param-graph-input"),
-    pytest.param(refuse_param_overridable_initializer, "'z.var' is an initializer that is also a graph input",
-                 id="bn-param-overridable"),
     pytest.param(refuse_param_computed, "batch norm scale 'z.scale.abs' is computed by Abs", id="bn-param-computed"),
     pytest.param(refuse_weight_graph_input, "weight 'w' of Conv 'y' is a graph input", id="dynamic-weight"),
-    pytest.param(refuse_weight_overridable_initializer, "weight 'w' of Conv 'y' is an initializer that is also a graph",
-                 id="weight-overridable"),
     pytest.param(refuse_matmul_rank3, r"output of MatMul 'y' \('y'\) has rank 3", id="matmul-rank3-after"),
     pytest.param(refuse_matmul_rank3_before, r"batch norm input \('x'\) has rank 3", id="matmul-rank3-before"),
     pytest.param(refuse_conv_zero_padding_before, r"zero padding \(1, 1, 1, 1\)", id="conv-zero-padding-before"),

@@ -35,8 +35,9 @@ _LAYERS = "Conv, ConvTranspose, Gemm, MatMul and MatMul+Add"
 def fold_onnx(model: onnx.ModelProto) -> FoldResult[onnx.ModelProto]:
     """Fold every BatchNormalization that can be folded exactly; keep the others with a reason.
 
-    ``model`` is not modified. The result has the same graph inputs, outputs, opset imports and
-    metadata; every BN of the model appears once in ``folded`` or ``skipped``.
+    ``model`` is not modified. The result has the same graph inputs (except initializer-backed
+    inputs the fold left unused, see :mod:`._graph`), outputs, opset imports and metadata; every BN
+    of the model appears once in ``folded`` or ``skipped``.
     """
     if not isinstance(model, onnx.ModelProto):
         raise TypeError(f"fold_onnx expects an onnx.ModelProto, got {type(model).__name__}")
@@ -52,6 +53,12 @@ def fold_onnx(model: onnx.ModelProto) -> FoldResult[onnx.ModelProto]:
         else:
             result.skipped.append(outcome)
     g.finish()
+    if g.dropped_inputs:
+        result.notes.append(
+            f"{len(g.dropped_inputs)} initializers that were also graph inputs (keep_initializers_as_inputs=True) "
+            f"were folded as constants; the graph inputs the fold left unused were removed "
+            f"({', '.join(sorted(g.dropped_inputs))})"
+        )
     for node in out.graph.node:
         for sub in subgraphs(node):
             result.skipped += [

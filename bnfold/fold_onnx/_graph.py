@@ -1,9 +1,11 @@
 """A mutable view of one ONNX graph for the rewrites: who produces and who consumes each value,
 which values are constants, and the few edits a fold needs (replace a constant, rewire, remove).
 
-Constants are initializers that are *not* graph inputs (a graph input with an initializer is a
-default the caller may override) and outputs of ``Constant`` nodes. A rewrite never edits a
-constant that has another user: it writes a private copy under a fresh name instead.
+Constants are initializers and outputs of ``Constant`` nodes. An initializer that is also a graph
+input (``torch.onnx.export(..., keep_initializers_as_inputs=True)``) is a default the caller could
+override; it is folded as the constant it holds, never edited, and when a fold leaves it unused its
+graph input goes too (feeding it is then an error, not a silently ignored override). A rewrite never
+edits a constant that has another user: it writes a private copy under a fresh name instead.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class Graph:
         # Nodes unlinked by remove_node, held so their wrappers (compared by identity) stay alive.
         self._removed: list[onnx.NodeProto] = []
         self._gone: set[str] = set()  # values (and initializers) that may no longer exist
+        self.dropped_inputs: list[str] = []  # initializer-backed graph inputs a fold left unused
         self.reindex()
 
     def reindex(self) -> None:
@@ -112,9 +115,8 @@ class Graph:
     def constant(self, name: str, role: str, owner: onnx.NodeProto | None = None) -> Const | str:
         """The constant ``name`` or the reason it is not one, naming it as ``role`` of ``owner``."""
         subject = f"{role} '{name}'" + (f" of {self.describe(owner)}" if owner is not None else "")
-        if name in self.inputs:
-            where = "an initializer that is also a graph input" if name in self.initializers else "a graph input"
-            return f"{subject} is {where}, so it can change at run time; it must be a constant initializer"
+        if name in self.inputs and name not in self.initializers:
+            return f"{subject} is a graph input, so it can change at run time; it must be a constant initializer"
         if name in self.initializers:
             tensor = self.initializers[name]
         else:
@@ -234,8 +236,10 @@ class Graph:
         pending = sorted(self.orphan_candidates)
         while pending:  # removing an Identity can orphan its input in turn
             name = pending.pop()
-            if self.uses[name] > 0 or name in self.inputs:
+            if self.uses[name] > 0 or (name in self.inputs and name not in self.initializers):
                 continue
+            if name in self.inputs:
+                self.dropped_inputs.append(name)
             node = self.producer.get(name)
             if node is not None and node.op_type in ("Constant", "Identity") and len(node.output) == 1:
                 self.remove_node(node)
@@ -246,8 +250,9 @@ class Graph:
         g = self.graph
         removed = {id(n) for n in self._removed}
         _delete_where(g.node, lambda n: id(n) in removed)
+        _delete_where(g.input, lambda v: v.name in self.dropped_inputs)
         _delete_where(g.initializer, lambda t: t.name in self._gone and t.name not in self.initializers)
-        alive = self.inputs | set(self.initializers) | set(self.producer)
+        alive = (self.inputs - set(self.dropped_inputs)) | set(self.initializers) | set(self.producer)
         _delete_where(g.value_info, lambda v: v.name in self._gone and v.name not in alive)
         self.orphan_candidates.clear()
         self._removed.clear()
