@@ -537,3 +537,25 @@ def test_bn_whose_weight_forward_still_reads_leaves_no_batch_norm_module(fold_ch
     result = fold_check(randomize(ReadsWeight()).eval(), x_of(2, 3), folded=1, left=0)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in result.model.modules())
     assert set(dict(result.model.bn.named_buffers())) == {"running_mean", "running_var", "num_batches_tracked"}
+
+
+def test_bn_inside_scripted_submodule_is_reported_kept(fold_check, randomize) -> None:
+    """Regression: a BN inside a torch.jit.script-ed submodule was in neither folded nor skipped."""
+
+    class WithScripted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pre = torch.jit.script(randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval())
+            self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(self.pre(x)))
+
+    result = fold_check(randomize(WithScripted()).eval(), x_of(2, 3), folded=1, left=0)
+    assert [(s.bn, "torch.jit.script" in s.reason) for s in result.skipped] == [("pre.1", True)]
+
+
+def test_scripted_model_is_a_clear_error(randomize) -> None:
+    scripted = torch.jit.script(randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval())
+    with pytest.raises(BnfoldError, match="TorchScript module"):
+        fold_torch(scripted)

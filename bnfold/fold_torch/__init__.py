@@ -45,6 +45,10 @@ def fold_torch(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_torch expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise BnfoldError(f"{model.original_name} is a TorchScript module (torch.jit.script/trace), which bnfold "
+                          "cannot rewrite; pass the eager nn.Module (fold first, then script), or export to ONNX "
+                          "and fold that")
     lazy = [n or type(m).__name__ for n, m in model.named_modules()
             if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]  # type: ignore[misc]
     if lazy:
@@ -72,8 +76,28 @@ def fold_torch(
 
 
 def norm_paths(module: nn.Module) -> list[str]:
-    """Qualified names of the batch norm and InputNorm modules in ``module``."""
-    return [n for n, m in module.named_modules() if isinstance(m, (*BN_TYPES, InputNorm))]
+    """Qualified names of the batch norm and InputNorm modules in ``module``, including those compiled
+    by ``torch.jit.script`` (reported as kept: TorchScript cannot be rewritten)."""
+    return [n for n, m in module.named_modules() if isinstance(m, (*BN_TYPES, InputNorm)) or _scripted_norm(m)]
+
+
+def _scripted_norm(module: nn.Module) -> bool:
+    return isinstance(module, torch.jit.ScriptModule) and getattr(module, "original_name", "") in _NORM_NAMES
+
+
+_NORM_NAMES = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "InputNorm"}
+
+
+def unreached_reason(root: nn.Module, path: str) -> str:
+    """Why the norm at ``path`` was not found in the traced graph."""
+    parts = path.split(".")
+    for i in range(1, len(parts) + 1):
+        sub = root.get_submodule(".".join(parts[:i]))
+        if isinstance(sub, torch.jit.ScriptModule):
+            return (f"{path} is inside {'.'.join(parts[:i])}, a torch.jit.script-ed module, which bnfold cannot "
+                    "rewrite; fold the eager module first, then script it")
+    return (f"{path} is not called by the traced forward() (unused, or inside a module bnfold does not look "
+            "into), so there is nothing to fold")
 
 
 def fold_graph(work: nn.Module, gm: fx.GraphModule, example_inputs: Any) -> FoldResult[nn.Module]:
@@ -108,11 +132,7 @@ def fold_graph(work: nn.Module, gm: fx.GraphModule, example_inputs: Any) -> Fold
                 progress = True
     folded = [o for o in outcome.values() if isinstance(o, Folded)]
     skipped = [Skipped(bn=n, reason=o) for n, o in outcome.items() if isinstance(o, str)]
-    skipped += [
-        Skipped(bn=p, reason=f"{p} is not called by the traced forward() (unused, or inside a module bnfold does "
-                             "not look into), so there is nothing to fold")
-        for p in paths if p not in outcome
-    ]
+    skipped += [Skipped(bn=p, reason=unreached_reason(work, p)) for p in paths if p not in outcome]
     if shape_note:
         notes.insert(0, shape_note)
     if not folded:

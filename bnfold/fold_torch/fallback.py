@@ -30,7 +30,7 @@ from bnfold.result import Folded, FoldResult, Skipped
 
 def fold_untraceable(work: nn.Module, error: Exception, example_inputs: Any, notes: list[str]) -> FoldResult[nn.Module]:
     """Fold the traceable children of ``work`` (an eval-mode copy) in place; see the module docstring."""
-    from bnfold.fold_torch import fold_graph, norm_paths
+    from bnfold.fold_torch import fold_graph, norm_paths, unreached_reason
 
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     counts = Counter(id(m) for _, m in work.named_modules(remove_duplicate=False))
@@ -51,6 +51,11 @@ def fold_untraceable(work: nn.Module, error: Exception, example_inputs: Any, not
                    f"torch.fx cannot trace ({first_line}); make that forward traceable to fold it")
             if isinstance(child, (*BN_TYPES, InputNorm)):
                 skipped.append(Skipped(bn=path, reason=why))
+                continue
+            if isinstance(child, torch.jit.ScriptModule):
+                skipped.extend(Skipped(bn=f"{path}.{p}" if p else path, reason=unreached_reason(work, f"{path}.{p}"
+                                                                                               if p else path))
+                               for p in inner)
                 continue
             problem = _unsafe(child, name, [*ancestors, (module, name)], counts)
             if problem is not None:
