@@ -655,6 +655,15 @@ def refuse_second_output_used(n: Net) -> onnx.ModelProto:
                    shapes={"z": (1, 3, 3, 3), "z.running_mean": (3,)})
 
 
+def refuse_opset9_statistics_outputs(n: Net) -> onnx.ModelProto:
+    """Regression: before opset 14, statistics outputs (even unused) mean training mode; such BNs (e.g. from
+    torch.onnx.export(training=TrainingMode.PRESERVE) of a train-mode model) were folded with the running
+    statistics, a different function from what onnxruntime computes."""
+    _conv_bn(n)
+    n.nodes[-1].output.extend(["z.running_mean", "z.running_var", "z.saved_mean", "z.saved_var"])
+    return n.model({"x": (2, 2, 5, 5)}, ["z"], opset=9, shapes={"z": (2, 3, 3, 3)})
+
+
 def refuse_spatial0(n: Net) -> onnx.ModelProto:
     _conv_bn(n, spatial=0)
     return n.model({"x": (1, 2, 5, 5)}, ["z"], opset=7)
@@ -701,6 +710,8 @@ REFUSALS = [
     pytest.param(refuse_training_mode, "training_mode=1", id="training-mode"),
     pytest.param(refuse_second_output_used, "running-statistics output 'z.running_mean' is used",
                  id="second-output-used"),
+    pytest.param(refuse_opset9_statistics_outputs, "in opset 9 a BatchNormalization with statistics outputs",
+                 id="opset9-statistics-outputs-training"),
     pytest.param(refuse_spatial0, "spatial=0", id="opset7-spatial0"),
     pytest.param(refuse_opset6, "opset 6", id="opset6"),
     pytest.param(refuse_negative_variance, r"var \+ eps must be > 0, got .*-4.99.* at channel 1",

@@ -3,7 +3,8 @@ statistics, and what per-channel affine map does it compute?
 
 ``Y = scale * (X - input_mean) / sqrt(input_var + epsilon) + B`` along axis 1 of ``X``
 (opset 7 with ``spatial=1``, opsets 9, 14, 15). Opset 14+ adds ``training_mode``; only
-``training_mode=0`` is an affine map of ``X``. Opset 7/8 ``spatial=0`` normalizes per element
+``training_mode=0`` is an affine map of ``X``. Before opset 14 the mode is implied by the outputs:
+a node with the optional statistics outputs runs in training mode. Opset 7/8 ``spatial=0`` normalizes per element
 (not per channel) and opsets below 7 carry ``is_test``; both are refused.
 """
 
@@ -36,6 +37,11 @@ def read_batchnorm(g: Graph, node: onnx.NodeProto, opset: int) -> Affine | str:
         if extra and g.uses[extra]:
             return (f"its running-statistics output '{extra}' is used; only the first output "
                     "(the normalized tensor) can be folded away")
+    extras = [o for o in node.output[1:] if o]
+    if opset < 14 and extras:
+        # Before opset 14 the outputs select the mode: Y alone is test mode, Y plus statistics is training mode.
+        return (f"in opset {opset} a BatchNormalization with statistics outputs ({', '.join(extras)}) runs in "
+                "training mode, normalizing with batch statistics; export the model in eval mode")
     if len(node.input) != 5:
         return f"expected 5 inputs (X, scale, B, input_mean, input_var), got {len(node.input)}"
     params: list[Const] = []
