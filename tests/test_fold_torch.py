@@ -559,3 +559,19 @@ def test_scripted_model_is_a_clear_error(randomize) -> None:
     scripted = torch.jit.script(randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval())
     with pytest.raises(BnfoldError, match="TorchScript module"):
         fold_torch(scripted)
+
+
+def test_layers_called_with_input_keyword_fold_with_rank_check(fold_check, randomize) -> None:
+    """Regression: the run-time rank check read the layer's input from its positional arguments only,
+    so ``self.fc(input=x)`` crashed the fold (IndexError)."""
+
+    class Keywords(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.bn, self.head = nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(input=self.bn(input=self.fc(input=x * 2)))
+
+    result = fold_check(randomize(Keywords()).eval(), torch.randn(3, 5), folded=1, left=0)
+    assert _rank_checks(result.model) == 1

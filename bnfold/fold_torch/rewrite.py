@@ -41,7 +41,7 @@ from bnfold.fold_torch.layers import (
     rank_pinned,
     rank_problem,
 )
-from bnfold.fold_torch.match import GUARD_KEY, consumer, only_data_input, producer
+from bnfold.fold_torch.match import GUARD_KEY, consumer, data_input, only_data_input, producer
 from bnfold.fold_torch.norms import Norm
 from bnfold.fold_torch.ranks import RANKS_KEY, Ranks, known_ranks
 from bnfold.result import Folded
@@ -114,8 +114,8 @@ def _apply(gm: fx.GraphModule, norm: Norm, node: fx.Node, side: Side, notes: lis
 
 def _guard_rank(gm: fx.GraphModule, node: fx.Node, rank: int, bn: str, target: str) -> None:
     """Insert ``torch._assert(x.dim() == rank, ...)`` before ``node`` on its data input ``x`` (once per value)."""
-    value = node.args[0]
-    assert isinstance(value, fx.Node)
+    value = data_input(node)  # also when the layer is called as layer(input=x)
+    assert value is not None
     if any(u.meta.get(GUARD_KEY) for u in value.users):
         return
     message = (f"bnfold folded {bn} into {target} assuming a {rank}-D input, which is the only rank at which that "
