@@ -575,3 +575,30 @@ def test_layers_called_with_input_keyword_fold_with_rank_check(fold_check, rando
 
     result = fold_check(randomize(Keywords()).eval(), torch.randn(3, 5), folded=1, left=0)
     assert _rank_checks(result.model) == 1
+
+
+@pytest.mark.parametrize("mean, var, gamma", [
+    pytest.param(0.0, 1e-12, 1.0, id="var-1e-12"),
+    pytest.param(0.0, 1e-12, 1e4, id="var-1e-12-gamma-1e4"),
+    pytest.param(1e6, 1.0, 1.0, id="mean-1e6"),
+    pytest.param(-1e5, 1e3, 1e4, id="mean-1e5-gamma-1e4"),
+])
+@pytest.mark.parametrize("build, x", [
+    pytest.param(lambda: nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6)), x_of(2, 3), id="conv-bn"),
+    pytest.param(lambda: nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 6, 3)), x_of(2, 3), id="bn-conv"),
+    pytest.param(lambda: nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 6)), torch.randn(4, 8), id="bn-linear"),
+    pytest.param(lambda: nn.Sequential(nn.ConvTranspose2d(3, 6, 3, stride=2), nn.BatchNorm2d(6)), x_of(2, 3),
+                 id="convtranspose-bn"),
+])
+def test_brief_extreme_statistics_match_float64(build, x, mean: float, var: float, gamma: float, fold_check) -> None:
+    """Folded float32 within Tolerance of the float64 original for eps=1e-5 and extreme running statistics."""
+    torch.manual_seed(1)
+    model = build()
+    bn = next(m for m in model if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    with torch.no_grad():
+        n = bn.num_features
+        bn.running_mean.copy_(mean * (1 + 0.1 * torch.randn(n)))
+        bn.running_var.copy_(var * (torch.rand(n) + 0.5))
+        bn.weight.copy_(gamma * torch.randn(n))
+        bn.bias.copy_(torch.randn(n))
+    fold_check(model.eval(), x, folded=1, left=0, example_inputs=x)
