@@ -19,8 +19,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bnfold._version import __version__
+from service.api import fastpath
 from service.api.deps import Service, require_api_key
-from service.api.routes import health, infer, metrics, models, predict, server
+from service.api.routes import health, metrics, models, server
 from service.config import Settings
 from service.cpu import usable_cpus
 from service.logs import event, log_config
@@ -45,14 +46,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    request.app.state.service.metrics.http_errors.labels(str(exc.status_code)).inc()
+    request.app.state.service.metrics.http_error(exc.status_code)
     return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
-    request.app.state.service.metrics.http_errors.labels("400").inc()
+    request.app.state.service.metrics.http_error(400)
     return JSONResponse({"error": f"invalid request: {problems}"}, status_code=400)
 
 
@@ -65,14 +66,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """A FastAPI app serving ``settings.model_repository`` (models load when the app starts)."""
     settings = settings or Settings()
     logging.config.dictConfig(log_config(settings.log_level))
-    app = FastAPI(title="bnfold inference service", version=__version__, lifespan=lifespan)
+    app = fastpath.ServiceApp(title="bnfold inference service", version=__version__, lifespan=lifespan)
     registry = ServiceMetrics()
     app.state.service = Service(settings, ModelRepository(settings, registry), registry)
+    # Inference bypasses FastAPI's request machinery (see service.api.fastpath for the measurements);
+    # its raw routes lead the router so that other methods on those paths get 405, not 404.
+    app.endpoints = fastpath.InferenceEndpoints(app.state.service)
+    app.router.routes[:0] = fastpath.routes(app.endpoints)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _internal_error)
     protected = [Depends(require_api_key)]
-    for module in (infer, predict, models, server, metrics):  # hot routes first: matching is a linear scan
+    for module in (models, server, metrics):
         app.include_router(module.router, dependencies=protected)
     app.include_router(health.router)
     return app

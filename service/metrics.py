@@ -26,15 +26,34 @@ class ServiceMetrics:
                                    ["status"], registry=self.registry)
         self.model_ready = Gauge("bnfold_model_ready", "1 if the model version serves, else 0",
                                  ["model", "version"], registry=self.registry)
+        # Label children cached per label values: ``.labels()`` costs a lock and a dict lookup per call.
+        # Model labels are served names or UNKNOWN_MODEL, statuses are HTTP codes: the caches stay small.
+        self._counts: dict[tuple[str, str], Counter] = {}
+        self._latencies: dict[str, Histogram] = {}
+        self._errors: dict[int, Counter] = {}
 
     def observer(self, model: str) -> _BatchObserver:
         """A batch observer recording queue time and batch size for ``model``."""
         return _BatchObserver(self, model)
 
     def request(self, model: str, outcome: str, seconds: float | None = None) -> None:
-        self.requests.labels(model, outcome).inc()
+        """Count one inference request of ``model`` with ``outcome``; ``seconds`` = its latency on success."""
+        count = self._counts.get((model, outcome))
+        if count is None:
+            count = self._counts[(model, outcome)] = self.requests.labels(model, outcome)
+        count.inc()
         if seconds is not None:
-            self.latency.labels(model).observe(seconds)
+            latency = self._latencies.get(model)
+            if latency is None:
+                latency = self._latencies[model] = self.latency.labels(model)
+            latency.observe(seconds)
+
+    def http_error(self, status: int) -> None:
+        """Count one error response with HTTP ``status``."""
+        count = self._errors.get(status)
+        if count is None:
+            count = self._errors[status] = self.http_errors.labels(str(status))
+        count.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,0 +1,185 @@
+"""The inference endpoints as one lean ASGI handler, dispatched before FastAPI's request machinery.
+
+``POST /v2/models/{name}/infer``, ``POST /v2/models/{name}/versions/{version}/infer`` (Open Inference
+Protocol, JSON or binary tensor data) and ``POST /v1/models/{name}:predict`` (KServe v1 style) are not
+FastAPI routes, for measured speed: under ``benchmarks/serving.py``'s load (cnn, batch-1 requests,
+32 connections, one CPU) py-spy put 56% of the event loop's time in FastAPI/Starlette (middleware
+stack, route scan, dependency solving, Request/Response objects) and 14% in uvicorn, for ~0.01 ms of
+onnxruntime per request. :class:`ServiceApp` hands a ``POST`` whose path matches one of these routes
+straight to :class:`InferenceEndpoints` (one regex match, one header scan, the body read, two
+``send`` calls); everything else, and any other method on these paths (405), goes through FastAPI,
+whose router holds the same handler as raw Starlette routes.
+
+Behaviour is that of the FastAPI routes it replaces: the same API-key check
+(:func:`service.api.deps.check_api_key`, before the body is read), the same body limits
+(:mod:`service.api.body`), ``{"error": ...}`` bodies with the same statuses and headers, the same
+metrics, 500 ``{"error": "internal server error"}`` for a bug. :func:`openapi_paths` documents the
+routes in the OpenAPI schema.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, HTTPException
+from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
+
+from service import inference
+from service.api.body import ClientGone, read_body
+from service.api.deps import Service, check_api_key
+from service.api.errors import OUTCOME, http_error
+from service.api.schemas import Predictions
+from service.errors import ServiceError
+from service.logs import event
+from service.metrics import UNKNOWN_MODEL
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+INFER = "/v2/models/{name}/infer"
+INFER_VERSION = "/v2/models/{name}/versions/{version}/infer"
+PREDICT = "/v1/models/{name}:predict"
+# Path templates as Starlette compiles them (a parameter is one non-empty path segment).
+PATTERNS = [(re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$"), path)
+            for path in (INFER, INFER_VERSION, PREDICT)]
+_JSON = [(b"content-type", b"application/json")]
+
+
+class InferenceEndpoints:
+    """The ASGI handler of the inference routes; ``scope["path_params"]`` holds ``name`` (and ``version``)."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers: dict[bytes, bytes] = {}
+        for key, value in scope["headers"]:  # names arrive lower-cased; the first of a repeated header wins
+            headers.setdefault(key, value)
+        params = scope["path_params"]
+        service = self.service
+        try:
+            check_api_key(service.settings, headers.get(b"authorization", b""))
+            body = await read_body(receive, headers.get(b"content-length"), headers.get(b"content-encoding"),
+                                   service.settings.max_body_bytes)
+            payload, extra = await self._run(scope["path"].endswith(":predict"), params["name"],
+                                             params.get("version"), body, headers)
+        except HTTPException as exc:
+            service.metrics.http_error(exc.status_code)
+            await _send(send, exc.status_code, orjson.dumps({"error": str(exc.detail)}),
+                        [*_JSON, *((k.lower().encode("latin-1"), v.encode("latin-1"))
+                                   for k, v in (exc.headers or {}).items())])
+            return
+        except ClientGone:
+            return
+        except Exception as exc:  # a bug: the same answer and log line as FastAPI's handler for the other routes
+            event(logging.ERROR, "internal error", path=scope["path"], error=f"{type(exc).__name__}: {exc}")
+            await _send(send, 500, b'{"error":"internal server error"}', _JSON)
+            return
+        await _send(send, 200, payload, extra)
+
+    async def _run(self, predict: bool, name: str, version: str | None, body: bytes,
+                   headers: dict[bytes, bytes]) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        """Body and extra headers of a successful answer; service errors become :class:`HTTPException`."""
+        service = self.service
+        start = time.perf_counter()
+        label = name if name in service.repository.models else UNKNOWN_MODEL
+        try:
+            if predict:
+                rows = await inference.predict(service.repository, name, None, body)
+                result = (orjson.dumps({"predictions": rows}), _JSON)
+            else:
+                length = headers.get(HEADER_LENGTH.lower().encode())
+                encoded = await inference.infer(service.repository, name, version, body,
+                                                None if length is None else length.decode("latin-1"))
+                result = (encoded.body, _JSON) if encoded.header_length is None else \
+                    (encoded.body, [(b"content-type", b"application/octet-stream"),
+                                    (b"inference-header-content-length", str(encoded.header_length).encode())])
+        except ServiceError as exc:
+            error = http_error(exc, service.settings.retry_after_s)
+            service.metrics.request(label, OUTCOME.get(error.status_code, "error"))
+            raise error from None
+        service.metrics.request(label, "success", time.perf_counter() - start)
+        return result
+
+
+async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def routes(endpoints: InferenceEndpoints) -> list[BaseRoute]:
+    """The same handler as Starlette routes, for FastAPI's router (405 for other methods, trailing-slash redirects)."""
+    return [Route(path, endpoints, methods=["POST"]) for _, path in PATTERNS]
+
+
+class ServiceApp(FastAPI):
+    """FastAPI, with ``POST`` to the inference routes dispatched to :attr:`endpoints` before FastAPI's machinery."""
+
+    endpoints: InferenceEndpoints | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoints = self.endpoints
+        if endpoints is not None and scope["type"] == "http" and scope["method"] == "POST":
+            path: str = scope["path"]
+            root = scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root):]
+            if path.endswith(("/infer", ":predict")):
+                for pattern, _ in PATTERNS:
+                    match = pattern.match(path)
+                    if match:
+                        scope["path_params"] = match.groupdict()
+                        scope["app"] = self
+                        await endpoints(scope, receive, send)
+                        return
+        await super().__call__(scope, receive, send)
+
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI's schema of the other routes, plus :func:`openapi_paths` (built once, then cached)."""
+        if self.openapi_schema is None:
+            schema = super().openapi()  # caches itself in self.openapi_schema: extend it in place
+            schema["paths"] = {**openapi_paths(schema.setdefault("components", {}).setdefault("schemas", {})),
+                               **schema.get("paths", {})}
+            return schema
+        return self.openapi_schema
+
+
+def openapi_paths(schemas: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI path items of the inference routes; adds the schemas they reference to ``schemas``."""
+    predictions = Predictions.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(predictions.pop("$defs", {}))
+    schemas["Predictions"] = predictions
+    error = {"content": {"application/json": {"schema": {"type": "object", "properties": {
+        "error": {"type": "string"}}, "required": ["error"]}}}}
+    errors = {"400": {"description": "malformed request or it does not fit the model", **error},
+              "401": {"description": "missing or wrong API key (when one is set)", **error},
+              "404": {"description": "unknown model or version", **error},
+              "413": {"description": "request body over the size limit", **error},
+              "503": {"description": "not ready, or overloaded (with Retry-After)", **error}}
+    oip = {"content": {"application/json": {"schema": {"type": "object"}}, "application/octet-stream": {}}}
+    name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+    version = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+
+    def infer(summary: str, parameters: list[dict[str, Any]], operation: str) -> dict[str, Any]:
+        return {"post": {"tags": ["inference"], "summary": summary, "operationId": operation,
+                         "parameters": parameters, "requestBody": {"required": True, **oip},
+                         "responses": {"200": {"description": "outputs (JSON, or binary tensor data after a "
+                                                              f"JSON header of {HEADER_LENGTH} bytes)", **oip},
+                                       **errors}}}
+
+    return {
+        INFER: infer("Run inference on the newest version", [name], "infer"),
+        INFER_VERSION: infer("Run inference on one version", [name, version], "infer_version"),
+        PREDICT: {"post": {
+            "tags": ["inference"], "operationId": "predict",
+            "summary": "Classify each instance with the newest version: label, class index, softmax probabilities",
+            "parameters": [name],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"instances": {"type": "array"}}, "required": ["instances"]}}}},
+            "responses": {"200": {"description": "one prediction per instance", "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/Predictions"}}}}, **errors}}},
+    }
