@@ -602,3 +602,22 @@ def test_brief_extreme_statistics_match_float64(build, x, mean: float, var: floa
         bn.weight.copy_(gamma * torch.randn(n))
         bn.bias.copy_(torch.randn(n))
     fold_check(model.eval(), x, folded=1, left=0, example_inputs=x)
+
+
+@pytest.mark.parametrize("wrap, attr", [
+    pytest.param(torch.compile, "_orig_mod", id="torch.compile"),
+    pytest.param(nn.DataParallel, "module", id="DataParallel-cpu"),
+])
+def test_wrapped_model_folds_its_inner_module(wrap, attr: str, fold_check, randomize) -> None:
+    """Regression: fold(torch.compile(model)) returned the compiled wrapper, whose compiled forward kept
+    running the original, unfolded inner module (error 15 on the probe model); DataParallel was refused."""
+    inner = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
+                                    nn.BatchNorm2d(4))).eval()
+    wrapped = wrap(inner)
+    result = fold_torch(wrapped)
+    assert sorted(f.bn for f in result.folded) == [f"{attr}.1", f"{attr}.4"] and not result.skipped
+    assert not isinstance(result.model, type(wrapped)) and "unwrapped" in result.notes[0]
+    x = x_of(2, 3)
+    with torch.no_grad():
+        cmp = bnfold.Tolerance().compare(result.model(x), inner(x))
+    assert cmp.passed, cmp

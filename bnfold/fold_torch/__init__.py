@@ -40,11 +40,16 @@ def fold_torch(
     used only for shapes: some folds are correct only at certain input ranks (a ``BatchNorm1d``
     after a ``Linear`` is, for 2-D input). Without them the shapes come from ``model.input_shape``
     or the first layer (noted in ``result.notes``), else the ranks from the graph's structure
-    (``Flatten``, ``view``, ``BatchNorm2d``, ...); a fold whose rank stays unknown is refused with a reason.
+    (``Flatten``, ``view``, ``BatchNorm2d``, ...); a fold exact at one rank only that none of these
+    fix gets a run-time rank check (see :mod:`.rewrite`).
     The result's model is in eval mode (a ``torch.fx.GraphModule`` when anything was folded).
+    A ``torch.compile`` / ``DataParallel`` wrapper is unwrapped: the result is the folded inner module.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_torch expects a torch.nn.Module, got {type(model).__name__}")
+    wrapped = _wrapped(model)
+    if wrapped is not None:
+        return _fold_wrapped(model, *wrapped, example_inputs)
     if isinstance(model, torch.jit.ScriptModule):
         raise BnfoldError(f"{model.original_name} is a TorchScript module (torch.jit.script/trace), which bnfold "
                           "cannot rewrite; pass the eager nn.Module (fold first, then script), or export to ONNX "
@@ -72,6 +77,27 @@ def fold_torch(
     except Exception as e:  # a bug or an unforeseen model: say so in one line rather than crash
         raise BnfoldError(f"bnfold could not fold {type(model).__name__}: {type(e).__name__}: {e}") from e
     result.notes[:0] = notes
+    return result
+
+
+def _wrapped(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """``(attribute, inner module)`` when ``model`` only wraps another module (torch.compile, DataParallel)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    if isinstance(model, OptimizedModule):
+        return "_orig_mod", model._orig_mod
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return "module", model.module
+    return None
+
+
+def _fold_wrapped(model: nn.Module, attr: str, inner: nn.Module, example_inputs: Any) -> FoldResult[nn.Module]:
+    """Fold the module inside a wrapper; names in the result are those of ``model`` (``<attr>.<name>``)."""
+    result = fold_torch(inner, example_inputs=example_inputs)
+    result.folded = [Folded(bn=f"{attr}.{f.bn}", into=f"{attr}.{f.into}", side=f.side) for f in result.folded]
+    result.skipped = [Skipped(bn=f"{attr}.{s.bn}", reason=s.reason) for s in result.skipped]
+    result.notes.insert(0, f"{type(model).__name__} was unwrapped: the result is the folded {attr} (an eager "
+                           f"module); wrap it again ({type(model).__name__}) if you need to")
     return result
 
 
