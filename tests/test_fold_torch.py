@@ -621,3 +621,22 @@ def test_wrapped_model_folds_its_inner_module(wrap, attr: str, fold_check, rando
     with torch.no_grad():
         cmp = bnfold.Tolerance().compare(result.model(x), inner(x))
     assert cmp.passed, cmp
+
+
+def test_untraceable_instance_forward_is_not_folded_behind_its_back(fold_check, randomize) -> None:
+    """Regression: a forward replaced on the instance (closure over the child) kept calling the old child
+    after the fallback swapped in a folded copy, so a BN was reported folded but still ran."""
+
+    class Patched(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+            block = self.block
+
+            def forward(x: torch.Tensor) -> torch.Tensor:
+                return x if x.sum() > 1e9 else block(x)  # data-dependent: torch.fx cannot trace it
+
+            self.forward = forward
+
+    result = fold_check(randomize(Patched()).eval(), x_of(2, 3), folded=0, left=1)
+    assert "forward replaced on the instance" in result.skipped[0].reason

@@ -7,7 +7,8 @@ only safe if nothing outside it reaches into it, so a child is refused when
 
 * it, or any module inside it, is reachable by more than one path (shared with another part), or
 * the source of an untraceable ancestor's ``forward`` mentions ``<child>.<attr>`` or ``getattr``
-  (it might call or read the child's layers directly, bypassing the child's forward).
+  (it might call or read the child's layers directly, bypassing the child's forward), or an
+  ancestor's ``forward`` is replaced on the instance (it may hold references to the old child).
 
 A batch norm directly inside an untraceable module is kept with the tracing error as the reason.
 """
@@ -97,6 +98,9 @@ def _unsafe(child: nn.Module, name: str, ancestors: list[tuple[nn.Module, str]],
     if shared:
         return f"{name}: {', '.join(shared)} is reachable by more than one path, so it may be used outside {name}"
     for anc, below in ancestors:
+        if "forward" in vars(anc):  # e.g. a compiled or monkeypatched forward bound to other module objects
+            return (f"{type(anc).__name__} has its forward replaced on the instance, so bnfold cannot tell whether "
+                    f"it calls {below} through the attribute it would replace")
         # self.<below>.x, self.<below>[i], getattr(...): the ancestor may use the child's insides directly.
         pattern = re.compile(rf"\.{re.escape(below)}\s*[.\[]|getattr\s*\(")
         try:
