@@ -19,7 +19,6 @@ would run code is refused, never executed.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 import pickle
@@ -36,6 +35,7 @@ from bnfold._version import __version__
 from bnfold.archs import ARCHITECTURES, build_model, get_arch
 from bnfold.atomic import atomic_path
 from bnfold.errors import BnfoldError
+from bnfold.files import existing_file, sha256_file
 
 FORMAT = "bnfold.checkpoint"
 FORMAT_VERSION = 1
@@ -91,7 +91,7 @@ def save_checkpoint(
     payload = {k: (v if k == "state_dict" else _plain(v, k)) for k, v in payload.items()}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        digest = _sha256(tmp)
+        digest = sha256_file(tmp)
     return digest
 
 
@@ -111,7 +111,7 @@ def load_model(
     """
     path = Path(path)
     obj = read_checkpoint(path)
-    sha = _sha256(path)
+    sha = sha256_file(path)
     meta: dict[str, Any] = {}
     class_labels: list[str] | None = None
     dataset: str | None = None
@@ -169,14 +169,8 @@ def load_model(
 
 def read_checkpoint(path: str | Path) -> Any:
     """``torch.load(path, weights_only=True)`` with one-line errors for every way a file can be wrong."""
-    path = Path(path)
-    if not path.exists():
-        raise BnfoldError(f"checkpoint {str(path)!r} does not exist")
-    if path.is_dir():
-        raise BnfoldError(f"checkpoint {str(path)!r} is a directory, not a file")
+    path = existing_file(path, "checkpoint")
     size = path.stat().st_size
-    if size == 0:
-        raise BnfoldError(f"checkpoint {str(path)!r} is empty (0 bytes)")
     with path.open("rb") as f:
         head = f.read(512)
     is_zip = head.startswith(b"PK\x03\x04")
@@ -335,11 +329,3 @@ def _unsupported_global(message: str) -> str:
         name = message.split(marker, 1)[1].split()[0]
         return f" ({name})"
     return ""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 
 from bnfold.errors import BnfoldError
+from bnfold.files import existing_file
 
 Exporter = Literal["torchscript", "dynamo"]
 BATCH_DIM = "batch"
@@ -119,11 +120,7 @@ def check(model: onnx.ModelProto, *, what: str = "the model") -> None:
 
 def read_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """Load an ONNX file and run the full checker. Raises :class:`BnfoldError` saying what is wrong."""
-    p = Path(path)
-    if not p.exists():
-        raise BnfoldError(f"{p}: no such file")
-    if p.is_dir():
-        raise BnfoldError(f"{p} is a directory, expected an .onnx file")
+    p = existing_file(path, "ONNX file", "an .onnx file")
     try:
         model = onnx.load(str(p))
     except Exception as exc:  # protobuf DecodeError and friends

@@ -20,7 +20,6 @@ thin wrappers over :func:`run`, :func:`inspect_file` and :func:`compare_files`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections import Counter
@@ -37,6 +36,7 @@ import bnfold
 from bnfold import atomic, certificate, export, repository
 from bnfold._version import __version__
 from bnfold.errors import BnfoldError, VerificationFailed
+from bnfold.files import existing_file, sha256_file
 from bnfold.result import FoldResult
 from bnfold.tolerance import Comparison, Tolerance
 from bnfold.verification import VerifyReport, baseline_outputs, ort_runner, verify
@@ -155,29 +155,9 @@ class Outcome:
 # Loading
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def check_input_file(path: str | Path) -> Path:
-    """``path`` must be an existing, non-empty regular file; raises :class:`BnfoldError` otherwise."""
-    p = Path(path)
-    if not p.exists():
-        raise BnfoldError(f"{p}: no such file")
-    if p.is_dir():
-        raise BnfoldError(f"{p} is a directory, expected a checkpoint (.pt) or an ONNX file (.onnx)")
-    if p.stat().st_size == 0:
-        raise BnfoldError(f"{p} is empty (0 bytes), expected a checkpoint (.pt) or an ONNX file (.onnx)")
-    return p
-
-
 def load_source(path: str | Path, options: LoadOptions | None = None) -> Source:
     """Load a checkpoint/state_dict (``options`` say how to rebuild a bare state_dict) or an ONNX file."""
-    p = check_input_file(path)
+    p = existing_file(path, "input", "a checkpoint (.pt) or an ONNX file (.onnx)")
     digest = sha256_file(p)
     if export.is_onnx_file(p):
         model = export.read_onnx(p)

@@ -94,7 +94,7 @@ def test_read_onnx_and_sample_shape(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
-        pytest.param("missing", "no such file", id="missing"),
+        pytest.param("missing", "does not exist", id="missing"),
         pytest.param("directory", "is a directory", id="directory"),
         pytest.param("random-bytes", "not a valid ONNX model", id="random-bytes"),
         pytest.param("checker", "fails the ONNX checker", id="fails-checker"),

@@ -160,7 +160,7 @@ def test_compare_files_checkpoint_vs_its_export(checkpoint: Path, tmp_path: Path
 
 
 def test_missing_and_empty_inputs(tmp_path: Path) -> None:
-    with pytest.raises(BnfoldError, match="no such file"):
+    with pytest.raises(BnfoldError, match="does not exist"):
         pipeline.load_source(tmp_path / "nope.pt")
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(BnfoldError, match=r"is empty \(0 bytes\)"):

@@ -146,7 +146,7 @@ def _bad_input(kind: str, tmp: Path, trained: dict[str, Path]) -> tuple[Path, li
 
 
 BAD_INPUTS = [
-    pytest.param("missing", "no such file", id="missing-file"),
+    pytest.param("missing", "does not exist", id="missing-file"),
     pytest.param("directory", "is a directory", id="directory"),
     pytest.param("empty", "empty", id="empty-checkpoint"),
     pytest.param("truncated", "truncated", id="truncated-checkpoint"),
