@@ -644,3 +644,23 @@ def test_untraceable_instance_forward_is_not_folded_behind_its_back(randomize) -
     x = x_of(2, 3)
     with torch.no_grad():
         assert torch.equal(result.model(x), model(x))
+
+
+def test_optional_none_argument_keeps_default_call_working(fold_check, randomize) -> None:
+    """Regression: ``forward(x, mask=None)`` traced ``mask`` as a tensor, so ``if mask is not None`` was
+    always taken and the folded model crashed when called as ``model(x)`` (TypeError: Tensor * None)."""
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+            y = self.bn(self.conv(x))
+            if mask is not None:
+                y = y * mask
+            return y
+
+    result = fold_check(randomize(Masked()).eval(), x_of(2, 3), folded=1, left=0)
+    with pytest.raises(AssertionError, match="specialized to have value None"):
+        result.model(x_of(2, 3), mask=torch.ones(1))  # never silently ignored

@@ -13,6 +13,7 @@ layer (see :func:`natural_inputs`).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
@@ -56,10 +57,29 @@ class _Tracer(fx.Tracer):
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``model`` (already an eval-mode copy). Raises whatever tracing raises."""
+    """Symbolically trace ``model`` (already an eval-mode copy). Raises whatever tracing raises.
+
+    Arguments that default to ``None`` (``mask=None``) are traced as ``None``: traced as a tensor,
+    ``if mask is not None:`` would always be taken and the folded model would fail when called
+    without them. torch.fx then checks at run time that they are still ``None``.
+    """
     tracer = _Tracer()
-    graph = tracer.trace(model)
+    nones = _none_defaults(model)
+    graph = tracer.trace(model, concrete_args=nones or None)
+    for node in graph.nodes:  # fx renames specialized arguments (mask -> mask_1); keep the caller's keyword
+        target = str(node.target)
+        if node.op == "placeholder" and target.endswith("_1") and target[:-2] in nones:
+            node.target = target[:-2]
     return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+
+
+def _none_defaults(model: nn.Module) -> dict[str, None]:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {name: None for name, p in params.items() if p.default is None and p.kind in kinds}
 
 
 def as_input_tuple(example_inputs: object) -> tuple[torch.Tensor, ...]:
