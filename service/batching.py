@@ -53,10 +53,24 @@ def _resolve(future: asyncio.Future[list[np.ndarray]], result: list[np.ndarray] 
         future.set_result(result)
 
 
+def _resolve_all(pairs: list[tuple[asyncio.Future[list[np.ndarray]], list[np.ndarray] | BaseException]]) -> None:
+    for future, result in pairs:
+        _resolve(future, result)
+
+
 def _deliver(item: _Item, result: list[np.ndarray] | BaseException) -> None:
     """Hand ``result`` to the caller's event loop (thread-safe); a closed loop means the caller is gone."""
-    with contextlib.suppress(RuntimeError):
-        item.loop.call_soon_threadsafe(_resolve, item.future, result)
+    _deliver_all([(item, result)])
+
+
+def _deliver_all(results: list[tuple[_Item, list[np.ndarray] | BaseException]]) -> None:
+    """:func:`_deliver` for a whole batch: one event-loop wake-up per loop, not one per request."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+    for item, result in results:
+        by_loop.setdefault(item.loop, []).append((item.future, result))
+    for loop, pairs in by_loop.items():
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_resolve_all, pairs)
 
 
 class Batcher:
@@ -163,11 +177,13 @@ class Batcher:
             for item in batch:
                 _deliver(item, self._run_one(item.feeds))
             return
+        results: list[tuple[_Item, list[np.ndarray] | BaseException]] = []
         start_row = 0
         for item in batch:
             stop_row = start_row + item.rows
-            _deliver(item, [o[start_row:stop_row] for o in outputs])
+            results.append((item, [o[start_row:stop_row] for o in outputs]))
             start_row = stop_row
+        _deliver_all(results)
 
     def _run_one(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray] | BaseException:
         try:

@@ -212,3 +212,33 @@ def test_worker_survives_a_closed_caller_loop() -> None:
     results = asyncio.run(_submit_all(batcher, [np.ones((1, 2), np.float32)]))  # still answered
     batcher.close()
     assert not isinstance(results[0], BaseException)
+
+
+def test_one_batch_answers_callers_on_different_event_loops() -> None:
+    """A coalesced batch hands results to each caller's own loop (one wake-up per loop)."""
+    gate = threading.Event()
+    recorder = Recorder(gate)
+    batcher = Batcher("m", recorder, batches=True, max_batch_size=64, max_queue_delay_s=0.0, max_queue_size=8)
+    results: dict[str, list[np.ndarray]] = {}
+
+    def call(tag: str, x: np.ndarray) -> None:
+        results[tag] = asyncio.run(batcher.submit({"x": x}))
+
+    inputs = {"first": np.full((1, 2), 1.0, np.float32), "a": np.full((2, 2), 3.0, np.float32),
+              "b": np.full((1, 2), 5.0, np.float32)}
+    first = threading.Thread(target=call, args=("first", inputs["first"]))
+    first.start()
+    assert recorder.started.wait(5)  # the first run blocks: the next two queue up behind it
+    others = [threading.Thread(target=call, args=(tag, inputs[tag])) for tag in ("a", "b")]
+    for thread in others:
+        thread.start()
+    while batcher.queued < 2:
+        threading.Event().wait(0.005)
+    gate.set()
+    for thread in (first, *others):
+        thread.join(10)
+    batcher.close()
+    assert recorder.runs == [1, 3]
+    for tag, x in inputs.items():
+        np.testing.assert_array_equal(results[tag][0], x * 2)
+        np.testing.assert_array_equal(results[tag][1], x.sum(axis=1))

@@ -1,0 +1,120 @@
+"""The inference routes' ASGI fast path: what it shares with FastAPI's routes, and what only it does."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import HTTPException
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+
+from service import inference
+from service.api import fastpath
+from service.api.deps import check_api_key
+from service.config import Settings
+from service.main import create_app
+
+BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+
+
+@pytest.mark.parametrize(("path", "operation"), [
+    pytest.param("/v2/models/{name}/infer", "infer", id="infer"),
+    pytest.param("/v2/models/{name}/versions/{version}/infer", "infer_version", id="infer-version"),
+    pytest.param("/v1/models/{name}:predict", "predict", id="predict"),
+])
+def test_openapi_documents_the_inference_routes(client: TestClient, path: str, operation: str) -> None:
+    schema = client.get("/openapi.json").json()
+    post = schema["paths"][path]["post"]
+    assert post["operationId"] == operation
+    assert {"200", "400", "401", "404", "413", "503"} <= set(post["responses"])
+    assert "/v2/models/{name}" in schema["paths"]  # FastAPI's own routes are still there
+    assert {"Predictions", "Prediction"} <= set(schema["components"]["schemas"])
+
+
+def test_openapi_schema_is_built_once(client: TestClient) -> None:
+    app = client.app
+    assert app.openapi() is app.openapi()  # type: ignore[attr-defined]
+
+
+def test_trailing_slash_redirects_like_fastapi_routes(client: TestClient) -> None:
+    response = client.post("/v2/models/classifier/infer/", json=BODY, follow_redirects=False)
+    assert response.status_code == 307
+    assert response.headers["location"].endswith("/v2/models/classifier/infer")
+
+
+def test_head_is_405_with_allow(client: TestClient) -> None:
+    response = client.head("/v1/models/classifier:predict")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "POST"
+
+
+def test_internal_error_is_500_with_error_body(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def broken(*args: Any) -> None:
+        raise RuntimeError("bug in the handler")
+
+    logged: list[tuple[str, dict[str, Any]]] = []
+    monkeypatch.setattr(inference, "infer", broken)
+    monkeypatch.setattr(fastpath, "event", lambda level, message, **fields: logged.append((message, fields)))
+    response = client.post("/v2/models/classifier/infer", json=BODY)
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal server error"}
+    assert logged == [("internal error", {"path": "/v2/models/classifier/infer",
+                                          "error": "RuntimeError: bug in the handler"})]
+
+
+def test_metrics_count_every_request_on_cached_children(client: TestClient) -> None:
+    for _ in range(3):
+        assert client.post("/v2/models/classifier/infer", json=BODY).status_code == 200
+        assert client.post("/v2/models/classifier/infer", content=b"{").status_code == 400
+    text = client.get("/metrics").text
+    assert 'bnfold_requests_total{model="classifier",outcome="success"} 3.0' in text
+    assert 'bnfold_requests_total{model="classifier",outcome="invalid_input"} 3.0' in text
+    assert 'bnfold_request_duration_seconds_count{model="classifier"} 3.0' in text
+    assert 'bnfold_http_errors_total{status="400"} 3.0' in text
+
+
+def test_root_path_is_stripped_before_matching(settings: Settings) -> None:
+    with TestClient(create_app(settings), root_path="/api") as client:
+        response = client.post("/api/v2/models/classifier/infer", json=BODY)
+    assert response.status_code == 200, response.text
+    assert response.json()["model_name"] == "classifier"
+
+
+def test_client_gone_mid_body_gets_no_answer(repository: Path) -> None:
+    app = create_app(Settings(model_repository=repository))
+    sent: list[MutableMapping[str, Any]] = []
+    messages: list[dict[str, Any]] = [{"type": "http.request", "body": b'{"inputs"', "more_body": True}, {"type": "http.disconnect"}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v2/models/classifier/infer", "root_path": "",
+             "headers": [], "query_string": b""}
+    asyncio.run(app(scope, receive, send))
+    assert sent == []
+    assert messages == []
+
+
+@pytest.mark.parametrize(("key", "header", "allowed"), [
+    pytest.param(None, b"", True, id="no-key-configured"),
+    pytest.param("s3cret", b"Bearer s3cret", True, id="right"),
+    pytest.param("s3cret", b"Bearer s3cre", False, id="prefix"),
+    pytest.param("s3cret", b"s3cret", False, id="no-bearer"),
+    pytest.param("s3cret", b"", False, id="missing"),
+])
+def test_check_api_key(tmp_path: Path, key: str | None, header: bytes, allowed: bool) -> None:
+    settings = Settings(model_repository=tmp_path, api_key=SecretStr(key) if key else None)
+    if allowed:
+        check_api_key(settings, header)
+        return
+    with pytest.raises(HTTPException) as raised:
+        check_api_key(settings, header)
+    assert raised.value.status_code == 401
+    assert raised.value.headers == {"WWW-Authenticate": "Bearer"}
