@@ -661,6 +661,9 @@ def test_optional_none_argument_keeps_default_call_working(fold_check, randomize
                 y = y * mask
             return y
 
-    result = fold_check(randomize(Masked()).eval(), x_of(2, 3), folded=1, left=0)
+    model = randomize(Masked()).eval()
+    result = fold_check(model, x_of(2, 3), folded=1, left=0)
     with pytest.raises(AssertionError, match="specialized to have value None"):
         result.model(x_of(2, 3), mask=torch.ones(1))  # never silently ignored
+    x, mask = x_of(2, 3), torch.rand(1, 4, 1, 1)  # a mask given in example_inputs stays an input
+    fold_check(model, (x, mask), folded=1, left=0, example_inputs=(x, mask))

@@ -22,7 +22,7 @@ from bnfold.errors import BnfoldError
 from bnfold.fold_torch.norms import Norm, find_norms
 from bnfold.fold_torch.ranks import annotate_ranks
 from bnfold.fold_torch.rewrite import try_fold
-from bnfold.fold_torch.trace import BN_TYPES, shapes_from, trace
+from bnfold.fold_torch.trace import BN_TYPES, as_input_tuple, shapes_from, trace
 from bnfold.layers import InputNorm
 from bnfold.result import Folded, FoldResult, Skipped
 
@@ -64,8 +64,9 @@ def fold_torch(
         raise BnfoldError(f"cannot copy {type(model).__name__} to fold it (copy.deepcopy failed: {e})") from e
     notes = [TRAIN_MODE_NOTE] if any(m.training for m in work.modules()) else []
     work.eval()
+    given = len(as_input_tuple(example_inputs)) if example_inputs is not None else 0
     try:
-        gm = trace(work)
+        gm = trace(work, given)
     except Exception as e:
         from bnfold.fold_torch.fallback import fold_untraceable
 

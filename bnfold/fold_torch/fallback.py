@@ -62,16 +62,17 @@ def fold_untraceable(work: nn.Module, error: Exception, example_inputs: Any, not
             if problem is not None:
                 skipped.extend(Skipped(bn=f"{path}.{p}" if p else path, reason=f"{problem}; {why}") for p in inner)
                 continue
+            recorded = calls.get(id(child))
             try:
-                gm = trace(child)
+                gm = trace(child, len(recorded) if recorded else 0)
             except Exception:
                 visit(child, f"{path}.", [*ancestors, (module, name)])
                 continue
             try:
-                sub = fold_graph(child, gm, calls.get(id(child)))
+                sub = fold_graph(child, gm, recorded)
             except Exception:  # the recorded inputs do not fit the traced child: fold it without shapes
                 try:
-                    sub = fold_graph(child, trace(child), None)
+                    sub = fold_graph(child, trace(child, len(recorded) if recorded else 0), None)
                 except Exception as e:
                     reason = f"folding inside {path} on its own failed ({type(e).__name__}: {e}); {why}"
                     skipped.extend(Skipped(bn=f"{path}.{p}", reason=reason) for p in inner)

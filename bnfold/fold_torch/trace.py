@@ -56,15 +56,16 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
+def trace(model: nn.Module, given: int = 0) -> fx.GraphModule:
     """Symbolically trace ``model`` (already an eval-mode copy). Raises whatever tracing raises.
 
-    Arguments that default to ``None`` (``mask=None``) are traced as ``None``: traced as a tensor,
-    ``if mask is not None:`` would always be taken and the folded model would fail when called
-    without them. torch.fx then checks at run time that they are still ``None``.
+    Arguments that default to ``None`` (``mask=None``) and are not among the ``given`` first
+    positional example inputs are traced as ``None``: traced as a tensor, ``if mask is not None:``
+    would always be taken and the folded model would fail when called without them. torch.fx then
+    checks at run time that they are still ``None``.
     """
     tracer = _Tracer()
-    nones = _none_defaults(model)
+    nones = _none_defaults(model, given)
     graph = tracer.trace(model, concrete_args=nones or None)
     for node in graph.nodes:  # fx renames specialized arguments (mask -> mask_1); keep the caller's keyword
         target = str(node.target)
@@ -73,13 +74,13 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
 
 
-def _none_defaults(model: nn.Module) -> dict[str, None]:
+def _none_defaults(model: nn.Module, given: int) -> dict[str, None]:
     try:
-        params = inspect.signature(model.forward).parameters
+        params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
         return {}
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return {name: None for name, p in params.items() if p.default is None and p.kind in kinds}
+    return {p.name: None for i, p in enumerate(params) if i >= given and p.default is None and p.kind in kinds}
 
 
 def as_input_tuple(example_inputs: object) -> tuple[torch.Tensor, ...]:
