@@ -87,7 +87,8 @@ def test_root_path_is_stripped_before_matching(settings: Settings) -> None:
 def test_client_gone_mid_body_gets_no_answer(repository: Path) -> None:
     app = create_app(Settings(model_repository=repository))
     sent: list[MutableMapping[str, Any]] = []
-    messages: list[dict[str, Any]] = [{"type": "http.request", "body": b'{"inputs"', "more_body": True}, {"type": "http.disconnect"}]
+    messages: list[dict[str, Any]] = [{"type": "http.request", "body": b'{"inputs"', "more_body": True},
+                                      {"type": "http.disconnect"}]
 
     async def receive() -> dict[str, Any]:
         return messages.pop(0)
