@@ -11,6 +11,7 @@ Models torch.fx cannot trace are handled by :mod:`.fallback` (fold inside tracea
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
@@ -131,7 +132,10 @@ def fold_graph(work: nn.Module, gm: fx.GraphModule, example_inputs: Any) -> Fold
     """Fold inside ``gm``, the trace of ``work`` (an eval-mode copy). Returns ``work`` if nothing folded."""
     notes: list[str] = []
     paths = norm_paths(work)
-    annotate_ranks(gm)  # before shapes: these ranks come from the graph's structure alone
+    # Before shapes: these ranks come from the graph's structure alone. Best effort: a node left
+    # unannotated has an unknown rank, which can only add run-time rank checks.
+    with contextlib.suppress(Exception):
+        annotate_ranks(gm)
     source, shape_note = shapes_from(work, gm, example_inputs)
     norms = find_norms(gm, set(paths))
     by_name: dict[str, list[Norm]] = {}
