@@ -667,3 +667,10 @@ def test_optional_none_argument_keeps_default_call_working(fold_check, randomize
         result.model(x_of(2, 3), mask=torch.ones(1))  # never silently ignored
     x, mask = x_of(2, 3), torch.rand(1, 4, 1, 1)  # a mask given in example_inputs stays an input
     fold_check(model, (x, mask), folded=1, left=0, example_inputs=(x, mask))
+
+
+def test_model_that_is_a_batch_norm_is_reported(randomize) -> None:
+    """Regression: fold(nn.BatchNorm2d(3)) returned 0 folded and 0 kept (the BN was in neither list)."""
+    result = fold_torch(randomize(nn.Sequential(nn.BatchNorm2d(3)))[0].eval())
+    assert result.folded == [] and [s.bn for s in result.skipped] == [""]
+    assert "no layer next to it" in result.skipped[0].reason

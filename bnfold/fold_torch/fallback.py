@@ -84,7 +84,15 @@ def fold_untraceable(work: nn.Module, error: Exception, example_inputs: Any, not
                 setattr(module, name, sub.model)
                 done.append(path)
 
+    paths = norm_paths(work)
     visit(work, "", [])
+    reported = {f.bn for f in folded} | {s.bn for s in skipped}
+    skipped.extend(  # e.g. the model is itself a batch norm
+        Skipped(bn=p, reason=f"{p} is used inside a forward() torch.fx cannot trace ({first_line}), and bnfold "
+                             "found no traceable part around it to fold" if p else
+                f"the model is itself a {type(work).__name__}: there is no layer next to it to fold it into")
+        for p in paths if p not in reported
+    )
     notes.append(
         f"the forward() of {type(work).__name__} cannot be traced by torch.fx ({first_line}): folded inside the "
         f"traceable submodules independently ({', '.join(done) or 'none folded'})"
