@@ -796,3 +796,21 @@ def test_long_chain_of_blocks_folds_every_bn() -> None:
     model = n.model({"x": (1, 4, 3, 3)}, [h])
     result = check_fold(model, n.feeds(model), folded=40, bns_left=0, nodes_left=80)
     assert len(result.model.graph.initializer) == 80  # 40 weights + 40 new biases, no BN parameters
+
+
+def test_bn_inside_model_local_function_is_reported_not_folded() -> None:
+    """Regression: a BN inside a model-local function (FunctionProto) was in neither folded nor skipped."""
+    n = Net()
+    body = [helper.make_node("Conv", ["x", "w"], ["c"]),
+            helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="fbn")]
+    function = helper.make_function("local", "ConvBn", ["x", "w", "g", "b", "m", "v"], ["y"], body,
+                                    [helper.make_opsetid("", 17)])
+    params = [n.rand("w", 4, 3, 3, 3), n.rand("g", 4), n.rand("b", 4), n.rand("m", 4), n.const("v", np.ones(4))]
+    n.nodes.append(helper.make_node("ConvBn", ["x", *params], ["y"], domain="local", name="call"))
+    model = n.model({"x": (1, 3, 8, 8)}, ["y"], opset=17, shapes={"y": (1, 4, 6, 6)})
+    model.opset_import.append(helper.make_opsetid("local", 1))
+    model.functions.append(function)
+    result = fold_onnx(model)
+    assert result.folded == [] and [s.bn for s in result.skipped] == ["fbn"]
+    assert "model-local function 'local.ConvBn'" in result.skipped[0].reason
+    onnx.checker.check_model(result.model, full_check=True)

@@ -59,6 +59,12 @@ def fold_onnx(model: onnx.ModelProto) -> FoldResult[onnx.ModelProto]:
             f"were folded as constants; the graph inputs the fold left unused were removed "
             f"({', '.join(sorted(g.dropped_inputs))})"
         )
+    for function in out.functions:  # model-local functions: a body can be called from several places
+        result.skipped += [
+            Skipped(node_id(bn), f"it is inside the model-local function '{function.domain}.{function.name}'; "
+                    "inline the functions first (onnx.inliner.inline_local_functions)")
+            for node in function.node for bn in [node, *_nested_batchnorms_of(node)] if is_batchnorm(bn)
+        ]
     for node in out.graph.node:
         for sub in subgraphs(node):
             result.skipped += [
@@ -108,6 +114,10 @@ def _fold_one(g: Graph, bn: onnx.NodeProto, opset: int | None) -> Folded | Skipp
                 before()
                 return Folded(bn=name, into=into, side="input")
     return Skipped(name, f"cannot fold into the layer before it: {after}; nor into the layer after it: {before}")
+
+
+def _nested_batchnorms_of(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    return [bn for sub in subgraphs(node) for bn in _nested_batchnorms(sub)]
 
 
 def _nested_batchnorms(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
