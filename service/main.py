@@ -1,4 +1,4 @@
-"""Wire the app: settings, logging, model repository lifespan, error bodies, routers.
+"""Wire the app: settings, logging, model repository lifespan, error bodies, routers, inference fast path.
 
 ``create_app(settings)`` builds an app; the module-level ``app`` (settings from the environment)
 is what ``uvicorn service.main:app`` and worker processes import; :func:`run` starts uvicorn.
