@@ -39,6 +39,7 @@ from service.logs import event
 from service.metrics import UNKNOWN_MODEL
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+_HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()  # ASGI header names are lower-case bytes
 INFER = "/v2/models/{name}/infer"
 INFER_VERSION = "/v2/models/{name}/versions/{version}/infer"
 PREDICT = "/v1/models/{name}:predict"
@@ -91,12 +92,12 @@ class InferenceEndpoints:
                 rows = await inference.predict(service.repository, name, None, body)
                 result = (orjson.dumps({"predictions": rows}), _JSON)
             else:
-                length = headers.get(HEADER_LENGTH.lower().encode())
+                length = headers.get(_HEADER_LENGTH_KEY)
                 encoded = await inference.infer(service.repository, name, version, body,
                                                 None if length is None else length.decode("latin-1"))
                 result = (encoded.body, _JSON) if encoded.header_length is None else \
                     (encoded.body, [(b"content-type", b"application/octet-stream"),
-                                    (b"inference-header-content-length", str(encoded.header_length).encode())])
+                                    (_HEADER_LENGTH_KEY, str(encoded.header_length).encode())])
         except ServiceError as exc:
             error = http_error(exc, service.settings.retry_after_s)
             service.metrics.request(label, OUTCOME.get(error.status_code, "error"))
