@@ -12,6 +12,7 @@ from torch import nn
 import bnfold
 from bnfold.errors import BnfoldError
 from bnfold.fold_torch import fold_torch
+from bnfold.fold_torch.guard import RankDispatch
 from bnfold.layers import InputNorm
 
 torch.manual_seed(0)
@@ -420,11 +421,10 @@ def test_refuses_with_reason(build: Callable[[], nn.Module], x: torch.Tensor, op
 
 
 def _rank_checks(model: nn.Module) -> int:
-    graph = getattr(model, "graph", None)
-    return 0 if graph is None else sum(n.target is torch._assert for n in graph.nodes)
+    return sum(isinstance(m, RankDispatch) for m in model.modules())
 
 
-def test_rank_unknown_folds_with_a_run_time_rank_check(fold_check, randomize) -> None:
+def test_rank_unknown_folds_with_a_run_time_rank_dispatch(fold_check, randomize) -> None:
     class Scaled(nn.Module):  # the input is scaled first: no natural input shape can be inferred
         def __init__(self) -> None:
             super().__init__()
@@ -436,9 +436,9 @@ def test_rank_unknown_folds_with_a_run_time_rank_check(fold_check, randomize) ->
     model = randomize(Scaled()).eval()
     result = fold_check(model, torch.randn(3, 5), folded=1, left=0)
     assert _rank_checks(result.model) == 1
-    assert any("assuming its input is 2-D" in n and "example_inputs" in n for n in result.notes), result.notes
-    with pytest.raises(AssertionError, match="assuming a 2-D input"):
-        result.model(torch.randn(3, 4, 5))
+    assert any("for 2-D input" in n and "original Linear and batch norm" in n and "example_inputs" in n
+               for n in result.notes), result.notes
+    fold_check(model, torch.randn(3, 4, 5), folded=1, left=0)  # 3-D: the original's outputs, no error
     given = fold_check(model, torch.randn(3, 5), folded=1, left=0, example_inputs=torch.randn(3, 5))
     assert _rank_checks(given.model) == 0
 
@@ -453,8 +453,8 @@ def test_guessed_2d_fold_never_computes_a_wrong_3d_result(build, fold_check, ran
     model = randomize(build()).eval()
     x3 = torch.randn(3, 4, 4)
     result = fold_check(model, torch.randn(3, 4), folded=1, left=0)
-    with pytest.raises(AssertionError, match="example_inputs"):
-        result.model(x3)
+    assert _rank_checks(result.model) == 1
+    fold_check(model, x3, folded=1, left=0)  # the same fold run on 3-D input: the original's outputs
     refused = fold_check(model, x3, folded=0, left=1, example_inputs=x3)
     assert "only for 2-D tensors" in refused.skipped[0].reason
 
@@ -469,8 +469,10 @@ def test_rank_checks_do_not_block_chains_or_second_inputs(fold_check, randomize)
         def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return self.bn_a(self.a(x)) + self.b(self.pre2(self.pre(y / 2)))
 
-    result = fold_check(randomize(TwoInputs()).eval(), (torch.randn(5, 6), torch.randn(5, 3)), folded=3, left=0)
+    model = randomize(TwoInputs()).eval()
+    result = fold_check(model, (torch.randn(5, 6), torch.randn(5, 3)), folded=3, left=0)
     assert _rank_checks(result.model) == 2
+    fold_check(model, (torch.randn(3, 6), torch.randn(5, 3, 3)), folded=3, left=0)  # chain at 3-D
 
 
 def test_untraceable_model_folds_inside_safe_children(fold_check, randomize) -> None:
@@ -561,9 +563,9 @@ def test_scripted_model_is_a_clear_error(randomize) -> None:
         fold_torch(scripted)
 
 
-def test_layers_called_with_input_keyword_fold_with_rank_check(fold_check, randomize) -> None:
+def test_layers_called_with_input_keyword_fold_with_rank_dispatch(fold_check, randomize) -> None:
     """Regression: the run-time rank check read the layer's input from its positional arguments only,
-    so ``self.fc(input=x)`` crashed the fold (IndexError)."""
+    so ``self.fc(input=x)`` crashed the fold (IndexError). The rank dispatch takes ``input=`` too."""
 
     class Keywords(nn.Module):
         def __init__(self) -> None:
@@ -573,8 +575,10 @@ def test_layers_called_with_input_keyword_fold_with_rank_check(fold_check, rando
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(input=self.bn(input=self.fc(input=x * 2)))
 
-    result = fold_check(randomize(Keywords()).eval(), torch.randn(3, 5), folded=1, left=0)
+    model = randomize(Keywords()).eval()
+    result = fold_check(model, torch.randn(3, 5), folded=1, left=0)
     assert _rank_checks(result.model) == 1
+    fold_check(model, torch.randn(3, 4, 5), folded=1, left=0)
 
 
 @pytest.mark.parametrize("mean, var, gamma", [

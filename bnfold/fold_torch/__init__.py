@@ -42,7 +42,7 @@ def fold_torch(
     after a ``Linear`` is, for 2-D input). Without them the shapes come from ``model.input_shape``
     or the first layer (noted in ``result.notes``), else the ranks from the graph's structure
     (``Flatten``, ``view``, ``BatchNorm2d``, ...); a fold exact at one rank only that none of these
-    fix gets a run-time rank check (see :mod:`.rewrite`).
+    fix is made with a rank dispatch: folded at that rank, the original ops at others (see :mod:`.guard`).
     The result's model is in eval mode (a ``torch.fx.GraphModule`` when anything was folded).
     A ``torch.compile`` / ``DataParallel`` wrapper is unwrapped: the result is the folded inner module.
     """
@@ -133,7 +133,7 @@ def fold_graph(work: nn.Module, gm: fx.GraphModule, example_inputs: Any) -> Fold
     notes: list[str] = []
     paths = norm_paths(work)
     # Before shapes: these ranks come from the graph's structure alone. Best effort: a node left
-    # unannotated has an unknown rank, which can only add run-time rank checks.
+    # unannotated has an unknown rank, which can only add rank dispatches.
     with contextlib.suppress(Exception):
         annotate_ranks(gm)
     source, shape_note = shapes_from(work, gm, example_inputs)

@@ -28,6 +28,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 from bnfold.arith import Affine, fold_input_side, fold_output_side, input_side_exactness
+from bnfold.fold_torch.guard import RankDispatch
 from bnfold.fold_torch.trace import LAYER_TYPES, has_torch_forward
 
 Side = Literal["output", "input"]
@@ -79,6 +80,10 @@ def as_layer(gm: fx.GraphModule, node: fx.Node) -> Layer | str:
     if node.op != "call_module":
         return f"{describe(gm, node)} is not a Conv/ConvTranspose/Linear module"
     mod = gm.get_submodule(str(node.target))
+    if isinstance(mod, RankDispatch):  # an earlier fold into this layer: fold into its folded path too
+        if mod._forward_hooks or mod._forward_pre_hooks:
+            return f"{node.target} (RankDispatch) has forward hooks; remove them first"
+        mod = mod.folded
     name = f"{node.target} ({type(mod).__name__})"
     if not isinstance(mod, LAYER_TYPES):
         return f"{name} is not a Conv/ConvTranspose/Linear module"
@@ -129,7 +134,7 @@ def rank_problem(layer: Layer, target: str, norm_kind: str, norm_name: str, norm
         return (f"{target} ({layer.type_name}) sees an unbatched {actual}-D tensor here, so its channels are on "
                 f"axis 0 but {norm_name} normalizes axis 1")
     if layer.good_rank in both:
-        return None  # exact at the good rank only: the rewrite adds a run-time rank check (rank_pinned)
+        return None  # exact at the good rank only: the rewrite adds a rank dispatch (rank_pinned)
     return (f"whether {norm_name} normalizes the channel axis of {target} ({layer.type_name}) depends on the "
             f"input rank ({' or '.join(f'{r}-D' for r in sorted(both))}), which is unknown: pass "
             "example_inputs=... to bnfold.fold")
@@ -137,7 +142,7 @@ def rank_problem(layer: Layer, target: str, norm_kind: str, norm_name: str, norm
 
 def rank_pinned(layer: Layer, norm_ranks: frozenset[int] | None, known: frozenset[int] | None) -> bool:
     """True when ``known`` (ranks the graph's structure allows; None: any) leaves only the rank at which
-    the fold is exact. Otherwise a fold needs a run-time check that the layer's input has that rank."""
+    the fold is exact. Otherwise the fold dispatches on the layer's input rank at run time (guard)."""
     possible = layer.possible_ranks if known is None else layer.possible_ranks & known
     accepted = norm_ranks if norm_ranks is not None else frozenset(range(2, 10))
     return possible & accepted == {layer.good_rank}

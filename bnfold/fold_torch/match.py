@@ -54,13 +54,9 @@ def is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
-GUARD_KEY = "bnfold_rank_guard"  # meta flag on the ``x.dim()`` node of a rank check the rewrite inserted
-
-
 def users(value: fx.Node) -> list[fx.Node]:
-    """The nodes using ``value``, except rank checks bnfold inserted (they only read its rank, which
-    folding a per-channel op does not change)."""
-    return [u for u in value.users if not u.meta.get(GUARD_KEY)]
+    """The nodes using ``value``."""
+    return list(value.users)
 
 
 def _single_use(gm: fx.GraphModule, value: fx.Node, user: fx.Node, what: str) -> str | None:

@@ -48,6 +48,10 @@ class Norm:
     affine: Affine | None = None
     reason: str | None = None  # set when this op can never be folded
     attr_nodes: list[fx.Node] = field(default_factory=list)  # get_attr inputs (functional form)
+    # the op's own constants, to recompute it unfolded (guard.NormStep): running_mean/var, weight, bias
+    # and eps for a batch norm; scale and shift (eps None) for an InputNorm
+    tensors: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    eps: float | None = None
 
     @property
     def input(self) -> fx.Node:
@@ -116,6 +120,7 @@ def _input_norm(node: fx.Node, mod: InputNorm) -> Norm:
     else:
         norm.affine = Affine(scale=scale, shift=shift)
         norm.channels = int(scale.shape[0])
+        norm.tensors = {"scale": mod.scale, "shift": mod.shift}
     return norm
 
 
@@ -191,6 +196,8 @@ def _np(t: torch.Tensor | None) -> np.ndarray | None:
 
 def _set_affine(norm: Norm, mean: torch.Tensor, var: torch.Tensor, eps: float,
                 gamma: torch.Tensor | None, beta: torch.Tensor | None) -> None:
+    norm.tensors = {"running_mean": mean, "running_var": var, "weight": gamma, "bias": beta}
+    norm.eps = eps
     try:
         norm.affine = bn_affine(_np(mean), _np(var), eps, _np(gamma), _np(beta))  # type: ignore[arg-type]
     except ValueError as e:

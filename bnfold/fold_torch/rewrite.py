@@ -17,18 +17,19 @@ its now-unused constants) deleted from the module tree.
 
 Some folds are exact at one input rank only (``Linear -> BatchNorm1d`` for 2-D tensors). When neither
 the caller's ``example_inputs`` nor the graph's structure fix that rank (shapes guessed from the first
-layer, or none), the fold is made and guarded: ``torch._assert(x.dim() == rank)`` before the layer,
-so the folded model raises on an input of another rank instead of computing something else.
+layer, or none), the layer is replaced by a :class:`~bnfold.fold_torch.guard.RankDispatch`: the folded
+layer for inputs of that rank, the original layer and norm (as constants) for any other rank. The folded
+model is then never wrong and never fails at a rank the original accepted. A later fold into the same
+layer (a chain) goes into both paths.
 """
 
 from __future__ import annotations
 
 import copy
-import operator
 
-import torch
 from torch import fx, nn
 
+from bnfold.fold_torch.guard import NormStep, RankDispatch
 from bnfold.fold_torch.layers import (
     Layer,
     Side,
@@ -41,7 +42,7 @@ from bnfold.fold_torch.layers import (
     rank_pinned,
     rank_problem,
 )
-from bnfold.fold_torch.match import GUARD_KEY, consumer, data_input, only_data_input, producer
+from bnfold.fold_torch.match import consumer, only_data_input, producer
 from bnfold.fold_torch.norms import Norm
 from bnfold.fold_torch.ranks import RANKS_KEY, Ranks, known_ranks
 from bnfold.result import Folded
@@ -99,32 +100,32 @@ def _apply(gm: fx.GraphModule, norm: Norm, node: fx.Node, side: Side, notes: lis
     layer = as_layer(gm, node)
     assert isinstance(layer, Layer) and norm.affine is not None
     mod = layer.module
+    holder = gm.get_submodule(target)
+    dispatch = holder if isinstance(holder, RankDispatch) else None
+    if dispatch is None and guard:
+        dispatch = RankDispatch(mod, mod, layer.good_rank)  # copies the original weights before the fold
+        _set_module(gm, target, dispatch)
+        notes.append(f"{norm.name} was folded into {target} for {layer.good_rank}-D input (the only rank at which "
+                     "the fold is exact; nothing fixed the input rank): on inputs of other ranks the folded model "
+                     f"computes the original {layer.type_name} and batch norm instead. Pass example_inputs=... to "
+                     "fold without this rank dispatch")
     weight, bias = folded_params(layer, norm.affine, side)
     old_w, old_b = mod.weight, mod.bias
     assign(mod, "weight", weight, old_w)  # type: ignore[arg-type]
     assign(mod, "bias", bias, old_w if old_b is None else old_b)  # type: ignore[arg-type]
+    if dispatch is not None:  # the unfolded path must apply this norm too
+        step = NormStep(norm.tensors, norm.eps)
+        if side == "output":
+            dispatch.after.append(step)
+        else:  # a norm folding in later sits before the ones already folded in
+            dispatch.before.insert(0, step)
     _remove(gm, norm)
-    if guard:
-        _guard_rank(gm, node, layer.good_rank, norm.name, target)
-        notes.append(f"{norm.name} was folded into {target} assuming its input is {layer.good_rank}-D (the only rank "
-                     "at which the fold is exact; nothing fixed the rank): the folded model raises on other ranks. "
-                     "Pass example_inputs=... to fold without this check")
     return Folded(bn=norm.name, into=target, side=side)
 
 
-def _guard_rank(gm: fx.GraphModule, node: fx.Node, rank: int, bn: str, target: str) -> None:
-    """Insert ``torch._assert(x.dim() == rank, ...)`` before ``node`` on its data input ``x`` (once per value)."""
-    value = data_input(node)  # also when the layer is called as layer(input=x)
-    assert value is not None
-    if any(u.meta.get(GUARD_KEY) for u in value.users):
-        return
-    message = (f"bnfold folded {bn} into {target} assuming a {rank}-D input, which is the only rank at which that "
-               "fold is exact; fold again with example_inputs of the rank you use")
-    with gm.graph.inserting_before(node):
-        dim = gm.graph.call_method("dim", (value,))
-        dim.meta[GUARD_KEY] = True
-        same = gm.graph.call_function(operator.eq, (dim, rank))
-        gm.graph.call_function(torch._assert, (same, message))
+def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
+    parent, _, leaf = target.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
 
 
 def _other_uses(gm: fx.GraphModule, node: fx.Node, mod: nn.Module) -> list[str]:
@@ -221,5 +222,4 @@ def _replace_with_holder(gm: fx.GraphModule, target: str) -> None:
         holder.register_parameter(name, param)
     for name, buf in mod.named_buffers(recurse=False):
         holder.register_buffer(name, buf, persistent=name not in mod._non_persistent_buffers_set)
-    parent, _, leaf = target.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, leaf, holder)
+    _set_module(gm, target, holder)

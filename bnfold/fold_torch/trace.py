@@ -1,7 +1,8 @@
 """Trace a model into a torch.fx graph whose leaves are the modules the rewriter reasons about.
 
 ``torch.fx.symbolic_trace`` keeps ``torch.nn`` modules as leaves and inlines user modules. We
-additionally keep as leaves: :class:`bnfold.layers.InputNorm`, and user subclasses of batch norm /
+additionally keep as leaves: :class:`bnfold.layers.InputNorm`, an earlier fold's
+:class:`~bnfold.fold_torch.guard.RankDispatch`, and user subclasses of batch norm /
 Conv / ConvTranspose / Linear whose forward is the torch one (so they fold like their base class).
 A subclass that overrides ``forward`` is traced through: a ``F.batch_norm`` inside it is then
 matched as a functional batch norm.
@@ -21,6 +22,7 @@ import torch
 from torch import fx, nn
 
 from bnfold.errors import BnfoldError
+from bnfold.fold_torch.guard import RankDispatch
 from bnfold.layers import InputNorm
 
 LAYER_TYPES: tuple[type[nn.Module], ...] = (
@@ -50,6 +52,8 @@ def has_torch_forward(module: nn.Module, *methods: str) -> bool:
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, InputNorm) and type(m).forward is InputNorm.forward:
+            return True
+        if isinstance(m, RankDispatch):  # an earlier fold's rank dispatch: data-dependent branch, and done
             return True
         if isinstance(m, BN_TYPES + LAYER_TYPES) and has_torch_forward(m):
             return True
