@@ -129,20 +129,17 @@ def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
 
 
 def _other_uses(gm: fx.GraphModule, node: fx.Node, mod: nn.Module) -> list[str]:
+    # Every name under which ``mod`` is registered (a module can sit at several paths); one pass over
+    # the module tree, then set lookups per node, so a fold costs O(nodes + modules).
+    aliases = {name for name, m in gm.named_modules(remove_duplicate=False) if m is mod}
     uses = []
     for n in gm.graph.nodes:
         if n is node:
             continue
-        if n.op == "call_module" and gm.get_submodule(n.target) is mod:
+        if n.op == "call_module" and n.target in aliases:
             uses.append(f"call {n.target} ({n.name})")
-        elif n.op == "get_attr":
-            owner = str(n.target).rpartition(".")[0]
-            try:
-                hit = gm.get_submodule(owner) is mod or gm.get_submodule(str(n.target)) is mod
-            except AttributeError:
-                hit = False
-            if hit:
-                uses.append(f"read {n.target} ({n.name})")
+        elif n.op == "get_attr" and (str(n.target).rpartition(".")[0] in aliases or n.target in aliases):
+            uses.append(f"read {n.target} ({n.name})")
     return uses
 
 
