@@ -129,11 +129,13 @@ def test_folding_a_folded_model_again_changes_nothing(build, x2: torch.Tensor, o
             assert torch.equal(twice.model(x), once(x))
 
 
-def test_onnx_export_takes_the_folded_branch(randomize) -> None:
+@pytest.mark.parametrize("exporter", [pytest.param("torchscript", id="torchscript"),
+                                      pytest.param("dynamo", id="dynamo", marks=pytest.mark.slow)])
+def test_onnx_export_takes_the_folded_branch(randomize, exporter: str) -> None:
     model = randomize(nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))).eval()
     folded = bnfold.fold(model).model
     assert len(_dispatches(folded)) == 1
-    proto = to_onnx(folded, (10,))
+    proto = to_onnx(folded, (10,), exporter=exporter)  # type: ignore[arg-type]
     counts = op_counts(proto)
     assert "BatchNormalization" not in counts and counts.get("Gemm", 0) == 2, counts
     options = ort.SessionOptions()
