@@ -10,6 +10,7 @@ from onnx import helper
 from torch import nn
 
 import bnfold
+from bnfold.archs import build_model
 from bnfold.errors import BnfoldError
 from bnfold.export import graph_input, has_dynamic_batch, op_counts, read_onnx, sample_shape, to_onnx
 from bnfold.verification import ort_runner
@@ -45,6 +46,24 @@ def test_export_has_dynamic_batch_stable_names_and_matches_pytorch(exporter: str
 def test_torchscript_export_keeps_the_requested_opset() -> None:
     proto = to_onnx(_model(), (3, 8), opset=17)
     assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [17]
+
+
+_LAYER_OPS = {"Conv", "Relu", "MaxPool", "Pad", "GlobalAveragePool", "Flatten", "Gemm"}
+
+
+@pytest.mark.parametrize("keep_batchnorm", [pytest.param(False, id="folded"), pytest.param(True, id="keep-batchnorm")])
+def test_export_folds_the_replicate_padding_constant_chain(keep_batchnorm: bool) -> None:
+    torch.manual_seed(0)
+    model = build_model("cnn", input_shape=(1, 8, 8), num_classes=10).eval()  # digits' arch: replicate padding
+    exported = model if keep_batchnorm else bnfold.fold(model).model
+    proto = to_onnx(exported, (1, 8, 8), keep_batchnorm=keep_batchnorm)
+    ops = op_counts(proto)
+    expected = _LAYER_OPS | ({"BatchNormalization", "Mul", "Add"} if keep_batchnorm else set())  # Mul/Add: InputNorm
+    assert set(ops) == expected and ops["Pad"] == 1
+    x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        reference = model.double()(torch.from_numpy(x).double()).numpy()
+    np.testing.assert_allclose(ort_runner(proto)(x), reference, rtol=0, atol=1e-5)
 
 
 def test_keep_batchnorm_exports_an_unfolded_graph_with_constant_weights() -> None:
