@@ -25,13 +25,15 @@ from service.api.routes import health, metrics, models, server
 from service.config import Settings
 from service.cpu import usable_cpus
 from service.logs import event, log_config
-from service.metrics import ServiceMetrics
+from service.metrics import ServiceMetrics, shared_directory
 from service.repository import ModelRepository
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     repository: ModelRepository = app.state.service.repository
+    metrics: ServiceMetrics = app.state.service.metrics
+    metrics.open()
     repository.load()
     versions = [v for versions in repository.models.values() for v in versions.values()]
     event(logging.INFO if repository.ready else logging.ERROR, "service started",
@@ -42,6 +44,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         repository.close()
+        metrics.close()
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -84,7 +87,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def run(settings: Settings | None = None) -> None:
-    """Start uvicorn with ``settings`` (worker processes read them back from ``BNFOLD_*``)."""
+    """Start uvicorn with ``settings`` (worker processes read them back from ``BNFOLD_*``).
+
+    Several workers share one prometheus_client multiprocess directory, so ``/metrics`` covers all of them.
+    """
     settings = settings or Settings()
     common = {"host": settings.host, "port": settings.port, "log_config": log_config(settings.log_level),
               "access_log": settings.access_log, "timeout_graceful_shutdown": 10}
@@ -93,7 +99,8 @@ def run(settings: Settings | None = None) -> None:
         return
     for key, value in settings.model_dump(exclude_none=True).items():
         os.environ[f"BNFOLD_{key.upper()}"] = str(value.get_secret_value() if key == "api_key" else value)
-    uvicorn.run("service.main:app", workers=settings.workers, **common)  # type: ignore[arg-type]
+    with shared_directory():  # uvicorn spawns workers: fresh interpreters that inherit the variable
+        uvicorn.run("service.main:app", workers=settings.workers, **common)  # type: ignore[arg-type]
 
 
 app = create_app()

@@ -1,18 +1,93 @@
-"""Prometheus metrics of one app instance (its own registry, so several apps can live in one process)."""
+"""Prometheus metrics of one app instance (its own registry, so several apps can live in one process).
+
+With ``--workers N`` every worker is a separate process: :func:`shared_directory` gives them one
+prometheus_client multiprocess directory, and ``/metrics`` sums every worker's values from it.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 UNKNOWN_MODEL = "(unknown)"  # label for requests naming no served model: bounded label cardinality
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client reads it once, when it is first imported
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+_(\d+)\.db")
+
+
+def multiprocess_dir() -> Path | None:
+    """The shared directory if this process's prometheus_client runs in multiprocess mode, else None.
+
+    prometheus_client picks its value store when first imported; the directory counts only if
+    :data:`MULTIPROC_ENV` was set by then (a worker spawned by :func:`shared_directory`).
+    """
+    path = os.environ.get(MULTIPROC_ENV)
+    return Path(path) if path and values.ValueClass is not values.MutexValue else None
+
+
+@contextmanager
+def shared_directory() -> Iterator[Path]:
+    """A fresh private (0700) directory exported as :data:`MULTIPROC_ENV` for worker processes started inside.
+
+    Workers must be spawned (a new interpreter inheriting ``os.environ``), as uvicorn does, so that
+    prometheus_client is imported after the variable is set. The directory and the variable are
+    removed on exit: counters start at zero on every start, as in single-process mode.
+    """
+    previous = os.environ.get(MULTIPROC_ENV)
+    path = Path(tempfile.mkdtemp(prefix="bnfold-metrics-"))
+    os.environ[MULTIPROC_ENV] = str(path)
+    try:
+        yield path
+    finally:
+        if previous is None:
+            os.environ.pop(MULTIPROC_ENV, None)
+        else:
+            os.environ[MULTIPROC_ENV] = previous
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def forget_dead_workers(path: Path) -> list[int]:
+    """Drop the live-gauge files of workers that died without :meth:`ServiceMetrics.close` (killed, crashed).
+
+    Counters and histograms of dead workers stay: totals never go backwards. Returns the pids dropped.
+    """
+    dead = sorted({int(m.group(1)) for f in path.iterdir() if (m := _LIVE_GAUGE_FILE.fullmatch(f.name))
+                   and not _alive(int(m.group(1)))})
+    for pid in dead:
+        mark_process_dead(pid, str(path))
+    return dead
 
 
 class ServiceMetrics:
-    """Requests by model and outcome, latency, queue time, batch size, and model readiness."""
+    """Requests by model and outcome, latency, queue time, batch size, and model readiness.
+
+    In multiprocess mode (:func:`multiprocess_dir`) :meth:`render` sums counters and histograms over
+    all workers, dead ones included, and reports a model version ready only if every live worker
+    serves it (gauge mode ``livemin``): requests reach any worker, so one worker failing to load a
+    model fails that share of requests, which ``max`` would hide.
+    """
 
     def __init__(self) -> None:
+        self.multiprocess_dir = multiprocess_dir()
         self.registry = CollectorRegistry()
         self.requests = Counter("bnfold_requests", "Inference requests by model and outcome",
                                 ["model", "outcome"], registry=self.registry)
@@ -25,7 +100,7 @@ class ServiceMetrics:
         self.http_errors = Counter("bnfold_http_errors", "Error responses by HTTP status (auth, limits, routing too)",
                                    ["status"], registry=self.registry)
         self.model_ready = Gauge("bnfold_model_ready", "1 if the model version serves, else 0",
-                                 ["model", "version"], registry=self.registry)
+                                 ["model", "version"], registry=self.registry, multiprocess_mode="livemin")
         # Label children cached per label values: ``.labels()`` costs a lock and a dict lookup per call.
         # Model labels are served names or UNKNOWN_MODEL, statuses are HTTP codes: the caches stay small.
         self._counts: dict[tuple[str, str], Counter] = {}
@@ -56,7 +131,22 @@ class ServiceMetrics:
         count.inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The exposition text: this process's registry, or every worker's values in multiprocess mode."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(self.multiprocess_dir))
+        return generate_latest(registry)
+
+    def open(self) -> None:
+        """On worker start: forget live gauges of workers that died without closing (:func:`forget_dead_workers`)."""
+        if self.multiprocess_dir is not None:
+            forget_dead_workers(self.multiprocess_dir)
+
+    def close(self) -> None:
+        """On worker exit: withdraw this process's live gauges (its readiness) from the shared view."""
+        if self.multiprocess_dir is not None:
+            mark_process_dead(os.getpid(), str(self.multiprocess_dir))
 
 
 class _BatchObserver:
