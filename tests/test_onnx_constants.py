@@ -29,7 +29,7 @@ def _replicate_cnn() -> nn.Module:
 
 def _raw_torchscript_export(model: nn.Module, shape: tuple[int, ...]) -> onnx.ModelProto:
     buf = io.BytesIO()
-    torch.onnx.export(model, (torch.zeros((2, *shape)),), buf, dynamo=False, opset_version=17,
+    torch.onnx.export(model, (torch.zeros((2, *shape)),), buf, dynamo=False, opset_version=17,  # type: ignore[arg-type]
                       input_names=["input"], output_names=["logits"],
                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     return onnx.load_from_string(buf.getvalue())
@@ -147,7 +147,7 @@ def test_size_cap(shape: list[int], max_bytes: int, folded: bool) -> None:
 
 
 def test_folds_through_constant_nodes_and_removes_orphaned_initializers() -> None:
-    nodes = [helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.float32(2.0))),
+    nodes = [helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.array(2.0, np.float32))),
              helper.make_node("Reshape", ["c", "s"], ["r"]), helper.make_node("Mul", ["r", "k"], ["m"]),
              helper.make_node("Add", ["x", "m"], ["y"])]
     model = _graph(nodes, [("c", np.arange(6, dtype=np.float32)), ("s", _SHAPE), ("unused", _ONES)])
