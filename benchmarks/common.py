@@ -19,7 +19,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,16 @@ def add_mode_options(parser: argparse.ArgumentParser) -> None:
                        help="the smallest run that exercises everything (CI)")
     parser.add_argument("--out", type=Path, default=None,
                         help="results directory (default: benchmarks/results, or results-quick for --quick/--smoke)")
+
+
+def run_script(doc: str | None, run: Callable[..., dict[str, Any]], markdown: Callable[[dict[str, Any]], str],
+               argv: list[str] | None = None) -> int:
+    """The command line of a benchmark script: mode options, run into the results directory, print the table."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)
+    add_mode_options(parser)
+    args = parser.parse_args(argv)
+    print(markdown(run(out_dir(args.out, args.mode), mode=args.mode)))
+    return 0
 
 
 def out_dir(out: Path | None, mode: str) -> Path:

@@ -15,7 +15,6 @@ and 64 for b = 3, 7, 15, 31. Every layer adds the same work, so the time should 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -111,11 +110,7 @@ def markdown(body: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_mode_options(parser)
-    args = parser.parse_args(argv)
-    print(markdown(run(common.out_dir(args.out, args.mode), mode=args.mode)))
-    return 0
+    return common.run_script(__doc__, run, markdown, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Every ratio is unfolded / folded, so > 1 means folding helped.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -173,11 +172,7 @@ def markdown(body: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_mode_options(parser)
-    args = parser.parse_args(argv)
-    print(markdown(run(common.out_dir(args.out, args.mode), mode=args.mode)))
-    return 0
+    return common.run_script(__doc__, run, markdown, argv)
 
 
 if __name__ == "__main__":
