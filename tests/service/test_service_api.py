@@ -398,24 +398,24 @@ def test_503_with_retry_after_when_queue_is_full(small_client: TestClient) -> No
 
     def blocking_run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         started.set()
-        release.wait(10)
+        release.wait(60)
         return original(feeds)
 
     entry.batcher._run = blocking_run
     small = infer_body(X[:1])
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(small_client.post, "/v2/models/classifier/infer", json=small)
-        assert started.wait(5)
+        assert started.wait(60)
         queued = pool.submit(small_client.post, "/v2/models/classifier/infer", json=small)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 60
         while entry.batcher.queued < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         response = small_client.post("/v2/models/classifier/infer", json=small)
         assert_error(response, 503, "already has 1 requests queued")
         assert response.headers["Retry-After"] == "3"
         release.set()
-        assert running.result(10).status_code == 200
-        assert queued.result(10).status_code == 200
+        assert running.result(60).status_code == 200
+        assert queued.result(60).status_code == 200
     assert 'outcome="unavailable"} 1.0' in small_client.get("/metrics").text
 
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,17 +18,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from server_process import free_port, is_ready, start, stop, wait_until
 
 from service.metrics import MULTIPROC_ENV
 
 pytestmark = pytest.mark.slow
 BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 4], "data": [0.5, -1.0, 2.0, 0.25] * 2}]}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _pids(directory: Path, kind: str) -> set[int]:
@@ -51,45 +44,33 @@ class Server:
 
 @pytest.fixture
 def server(repository: Path, tmp_path: Path) -> Iterator[Server]:
-    port = _free_port()
+    port = free_port()
     tmp = tmp_path / "tmp"  # the service's TMPDIR, so that the test finds the shared metrics directory
     tmp.mkdir()
     env = {**os.environ, "BNFOLD_MODEL_REPOSITORY": str(repository), "BNFOLD_PORT": str(port),
            "BNFOLD_HOST": "127.0.0.1", "BNFOLD_INTRA_OP_THREADS": "1", "BNFOLD_WORKERS": "2", "TMPDIR": str(tmp)}
     env.pop(MULTIPROC_ENV, None)
-    process = subprocess.Popen([sys.executable, "-m", "service"], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, start_new_session=True)
+    process = start(env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        directories: list[Path] = []
-        while time.monotonic() < deadline:  # both workers have loaded their models: two readiness gauge files
-            assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+        def both_loaded() -> bool:  # both workers have loaded their models: two readiness gauge files
             directories = list(tmp.glob("bnfold-metrics-*"))
-            if len(directories) == 1 and len(_pids(directories[0], "gauge_livemin")) == 2:
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail(f"two workers did not load in 30 s; metrics directories: {directories}")
-        assert httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200
-        yield Server(process, url, directories[0])
+            return len(directories) == 1 and len(_pids(directories[0], "gauge_livemin")) == 2
+
+        wait_until(process, both_loaded, "two workers loading their models")
+        wait_until(process, lambda: is_ready(url), "readiness")
+        yield Server(process, url, next(tmp.glob("bnfold-metrics-*")))
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop(process)
 
 
 def test_metrics_sum_over_workers(server: Server) -> None:
     def infer(_: int) -> None:  # a new connection per request: the kernel hands it to either worker
-        response = httpx.post(f"{server.url}/v2/models/classifier/infer", json=BODY, timeout=10)
+        response = httpx.post(f"{server.url}/v2/models/classifier/infer", json=BODY, timeout=30)
         assert response.status_code == 200, response.text
 
     sent = 0
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # which worker accepts is up to the kernel
     with ThreadPoolExecutor(8) as pool:
         while len(_pids(server.metrics_dir, "counter")) < 2:
             assert time.monotonic() < deadline, f"only workers {_pids(server.metrics_dir, 'counter')} served {sent}"
@@ -98,7 +79,7 @@ def test_metrics_sum_over_workers(server: Server) -> None:
     workers = _pids(server.metrics_dir, "counter")
     assert len(workers) == 2 and server.process.pid not in workers
     for _ in range(6):  # fresh connections: scrapes land on both workers, each must report the total
-        text = httpx.get(f"{server.url}/metrics", timeout=5).text
+        text = httpx.get(f"{server.url}/metrics", timeout=30).text
         assert _sample(text, "bnfold_requests_total", 'model="classifier",outcome="success"') == sent
         assert _sample(text, "bnfold_request_duration_seconds_count", 'model="classifier"') == sent
         assert _sample(text, "bnfold_batch_size_sum", 'model="classifier"') == 2 * sent
@@ -109,14 +90,14 @@ def test_metrics_sum_over_workers(server: Server) -> None:
 
 def test_killed_worker_keeps_its_counts_and_loses_its_readiness(server: Server) -> None:
     for _ in range(8):
-        assert httpx.post(f"{server.url}/v2/models/classifier/infer", json=BODY, timeout=10).status_code == 200
+        assert httpx.post(f"{server.url}/v2/models/classifier/infer", json=BODY, timeout=30).status_code == 200
     victim = min(_pids(server.metrics_dir, "counter"))  # a worker that served some of the 8
     os.kill(victim, signal.SIGKILL)  # no lifespan shutdown: its replacement must drop the stale readiness
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 90  # the replacement imports and loads on a busy machine
     while victim in (live := _pids(server.metrics_dir, "gauge_livemin")) or len(live) < 2:
         assert time.monotonic() < deadline, f"no replacement for worker {victim}: readiness files of {live}"
         time.sleep(0.1)
-    text = httpx.get(f"{server.url}/metrics", timeout=5).text
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
     assert _sample(text, "bnfold_requests_total", 'model="classifier",outcome="success"') == 8
     assert _sample(text, "bnfold_model_ready", 'model="classifier",version="1"') == 1
 
