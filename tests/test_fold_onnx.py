@@ -516,27 +516,6 @@ def test_shared_weight_gets_a_private_copy() -> None:
     assert result.model.graph.node[0].input[1] == "w_bnfold"
 
 
-def test_initializers_that_are_graph_inputs_fold_and_their_unused_inputs_go() -> None:
-    """Regression: torch.onnx.export(..., keep_initializers_as_inputs=True) lists every initializer as a
-    graph input, and every BN of such an export was refused. They fold as the constants they hold; the
-    inputs the fold left unused are removed, the ones still read (``keep``) stay."""
-    n = Net()
-    n.bn(n.node("Conv", ["x", n.rand("w", 3, 2, 3, 3)], "y"), 3, "z")
-    n.node("Add", ["z", n.rand("keep", 1, 3, 1, 1)], "out")
-    model = n.model({"x": (1, 2, 5, 5)}, ["out"])
-    model.graph.input.extend(helper.make_tensor_value_info(t.name, TensorProto.FLOAT, t.dims)
-                             for t in model.graph.initializer)
-    result = fold_onnx(model)
-    assert [f.bn for f in result.folded] == ["z_node"] and not result.skipped
-    onnx.checker.check_model(result.model, full_check=True)
-    assert [i.name for i in result.model.graph.input] == ["x", "keep"]
-    assert sorted(t.name for t in result.model.graph.initializer) == ["keep", "w_bnfold", "y_bias_bnfold"]
-    assert any("keep_initializers_as_inputs" in note for note in result.notes)
-    feeds = {"x": n.rng.normal(size=(1, 2, 5, 5)).astype(np.float32)}
-    cmp = Tolerance().compare(ort_run(result.model, feeds)[0], reference(model, feeds)[0])
-    assert cmp.passed, cmp
-
-
 def test_chained_bns_both_fold() -> None:
     n = Net()
     n.bn(n.bn(n.node("Conv", ["x", n.rand("w", 3, 2, 3, 3)], "y"), 3, "z1"), 3, "z2")

@@ -16,6 +16,12 @@ weight/bias/BN parameter is not a constant, the channel counts or ranks disagree
 not be exact. A refused BN stays in the graph and its reasons go to :attr:`FoldResult.skipped`.
 Constants shared with other nodes are copied, never edited in place; constants the rewrite orphaned
 are removed. Nodes inside subgraphs (If/Loop/Scan bodies) are left as they are.
+
+Graph inputs are what a caller may feed, so a value listed there is not a constant, even with an
+initializer behind it (IR >= 4: the initializer is only a default). IR < 4 is the exception: there
+every initializer must be listed as a graph input, so the listing is read as the storage rule it is
+and the initializers fold as constants; the result again lists every initializer as a graph input
+(see :mod:`._graph`).
 """
 
 from __future__ import annotations
@@ -35,9 +41,9 @@ _LAYERS = "Conv, ConvTranspose, Gemm, MatMul and MatMul+Add"
 def fold_onnx(model: onnx.ModelProto) -> FoldResult[onnx.ModelProto]:
     """Fold every BatchNormalization that can be folded exactly; keep the others with a reason.
 
-    ``model`` is not modified. The result has the same graph inputs (except initializer-backed
-    inputs the fold left unused, see :mod:`._graph`), outputs, opset imports and metadata; every BN
-    of the model appears once in ``folded`` or ``skipped``.
+    ``model`` is not modified. The result has the same graph inputs (below IR 4, where the inputs
+    list every initializer, they follow the folded initializers), outputs, opset imports and
+    metadata; every BN of the model appears once in ``folded`` or ``skipped``.
     """
     if not isinstance(model, onnx.ModelProto):
         raise TypeError(f"fold_onnx expects an onnx.ModelProto, got {type(model).__name__}")
@@ -45,7 +51,7 @@ def fold_onnx(model: onnx.ModelProto) -> FoldResult[onnx.ModelProto]:
     out.CopyFrom(model)
     result: FoldResult[onnx.ModelProto] = FoldResult(model=out)
     opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), None)
-    g = Graph(out.graph, lambda: _ranks(model))  # value names keep their ranks through the rewrites
+    g = Graph(out.graph, lambda: _ranks(model), out.ir_version)  # value names keep their ranks through the rewrites
     for bn in [n for n in out.graph.node if is_batchnorm(n)]:
         outcome = _fold_one(g, bn, opset)
         if isinstance(outcome, Folded):
@@ -55,9 +61,9 @@ def fold_onnx(model: onnx.ModelProto) -> FoldResult[onnx.ModelProto]:
     g.finish()
     if g.dropped_inputs:
         result.notes.append(
-            f"{len(g.dropped_inputs)} initializers that were also graph inputs (keep_initializers_as_inputs=True) "
-            f"were folded as constants; the graph inputs the fold left unused were removed "
-            f"({', '.join(sorted(g.dropped_inputs))})"
+            f"IR version {out.ir_version} lists every initializer as a graph input: the {len(g.dropped_inputs)} "
+            f"initializers the fold used up were removed with their graph inputs "
+            f"({', '.join(sorted(g.dropped_inputs))}), and the new ones were listed as graph inputs"
         )
     for function in out.functions:  # model-local functions: a body can be called from several places
         result.skipped += [

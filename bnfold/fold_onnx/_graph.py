@@ -1,11 +1,19 @@
 """A mutable view of one ONNX graph for the rewrites: who produces and who consumes each value,
 which values are constants, and the few edits a fold needs (replace a constant, rewire, remove).
 
-Constants are initializers and outputs of ``Constant`` nodes. An initializer that is also a graph
-input (``torch.onnx.export(..., keep_initializers_as_inputs=True)``) is a default the caller could
-override; it is folded as the constant it holds, never edited, and when a fold leaves it unused its
-graph input goes too (feeding it is then an error, not a silently ignored override). A rewrite never
-edits a constant that has another user: it writes a private copy under a fresh name instead.
+Constants are initializers and outputs of ``Constant`` nodes, except what a caller can feed:
+
+* IR >= 4: an initializer that is also listed in ``graph.input`` (``torch.onnx.export(...,
+  keep_initializers_as_inputs=True)``) is only a default the caller can override at run time, so it
+  is not a constant. Folding it would bake the default in and drop the input a caller may feed.
+* IR < 4: every initializer must be listed in ``graph.input`` (the only way such a model can store
+  a weight), so the listing says nothing and the initializer is a constant; onnxruntime agrees and
+  accepts no feed for it. The graph inputs then follow the initializers: new ones are listed (with
+  their type and shape) and the input of one the fold removed goes with it. Such an initializer is
+  still never edited in place: a runtime that does let a caller feed it then reports an unknown
+  input instead of silently ignoring the override.
+
+A rewrite never edits a constant that has another user: it writes a private copy under a fresh name.
 """
 
 from __future__ import annotations
@@ -18,6 +26,9 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+# From this IR version on an initializer need not be a graph input (onnx.IR_VERSION_2019_1_22).
+IR_INITIALIZERS_APART = 4
 
 _FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
@@ -69,8 +80,10 @@ def _all_names(graph: onnx.GraphProto) -> Iterator[str]:
 class Graph:
     """Index over ``graph``, edited in place through the methods below; :meth:`finish` at the end."""
 
-    def __init__(self, graph: onnx.GraphProto, ranks: Callable[[], dict[str, int]]) -> None:
+    def __init__(self, graph: onnx.GraphProto, ranks: Callable[[], dict[str, int]], ir_version: int) -> None:
         self.graph = graph
+        # IR < 4 lists every initializer as a graph input; ir_version 0 (unset) is read as a current one.
+        self.inputs_list_initializers = 0 < ir_version < IR_INITIALIZERS_APART
         self._rank_source = ranks  # value name -> tensor rank; called once, on first need
         self._ranks: dict[str, int] | None = None
         self._taken = set(_all_names(graph))
@@ -78,7 +91,8 @@ class Graph:
         # Nodes unlinked by remove_node, held so their wrappers (compared by identity) stay alive.
         self._removed: list[onnx.NodeProto] = []
         self._gone: set[str] = set()  # values (and initializers) that may no longer exist
-        self.dropped_inputs: list[str] = []  # initializer-backed graph inputs a fold left unused
+        self.dropped_inputs: list[str] = []  # initializer-backed graph inputs a fold left unused (IR < 4)
+        self._created: list[str] = []  # initializers added by add_initializer
         self.reindex()
 
     def reindex(self) -> None:
@@ -112,11 +126,19 @@ class Graph:
     def describe(self, node: onnx.NodeProto) -> str:
         return f"{node.op_type} '{node_id(node)}'"
 
+    def overridable(self, name: str) -> bool:
+        """Whether a caller can feed ``name``: a graph input, unless it is an initializer below IR 4."""
+        return name in self.inputs and not (self.inputs_list_initializers and name in self.initializers)
+
     def constant(self, name: str, role: str, owner: onnx.NodeProto | None = None) -> Const | str:
         """The constant ``name`` or the reason it is not one, naming it as ``role`` of ``owner``."""
         subject = f"{role} '{name}'" + (f" of {self.describe(owner)}" if owner is not None else "")
-        if name in self.inputs and name not in self.initializers:
+        if self.overridable(name) and name not in self.initializers:
             return f"{subject} is a graph input, so it can change at run time; it must be a constant initializer"
+        if self.overridable(name):
+            return (f"{subject} is a graph input, so a caller can override its initializer at run time: it is not "
+                    "a constant (to fold it, remove it from graph.input, e.g. export with "
+                    "keep_initializers_as_inputs=False)")
         if name in self.initializers:
             tensor = self.initializers[name]
         else:
@@ -166,7 +188,8 @@ class Graph:
         """Make ``node.input[index]`` a constant holding ``value`` (cast to ``elem_type``).
 
         An initializer used only here is overwritten under its own name; anything else (shared
-        initializer, Constant node, missing optional input) gets a new initializer with a fresh name.
+        initializer, one listed as a graph input, Constant node, missing optional input) gets a new
+        initializer with a fresh name.
         """
         old = node.input[index] if index < len(node.input) else ""
         if old in self.initializers and self.uses[old] == 1 and old not in self.inputs:
@@ -181,6 +204,7 @@ class Graph:
         arr = value.astype(helper.tensor_dtype_to_np_dtype(elem_type))
         self.graph.initializer.append(numpy_helper.from_array(arr, name))
         self.initializers[name] = self.graph.initializer[-1]
+        self._created.append(name)
         return name
 
     # The edits below keep the index current, so a pass needs no reindex between rewrites.
@@ -232,11 +256,12 @@ class Graph:
 
     def finish(self) -> None:
         """Drop removed nodes, the initializers and Constant nodes the rewrites orphaned (never
-        anything else), and value_info of values that no longer exist."""
+        anything else), and value_info of values that no longer exist; below IR 4, list the new
+        initializers as graph inputs and drop the inputs of the removed ones."""
         pending = sorted(self.orphan_candidates)
         while pending:  # removing an Identity can orphan its input in turn
             name = pending.pop()
-            if self.uses[name] > 0 or (name in self.inputs and name not in self.initializers):
+            if self.uses[name] > 0 or self.overridable(name):
                 continue
             if name in self.inputs:
                 self.dropped_inputs.append(name)
@@ -252,10 +277,14 @@ class Graph:
         _delete_where(g.node, lambda n: id(n) in removed)
         _delete_where(g.input, lambda v: v.name in self.dropped_inputs)
         _delete_where(g.initializer, lambda t: t.name in self._gone and t.name not in self.initializers)
+        if self.inputs_list_initializers:
+            g.input.extend(helper.make_tensor_value_info(name, t.data_type, t.dims)
+                           for name in self._created if (t := self.initializers.get(name)) is not None)
         alive = (self.inputs - set(self.dropped_inputs)) | set(self.initializers) | set(self.producer)
         _delete_where(g.value_info, lambda v: v.name in self._gone and v.name not in alive)
         self.orphan_candidates.clear()
         self._removed.clear()
+        self._created.clear()
         self.reindex()
 
 
