@@ -23,12 +23,12 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
         for m in model.modules():
             if getattr(m, "keep_stats", False):  # a test set these statistics on purpose
                 continue
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                c = m.num_features
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) or _has_stats(m):  # incl. frozen batch norms
+                c = m.running_mean.shape[0] if _has_stats(m) else m.num_features
                 if m.running_mean is not None:
                     m.running_mean.copy_(torch.randn(c, generator=g) * 1.5 + 0.5)
                     m.running_var.copy_(torch.rand(c, generator=g) * 2.7 + 0.3)
-                if m.affine:
+                if getattr(m, "affine", True) and isinstance(getattr(m, "weight", None), torch.Tensor):
                     sign = torch.where(torch.rand(c, generator=g) < 0.2, -1.0, 1.0)
                     m.weight.copy_(sign * (torch.rand(c, generator=g) * 1.5 + 0.5))
                     m.bias.copy_(torch.randn(c, generator=g))
@@ -38,9 +38,21 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def _has_stats(m: nn.Module) -> bool:
+    """A callable module holding batch-norm statistics: not a rank dispatch's unfolded path (NormStep), nor
+    a plain holder of a folded norm's tensors (no forward)."""
+    from bnfold.fold_torch.guard import NormStep
+
+    if isinstance(m, (torch.jit.ScriptModule, NormStep)):
+        return False
+    return (isinstance(m._buffers.get("running_mean"), torch.Tensor)
+            and type(m).forward is not nn.Module.forward)
+
+
 def norms_left(model: nn.Module) -> int:
-    """Batch norm / InputNorm modules plus functional batch norm calls still in ``model``."""
-    n = sum(isinstance(m, (nn.modules.batchnorm._BatchNorm, InputNorm)) for m in model.modules())
+    """Batch norm (of any kind: anything holding a ``running_mean`` buffer) / InputNorm modules plus
+    functional batch norm calls still in ``model``."""
+    n = sum(isinstance(m, (nn.modules.batchnorm._BatchNorm, InputNorm)) or _has_stats(m) for m in model.modules())
     graphs = [m for m in model.modules() if isinstance(m, fx.GraphModule)]
     if not graphs:
         try:

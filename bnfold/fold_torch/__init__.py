@@ -20,10 +20,11 @@ from torch import fx, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from bnfold.errors import BnfoldError
+from bnfold.fold_torch.kinds import recognize
 from bnfold.fold_torch.norms import Norm, find_norms
 from bnfold.fold_torch.ranks import annotate_ranks
 from bnfold.fold_torch.rewrite import try_fold
-from bnfold.fold_torch.trace import BN_TYPES, as_input_tuple, shapes_from, trace
+from bnfold.fold_torch.trace import as_input_tuple, shapes_from, trace
 from bnfold.layers import InputNorm
 from bnfold.result import Folded, FoldResult, Skipped
 
@@ -106,7 +107,8 @@ def _fold_wrapped(model: nn.Module, attr: str, inner: nn.Module, example_inputs:
 def norm_paths(module: nn.Module) -> list[str]:
     """Qualified names of the batch norm and InputNorm modules in ``module``, including those compiled
     by ``torch.jit.script`` (reported as kept: TorchScript cannot be rewritten)."""
-    return [n for n, m in module.named_modules() if isinstance(m, (*BN_TYPES, InputNorm)) or _scripted_norm(m)]
+    return [n for n, m in module.named_modules()
+            if isinstance(m, InputNorm) or recognize(m) is not None or _scripted_norm(m)]
 
 
 def _scripted_norm(module: nn.Module) -> bool:

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from bnfold.errors import BnfoldError
-from bnfold.fold_torch.trace import BN_TYPES, as_input_tuple, trace
+from bnfold.fold_torch.kinds import recognize
+from bnfold.fold_torch.trace import as_input_tuple, trace
 from bnfold.layers import InputNorm
 from bnfold.result import Folded, FoldResult, Skipped
 
@@ -50,7 +51,7 @@ def fold_untraceable(work: nn.Module, error: Exception, example_inputs: Any, not
             visited.add(id(child))
             why = (f"it is used by {type(module).__name__} ({prefix.rstrip('.') or 'the root'}), inside a forward() "
                    f"torch.fx cannot trace ({first_line}); make that forward traceable to fold it")
-            if isinstance(child, (*BN_TYPES, InputNorm)):
+            if isinstance(child, InputNorm) or recognize(child) is not None:
                 skipped.append(Skipped(bn=path, reason=why))
                 continue
             if isinstance(child, torch.jit.ScriptModule):

@@ -5,6 +5,11 @@ must have exactly one consumer (the next op on the path) and must not be a graph
 some other consumer would see the folded value instead of the original one. Ops that are the
 identity in eval mode (``Dropout*``, ``Identity``, ``F.dropout(..., training=False)``,
 ``.contiguous()``) may sit on the path.
+
+Reading a value's metadata (``x.shape``, ``x.ndim``, ``x.size()``, ``x.dim()``, ``x.dtype``,
+``x.device``, ``len(x)``, ``x.numel()``) is not a use: an exact fold keeps shape, dtype and device,
+so such reads (and the ``torch._assert`` checks built on them, as in timm's norm layers) see the
+same values before and after it.
 """
 
 from __future__ import annotations
@@ -54,9 +59,28 @@ def is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
+_METADATA_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})
+_METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel", "get_device"})
+
+
+def is_metadata_read(node: fx.Node, value: fx.Node) -> bool:
+    """True when ``node`` reads only the shape, rank, dtype or device of ``value``, never its values."""
+    if not node.args or node.args[0] is not value:
+        return False
+    others: list[fx.Node] = []
+    fx.node.map_arg((node.args[1:], node.kwargs), others.append)  # type: ignore[arg-type]
+    if others:
+        return False
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) == 2 and node.args[1] in _METADATA_ATTRS
+    if node.op == "call_function":
+        return node.target in (len, torch.numel) and len(node.args) == 1
+    return node.op == "call_method" and node.target in _METADATA_METHODS
+
+
 def users(value: fx.Node) -> list[fx.Node]:
-    """The nodes using ``value``."""
-    return list(value.users)
+    """The nodes using ``value``'s data (metadata reads are not uses, see the module docstring)."""
+    return [u for u in value.users if not is_metadata_read(u, value)]
 
 
 def _single_use(gm: fx.GraphModule, value: fx.Node, user: fx.Node, what: str) -> str | None:

@@ -2,8 +2,8 @@
 
 Three forms are recognized, each normalized to a :class:`Norm`:
 
-* a batch norm module (``nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm`` and subclasses keeping the torch
-  forward) called as ``call_module``;
+* a batch norm module of any kind in :mod:`.kinds` (torch's batch norms, BN+act modules, frozen
+  batch norms) called as ``call_module``; a BN+act module keeps its post-op after the fold;
 * ``F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)`` or
   ``torch.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, cudnn)``
   whose statistics are registered parameters/buffers (``get_attr`` nodes) and ``training=False``;
@@ -27,13 +27,12 @@ from torch import fx, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from bnfold.arith import Affine, bn_affine
-from bnfold.fold_torch.trace import BN_TYPES
+from bnfold.fold_torch.kinds import Recognized, recognize
 from bnfold.layers import InputNorm
 
 _F_BN_SIG = inspect.signature(F.batch_norm)
 _TORCH_BN_ARGS = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps",
                   "cudnn_enabled")
-_RANKS = {nn.BatchNorm1d: frozenset({2, 3}), nn.BatchNorm2d: frozenset({4}), nn.BatchNorm3d: frozenset({5})}
 
 
 @dataclass
@@ -52,6 +51,7 @@ class Norm:
     # and eps for a batch norm; scale and shift (eps None) for an InputNorm
     tensors: dict[str, torch.Tensor | None] = field(default_factory=dict)
     eps: float | None = None
+    post: tuple[str, ...] = ()  # children of a BN+act module that run after the normalization (see kinds)
 
     @property
     def input(self) -> fx.Node:
@@ -70,8 +70,9 @@ def find_norms(gm: fx.GraphModule, bn_paths: set[str]) -> list[Norm]:
     for node in gm.graph.nodes:
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
-            if isinstance(mod, BN_TYPES):
-                out.append(_module_bn(node, mod))
+            kind = recognize(mod)
+            if kind is not None:
+                out.append(_module_bn(node, mod, kind))
             elif isinstance(mod, InputNorm):
                 out.append(_input_norm(node, mod))
         elif node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm):
@@ -83,14 +84,11 @@ def _hooks(mod: nn.Module) -> bool:
     return bool(mod._forward_hooks or mod._forward_pre_hooks)
 
 
-def _module_bn(node: fx.Node, mod: nn.Module) -> Norm:
+def _module_bn(node: fx.Node, mod: nn.Module, kind: Recognized) -> Norm:
     name = str(node.target)
-    kind = type(mod).__name__
-    ranks = None
-    for cls, r in _RANKS.items():
-        if isinstance(mod, cls) and type(mod)._check_input_dim is cls._check_input_dim:
-            ranks = r
-    norm = Norm(node, name, kind, int(getattr(mod, "num_features", 0)), ranks)
+    channels = getattr(mod, "num_features", None)
+    channels = channels if isinstance(channels, int) else int(mod.running_mean.shape[0])  # type: ignore[union-attr, index]
+    norm = Norm(node, name, type(mod).__name__, channels, kind.ranks, post=kind.post)
     if isinstance(mod, LazyModuleMixin) and mod.has_uninitialized_params():
         norm.reason = f"{name} ({kind}) is not initialized yet; run one forward pass before folding"
     elif _hooks(mod):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from bnfold.fold_torch.kinds import recognize
 from bnfold.fold_torch.trace import SHAPE_KEY
 from bnfold.layers import InputNorm
 
@@ -41,7 +42,6 @@ _SPATIAL = {
     nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3, nn.AdaptiveMaxPool1d: 1,
     nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3,
 }
-_BN_RANKS = {nn.BatchNorm1d: frozenset({2, 3}), nn.BatchNorm2d: frozenset({4}), nn.BatchNorm3d: frozenset({5})}
 
 
 def known_ranks(node: fx.Node) -> Ranks | None:
@@ -85,9 +85,9 @@ def _module_ranks(mod: nn.Module, inp: Ranks | None) -> Ranks | None:
     for cls, d in _SPATIAL.items():
         if type(mod) is cls:
             return _meet(inp, frozenset({d + 1, d + 2}))
-    for cls, r in _BN_RANKS.items():
-        if type(mod) is cls:
-            return _meet(inp, r)
+    norm = recognize(mod)
+    if norm is not None:
+        return inp if norm.ranks is None else _meet(inp, norm.ranks)
     if type(mod) is nn.Flatten:
         start, end = mod.start_dim, mod.end_dim
         if end == -1 and start >= 0:

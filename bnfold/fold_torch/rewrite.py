@@ -9,6 +9,9 @@ For a :class:`~bnfold.fold_torch.norms.Norm` the rewrite tries, in order:
    Conv/ConvTranspose/Linear module with matching input channels, and moving the shift into the
    bias is exact (:func:`bnfold.arith.input_side_exactness`).
 
+A BN+act module (:mod:`.kinds`) folds only into the layer before it; the module is then replaced
+by its post-op (``drop``, ``act``), so the graph keeps its structure and parameter names.
+
 The layer's new weight and bias are computed in float64 by :mod:`bnfold.arith` and cast back to
 the layer's dtype. They are always new tensors: when the layer module is also used elsewhere (called
 at another site, or its parameters read by ``get_attr``), the fold goes into a private copy of the
@@ -30,6 +33,7 @@ import copy
 from torch import fx, nn
 
 from bnfold.fold_torch.guard import NormStep, RankDispatch
+from bnfold.fold_torch.kinds import post_op
 from bnfold.fold_torch.layers import (
     Layer,
     Side,
@@ -61,6 +65,10 @@ def try_fold(gm: fx.GraphModule, norm: Norm, notes: list[str], trusted_shapes: b
     before = _check(gm, norm, prod, known_ranks(start), "output") or shared
     if before is None:
         return _apply(gm, norm, prod, "output", notes, not trusted_shapes and _needs_guard(gm, norm, prod, start))
+    if norm.post:
+        after = " then ".join(f"{c} ({type(gm.get_submodule(f'{norm.name}.{c}')).__name__})" for c in norm.post)
+        return (f"cannot fold into the op before it ({before}), and {norm.name} applies {after} after normalizing, "
+                "so it cannot fold into the op after it")
     cons, value, problem = consumer(gm, norm.node)
     if problem is None and cons is not None:
         if not only_data_input(cons, value):
@@ -181,6 +189,9 @@ def _note_ties(gm: fx.GraphModule, target: str, mod: nn.Module, notes: list[str]
 
 def _remove(gm: fx.GraphModule, norm: Norm) -> None:
     node = norm.node
+    if norm.post:  # a BN+act module: what remains of it is its post-op, under the same name
+        _set_module(gm, str(node.target), post_op(gm.get_submodule(str(node.target)), norm.post))
+        return
     node.replace_all_uses_with(norm.input)
     gm.graph.erase_node(node)
     if node.op == "call_module":

@@ -2,10 +2,10 @@
 
 ``torch.fx.symbolic_trace`` keeps ``torch.nn`` modules as leaves and inlines user modules. We
 additionally keep as leaves: :class:`bnfold.layers.InputNorm`, an earlier fold's
-:class:`~bnfold.fold_torch.guard.RankDispatch`, and user subclasses of batch norm /
-Conv / ConvTranspose / Linear whose forward is the torch one (so they fold like their base class).
-A subclass that overrides ``forward`` is traced through: a ``F.batch_norm`` inside it is then
-matched as a functional batch norm.
+:class:`~bnfold.fold_torch.guard.RankDispatch`, every batch-norm kind of :mod:`.kinds` (incl.
+BN+act and frozen batch norms), and user subclasses of Conv / ConvTranspose / Linear whose forward
+is the torch one (so they fold like their base class). Another module that overrides ``forward``
+is traced through: a ``F.batch_norm`` inside it is then matched as a functional batch norm.
 
 Shapes (for the input-rank checks) come from running the graph once (an ``fx.Interpreter``) on
 example inputs: given by the caller, built from ``model.input_shape``, or inferred from the first
@@ -23,12 +23,12 @@ from torch import fx, nn
 
 from bnfold.errors import BnfoldError
 from bnfold.fold_torch.guard import RankDispatch
+from bnfold.fold_torch.kinds import recognize
 from bnfold.layers import InputNorm
 
 LAYER_TYPES: tuple[type[nn.Module], ...] = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
 )
-BN_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
 _SPATIAL_SIZES = (16, 32, 28, 64, 8, 224, 96, 128, 48, 12, 6, 4, 256, 299)  # tried in order for a natural input
 SHAPE_KEY = "bnfold_shape"
 
@@ -55,7 +55,9 @@ class _Tracer(fx.Tracer):
             return True
         if isinstance(m, RankDispatch):  # an earlier fold's rank dispatch: data-dependent branch, and done
             return True
-        if isinstance(m, BN_TYPES + LAYER_TYPES) and has_torch_forward(m):
+        if isinstance(m, LAYER_TYPES) and has_torch_forward(m):
+            return True
+        if recognize(m) is not None:  # every batch-norm kind is a leaf, whatever its forward does
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -68,6 +70,8 @@ def trace(model: nn.Module, given: int = 0) -> fx.GraphModule:
     would always be taken and the folded model would fail when called without them. torch.fx then
     checks at run time that they are still ``None``.
     """
+    for module in model.modules():  # probe batch-norm kinds now: tracing patches nn.Module.__call__
+        recognize(module)
     tracer = _Tracer()
     nones = _none_defaults(model, given)
     graph = tracer.trace(model, concrete_args=nones or None)
@@ -154,7 +158,7 @@ def natural_inputs(model: nn.Module, gm: fx.GraphModule) -> tuple[Iterator[tuple
                 cin = mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels
                 firsts.add((kind, dims, int(cin)))  # type: ignore[arg-type]
                 where = f"{user.target} ({kind}, {'in_features' if dims == 0 else 'in_channels'}={cin})"
-            elif isinstance(mod, (*BN_TYPES, InputNorm, nn.Identity, nn.Dropout)):
+            elif isinstance(mod, (InputNorm, nn.Identity, nn.Dropout)) or (mod is not None and recognize(mod)):
                 frontier.append(user)
             else:
                 return None  # some other op sees the raw input first: no natural shape
