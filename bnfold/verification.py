@@ -10,6 +10,9 @@ deep copy of the original, when the original is a PyTorch module)::
 so "the folded model is as accurate as the unfolded float32 model" is visible in one table.
 When the original is an ONNX model (no float64 copy), the reference is the original itself.
 
+A comparison passes only when it compared something: outputs with no samples or no elements, and
+outputs holding NaN or infinity, fail with the reason in :attr:`VerifyReport.reason`.
+
 Models may be ``torch.nn.Module``, ``onnx.ModelProto`` or a path to an ``.onnx`` file, in any
 mix. onnxruntime runs with graph optimizations disabled (``ORT_DISABLE_ALL``) so that it
 executes the graph as written. torch is imported only when a model is a PyTorch module.
@@ -18,6 +21,7 @@ executes the graph as written. torch is imported only when a model is a PyTorch 
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 from collections.abc import Callable
@@ -63,6 +67,7 @@ class VerifyReport:
     reference: str  # what the candidate was compared with, e.g. "original (float64)"
     inputs: str = "inputs"  # where the inputs came from, e.g. "random N(0,1)" or "digits validation"
     rows: list[Row] = field(default_factory=list)
+    reason: str | None = None  # why it failed, a sentence naming the values; None when it passed
 
     def to_dict(self) -> dict[str, Any]:
         body = asdict(self)
@@ -71,20 +76,18 @@ class VerifyReport:
 
     def summary(self) -> str:
         top1 = "n/a" if self.top1_agreement is None else f"{self.top1_agreement:.2%}"
-        verdict = "passed" if self.passed else "FAILED"
-        return (
-            f"{verdict} on {self.n_samples} {self.inputs} samples: max abs error {self.max_abs_error:.3g} "
-            f"(allowed {self.allowed:.3g}), max rel error {self.max_rel_error:.3g}, top-1 agreement {top1}"
-        )
+        rest = f"max rel error {self.max_rel_error:.3g}, top-1 agreement {top1}"
+        if not self.passed:
+            return f"FAILED on {self.n_samples} {self.inputs} samples: {self.reason}; {rest}"
+        return (f"passed on {self.n_samples} {self.inputs} samples: max abs error {self.max_abs_error:.3g} "
+                f"(allowed {self.allowed:.3g}), {rest}")
 
     def raise_if_failed(self) -> None:
-        """Raise :class:`~bnfold.errors.VerificationFailed` naming the measured and allowed error."""
+        """Raise :class:`~bnfold.errors.VerificationFailed` with the reason (e.g. measured > allowed error)."""
         if not self.passed:
-            tol = self.tolerance
             raise VerificationFailed(
                 f"verification failed against {self.reference} on {self.n_samples} {self.inputs} samples: "
-                f"max abs error {self.max_abs_error:.3g} > allowed {self.allowed:.3g} "
-                f"(atol {tol.atol:g} + rtol {tol.rtol:g} * output scale)"
+                f"{self.reason}"
             )
 
 
@@ -105,10 +108,11 @@ def verify(
     PyTorch module (otherwise, and with ``reference="original"``, against ``original`` itself).
     ``baseline`` (from :func:`baseline_outputs` on the same original and inputs) skips re-running
     the original when several candidates are checked against it. Neither model is modified.
-    Raises ``ValueError`` if the inputs are empty or the two models' outputs have different shapes.
+    Raises ``ValueError`` if the inputs are empty or the two models' outputs have different shapes;
+    outputs that hold nothing to compare (no elements) or NaN/infinity give a failed report.
     """
     tolerance = tolerance or Tolerance()
-    x = _as_array(inputs)
+    x = _batch(inputs)
     if baseline is None:
         baseline = baseline_outputs(original, x, reference=reference)
     elif baseline.original.shape[0] != x.shape[0]:
@@ -123,25 +127,48 @@ def verify(
     out_ref = baseline.float64
     if out_ref is not None:
         ref_name = f"{name_a} (float64)"
+        outputs = {f"{name_b} (float32)": out_b, f"{name_a} (float32)": out_a, ref_name: out_ref}
         rows.append(_row(f"{name_b} (float32)", ref_name, out_b, out_ref, tolerance, gating=True))
         rows.append(_row(f"{name_a} (float32)", ref_name, out_a, out_ref, tolerance, gating=False))
         rows.append(_row(f"{name_b} (float32)", f"{name_a} (float32)", out_b, out_a, tolerance, gating=False))
     else:
         ref_name = name_a
+        outputs = {name_b: out_b, name_a: out_a}
         rows.append(_row(name_b, name_a, out_b, out_a, tolerance, gating=True))
     head = rows[0]
+    reason = _not_comparable(outputs, int(x.shape[0]))
+    if reason is None and not head.passed:
+        reason = (f"max abs error {head.max_abs_error:.3g} > allowed {head.allowed:.3g} "
+                  f"(atol {tolerance.atol:g} + rtol {tolerance.rtol:g} * output scale)")
     return VerifyReport(
         max_abs_error=head.max_abs_error,
         max_rel_error=head.max_rel_error,
         allowed=head.allowed,
         top1_agreement=head.top1_agreement,
         n_samples=int(x.shape[0]),
-        passed=head.passed,
+        passed=reason is None,
         tolerance=tolerance,
         reference=ref_name,
         inputs=inputs_label,
         rows=rows,
+        reason=reason,
     )
+
+
+def _not_comparable(outputs: dict[str, np.ndarray], n_inputs: int) -> str | None:
+    """Why these outputs (by model name, all of one shape) cannot show equivalence, or None.
+
+    An empty comparison would pass vacuously (the max error of nothing is 0), and NaN/infinity
+    compare as nothing either; both are failures, not passes.
+    """
+    shape = next(iter(outputs.values())).shape
+    if not shape or shape[0] == 0:
+        return f"nothing was compared: the outputs have shape {shape}, no samples for {n_inputs} inputs"
+    if math.prod(shape) == 0:
+        return f"nothing was compared: the outputs have shape {shape}, which holds no values"
+    bad = [f"{name} in {out.size - np.count_nonzero(np.isfinite(out))} of {out.size} values"
+           for name, out in outputs.items() if not np.all(np.isfinite(out))]
+    return f"outputs hold NaN or infinity: {'; '.join(bad)}" if bad else None
 
 
 @dataclass(frozen=True)
@@ -156,9 +183,7 @@ def baseline_outputs(original: Any, inputs: Any, *, reference: Reference = "floa
     """Run ``original`` (and, for ``reference="float64"`` and a PyTorch module, its float64 copy)."""
     if reference not in ("float64", "original"):
         raise ValueError(f"reference must be 'float64' or 'original', got {reference!r}")
-    x = _as_array(inputs)
-    if x.ndim == 0 or x.shape[0] == 0:
-        raise ValueError(f"verification needs a non-empty batch of inputs, got shape {x.shape}")
+    x = _batch(inputs)
     ref64 = _float64_copy(original) if reference == "float64" else None
     return Baseline(run_batched(runner(original), x),
                     None if ref64 is None else run_batched(ref64, x.astype(np.float64)))
@@ -170,8 +195,8 @@ def _row(actual: str, reference: str, out: np.ndarray, ref: np.ndarray, tol: Tol
 
 
 def top1_agreement(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Fraction of samples whose argmax over the last axis agrees; ``None`` unless outputs are ``(N, C>1)``."""
-    if a.ndim != 2 or a.shape[1] < 2:
+    """Fraction of samples whose argmax over the last axis agrees; ``None`` unless outputs are ``(N>0, C>1)``."""
+    if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] < 2:
         return None
     return float(np.mean(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
 
@@ -288,6 +313,14 @@ def _first_tensor(out: Any) -> Any:
 def run_batched(run: Runner, x: np.ndarray, batch: int = BATCH) -> np.ndarray:
     """Run in chunks of ``batch`` samples and concatenate (same result, bounded memory)."""
     return np.concatenate([run(x[i : i + batch]) for i in range(0, x.shape[0], batch)], axis=0)
+
+
+def _batch(inputs: Any) -> np.ndarray:
+    """``inputs`` as a float32 array of at least one sample; raises ``ValueError`` naming the shape."""
+    x = _as_array(inputs)
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise ValueError(f"verification needs a non-empty batch of inputs, got shape {x.shape}")
+    return x
 
 
 def _as_array(inputs: Any) -> np.ndarray:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -15,7 +17,7 @@ import bnfold
 from bnfold.errors import BnfoldError, VerificationFailed
 from bnfold.export import to_onnx
 from bnfold.tolerance import Tolerance
-from bnfold.verification import baseline_outputs, ort_runner, top1_agreement, verify
+from bnfold.verification import Baseline, baseline_outputs, ort_runner, top1_agreement, verify
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -45,7 +47,7 @@ def _perturbed(model: nn.Module, delta: float) -> nn.Module:
 def test_identical_models_pass_with_float64_rows() -> None:
     m = _model()
     rep = verify(m, copy.deepcopy(m), _inputs())
-    assert rep.passed
+    assert rep.passed and rep.reason is None
     assert rep.n_samples == 32
     assert rep.top1_agreement == 1.0
     assert [(r.actual, r.reference, r.gating) for r in rep.rows] == [
@@ -82,7 +84,11 @@ def test_error_is_measured_exactly(delta: float, passed: bool) -> None:
 def test_raise_if_failed_names_measured_and_allowed() -> None:
     m = _model()
     rep = verify(m, _perturbed(m, 0.5), _inputs())
-    with pytest.raises(VerificationFailed, match=r"max abs error 0\.5 > allowed"):
+    reason = f"max abs error 0.5 > allowed {rep.allowed:.3g} (atol 1e-05 + rtol 0.0001 * output scale)"
+    assert rep.reason == reason
+    assert rep.summary().startswith(f"FAILED on 32 inputs samples: {reason}; max rel error")
+    with pytest.raises(VerificationFailed, match=re.escape(f"against original (float64) on 32 inputs samples: {reason}")
+                       + "$"):
         rep.raise_if_failed()
     assert VerificationFailed("x").exit_code == 1
 
@@ -137,6 +143,122 @@ def test_report_is_json_serializable() -> None:
 def test_bad_inputs_raise(inputs: np.ndarray, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         verify(_model(), _model(), inputs)
+
+
+def test_empty_inputs_with_a_precomputed_baseline_raise() -> None:
+    """Regression: with an (empty) baseline the empty-batch check was skipped and numpy failed instead."""
+    empty = np.zeros((0, 2, 5, 5), np.float32)
+    with pytest.raises(ValueError, match=r"non-empty batch of inputs, got shape \(0, 2, 5, 5\)"):
+        verify(_model(), _model(), empty, baseline=Baseline(np.zeros((0, 4), np.float32), None))
+
+
+class _Outputs(nn.Module):
+    """``model``'s output passed through ``edit`` (to make it empty or non-finite)."""
+
+    def __init__(self, model: nn.Module, edit: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.model, self.edit = model, edit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.edit(self.model(x))
+
+
+def _nan_at(i: int, j: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def edit(y: torch.Tensor) -> torch.Tensor:
+        y = y.clone()
+        y[i, j] = float("nan")
+        return y
+
+    return edit
+
+
+def _no_samples(y: torch.Tensor) -> torch.Tensor:
+    return y[:0]
+
+
+def _no_classes(y: torch.Tensor) -> torch.Tensor:
+    return y[:, :0]
+
+
+def _all_nan(y: torch.Tensor) -> torch.Tensor:
+    return y * float("nan")
+
+
+def _all_inf(y: torch.Tensor) -> torch.Tensor:
+    return y * float("inf")
+
+
+def _same(y: torch.Tensor) -> torch.Tensor:
+    return y
+
+
+@pytest.mark.parametrize(
+    ("edit_original", "edit_folded", "reason"),
+    [
+        pytest.param(_no_samples, _no_samples,
+                     "nothing was compared: the outputs have shape (0, 4), no samples for 32 inputs", id="no-samples"),
+        pytest.param(_no_classes, _no_classes,
+                     "nothing was compared: the outputs have shape (32, 0), which holds no values",
+                     id="zero-size-outputs"),
+    ],
+)
+def test_comparing_nothing_fails_with_reason(edit_original: Callable[[torch.Tensor], torch.Tensor],
+                                             edit_folded: Callable[[torch.Tensor], torch.Tensor], reason: str) -> None:
+    """Regression: empty outputs "passed" (the max error of nothing is 0) with top-1 agreement nan%."""
+    m = _model()
+    rep = verify(_Outputs(m, edit_original), _Outputs(copy.deepcopy(m), edit_folded), _inputs())
+    assert rep.passed is False
+    assert rep.reason == reason
+    assert rep.top1_agreement is None
+    assert rep.summary().startswith(f"FAILED on 32 inputs samples: {reason}; ")
+    assert rep.to_dict()["reason"] == reason
+    with pytest.raises(VerificationFailed, match=re.escape(reason)):
+        rep.raise_if_failed()
+
+
+def _empty_onnx() -> onnx.ModelProto:
+    """(N, 3) -> (N, 0): a Slice over no columns."""
+    h = onnx.helper
+    x = h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3])
+    y = h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 0])
+    inits = [onnx.numpy_helper.from_array(np.array([v], np.int64), n) for n, v in [("s", 0), ("e", 0), ("a", 1)]]
+    graph = h.make_graph([h.make_node("Slice", ["x", "s", "e", "a"], ["y"])], "g", [x], [y], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=10)
+
+
+def test_comparing_nothing_fails_for_onnx_models_too() -> None:
+    x = np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32)
+    rep = verify(_empty_onnx(), _empty_onnx(), x)
+    assert rep.passed is False
+    assert rep.reason == "nothing was compared: the outputs have shape (6, 0), which holds no values"
+
+
+@pytest.mark.parametrize(
+    ("edit_original", "edit_folded", "tolerance", "reason"),
+    [
+        pytest.param(_same, _nan_at(3, 1), Tolerance(),
+                     "folded (float32) in 1 of 128 values", id="one-nan-in-folded"),
+        pytest.param(_same, _all_inf, Tolerance(), "folded (float32) in 128 of 128 values", id="all-inf-in-folded"),
+        pytest.param(_all_nan, _same, Tolerance(), "original (float32) in 128 of 128 values; original (float64) in "
+                     "128 of 128 values", id="nan-in-original"),
+        pytest.param(_all_nan, _all_nan, Tolerance(), "folded (float32) in 128 of 128 values; original (float32) "
+                     "in 128 of 128 values; original (float64) in 128 of 128 values", id="nan-in-both"),
+        pytest.param(_nan_at(0, 0), _nan_at(0, 0), Tolerance(atol=float("inf"), rtol=0.0),
+                     "folded (float32) in 1 of 128 values", id="same-nan-even-with-infinite-tolerance"),
+    ],
+)
+def test_non_finite_outputs_never_pass(edit_original: Callable[[torch.Tensor], torch.Tensor],
+                                       edit_folded: Callable[[torch.Tensor], torch.Tensor], tolerance: Tolerance,
+                                       reason: str) -> None:
+    """NaN/inf already failed (NaN compares false), but with "max abs error nan > allowed nan"; now the
+    reason says which outputs are not finite."""
+    m = _model()
+    rep = verify(_Outputs(m, edit_original), _Outputs(copy.deepcopy(m), edit_folded), _inputs(), tolerance=tolerance)
+    assert rep.passed is False
+    assert rep.reason is not None and rep.reason.startswith("outputs hold NaN or infinity: ")
+    assert reason in rep.reason, rep.reason
+    with pytest.raises(VerificationFailed, match="outputs hold NaN or infinity"):
+        rep.raise_if_failed()
 
 
 def test_output_shape_mismatch_names_both_shapes() -> None:
