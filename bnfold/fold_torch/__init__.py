@@ -21,6 +21,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from bnfold.errors import BnfoldError
 from bnfold.fold_torch.kinds import recognize
+from bnfold.fold_torch.lift import lift_functional_layers
 from bnfold.fold_torch.norms import Norm, find_norms
 from bnfold.fold_torch.ranks import annotate_ranks
 from bnfold.fold_torch.rewrite import try_fold
@@ -134,6 +135,7 @@ def fold_graph(work: nn.Module, gm: fx.GraphModule, example_inputs: Any) -> Fold
     """Fold inside ``gm``, the trace of ``work`` (an eval-mode copy). Returns ``work`` if nothing folded."""
     notes: list[str] = []
     paths = norm_paths(work)
+    lift_functional_layers(gm)  # F.conv2d / aten.linear on registered weights fold like modules
     # Before shapes: these ranks come from the graph's structure alone. Best effort: a node left
     # unannotated has an unknown rank, which can only add rank dispatches.
     with contextlib.suppress(Exception):

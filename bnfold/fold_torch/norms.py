@@ -31,6 +31,14 @@ from bnfold.fold_torch.kinds import Recognized, recognize
 from bnfold.layers import InputNorm
 
 _F_BN_SIG = inspect.signature(F.batch_norm)
+_aten = torch.ops.aten
+# torch.batch_norm's argument order; aten.batch_norm is what a torch.export graph calls
+_FUNCTIONAL = {F.batch_norm: "F.batch_norm", torch.batch_norm: "torch.batch_norm",
+               _aten.batch_norm.default: "aten.batch_norm"}
+# the decomposed forms (after ExportedProgram.run_decompositions): tuple outputs, not rewritten
+_DECOMPOSED = {_aten._native_batch_norm_legit_no_training.default, _aten.native_batch_norm.default,
+               _aten._native_batch_norm_legit.default, _aten._native_batch_norm_legit.no_stats,
+               _aten.cudnn_batch_norm.default, _aten.miopen_batch_norm.default}
 _TORCH_BN_ARGS = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps",
                   "cudnn_enabled")
 
@@ -75,8 +83,10 @@ def find_norms(gm: fx.GraphModule, bn_paths: set[str]) -> list[Norm]:
                 out.append(_module_bn(node, mod, kind))
             elif isinstance(mod, InputNorm):
                 out.append(_input_norm(node, mod))
-        elif node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm):
+        elif node.op == "call_function" and node.target in _FUNCTIONAL:
             out.append(_functional_bn(gm, node, bn_paths))
+        elif node.op == "call_function" and node.target in _DECOMPOSED:
+            out.append(_decomposed_bn(node))
     return out
 
 
@@ -135,14 +145,25 @@ def _bind(node: fx.Node) -> dict[str, Any] | None:
     return args if all(k in args for k in _TORCH_BN_ARGS[:8]) else None
 
 
-def _functional_bn(gm: fx.GraphModule, node: fx.Node, bn_paths: set[str]) -> Norm:
-    fn = "F.batch_norm" if node.target is F.batch_norm else "torch.batch_norm"
-    args = _bind(node)
-    rm = args.get("running_mean") if args else None
-    name = node.name
+def _decomposed_bn(node: fx.Node) -> Norm:
+    name = _owner_name(node.args[3] if len(node.args) > 3 else None) or node.name
+    op = getattr(node.target, "__name__", str(node.target))
+    return Norm(node, name, op, 0, None, reason=(
+        f"{name}: {op} is the decomposed batch norm of a torch.export graph after run_decompositions(), which "
+        "bnfold does not rewrite; fold the ExportedProgram's module() before decomposing, or the eager model"))
+
+
+def _owner_name(rm: object) -> str | None:
+    """``layer.bn`` for a running mean read as ``get_attr layer.bn.running_mean`` (the batch norm's module path)."""
     if isinstance(rm, fx.Node) and rm.op == "get_attr" and str(rm.target).endswith(".running_mean"):
-        owner = str(rm.target).rpartition(".")[0]
-        name = owner if owner in bn_paths else name
+        return str(rm.target).rpartition(".")[0]
+    return None
+
+
+def _functional_bn(gm: fx.GraphModule, node: fx.Node, bn_paths: set[str]) -> Norm:
+    fn = _FUNCTIONAL[node.target]
+    args = _bind(node)
+    name = _owner_name(args.get("running_mean") if args else None) or node.name
     norm = Norm(node, name, fn, 0, None)
     if args is None:
         norm.reason = f"{name}: cannot read the arguments of this {fn} call"
