@@ -30,7 +30,6 @@ batch norm to bnfold: it is traced through like any other module. Functional bat
 
 from __future__ import annotations
 
-import copy
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,12 +39,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.fold_torch.guard import NormStep
+from bnfold.fold_torch.probe import norm_ranks
 
 _POST_CHILDREN = ("drop", "act")  # timm's names, applied in this order after the normalization
 _STAT_NAMES = ("weight", "bias", "running_mean", "running_var")
 _TORCH_RANKS = {nn.BatchNorm1d: frozenset({2, 3}), nn.BatchNorm2d: frozenset({4}), nn.BatchNorm3d: frozenset({5})}
-_PROBE_RANKS = (2, 3, 4, 5)
-_PROBE_RTOL = 1e-9  # float64: a module computing the affine map differs by rounding only
 
 
 @dataclass(frozen=True)
@@ -113,7 +111,7 @@ def recognize(mod: nn.Module) -> Recognized | None:
             found = Recognized(kind.name, ranks, ())
         else:
             post = tuple(n for n in _POST_CHILDREN if n in mod._modules and not _is_identity(mod._modules[n]))
-            ranks = _probe(mod, post)
+            ranks = norm_ranks(mod, post)
             found = Recognized(kind.name, ranks, post) if ranks else None
         break
     _cache[mod] = found
@@ -127,46 +125,6 @@ def _is_identity(mod: nn.Module | None) -> bool:
     if mod._forward_hooks or mod._forward_pre_hooks:
         return False
     return type(mod) is nn.Identity or (isinstance(mod, nn.modules.dropout._DropoutNd) and not mod.training)
-
-
-def _probe(mod: nn.Module, post: tuple[str, ...]) -> frozenset[int]:
-    """The input ranks at which ``mod`` (in eval mode) computes ``post(bn(x))``, checked in float64."""
-    stats = {n: _detached(getattr(mod, n, None)) for n in _STAT_NAMES}
-    mean, var = stats["running_mean"], stats["running_var"]
-    if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor) or mean.dim() != 1:
-        return frozenset()
-    try:
-        probe = copy.deepcopy(mod).double().eval()
-    except Exception:
-        return frozenset()
-    gamma, beta = stats["weight"], stats["bias"]
-    scale = (var.double() + float(mod.eps)).rsqrt()  # type: ignore[arg-type]
-    if gamma is not None:
-        scale = scale * gamma.double()
-    shift = -mean.double() * scale
-    if beta is not None:
-        shift = shift + beta.double()
-    generator = torch.Generator().manual_seed(0)
-    accepted = set()
-    for rank in _PROBE_RANKS:
-        x = torch.randn((2, mean.shape[0], *(3,) * (rank - 2)), generator=generator, dtype=torch.float64)
-        view = (1, -1) + (1,) * (rank - 2)
-        want = x * scale.view(view) + shift.view(view)
-        try:
-            with torch.no_grad():
-                for name in post:
-                    want = probe._modules[name](want)  # type: ignore[misc]
-                got = probe(x)
-        except Exception:
-            continue
-        if (isinstance(got, torch.Tensor) and got.shape == want.shape
-                and bool(torch.allclose(got, want, rtol=_PROBE_RTOL, atol=_PROBE_RTOL * float(want.abs().max())))):
-            accepted.add(rank)
-    return frozenset(accepted)
-
-
-def _detached(value: object) -> torch.Tensor | None:
-    return value.detach() if isinstance(value, torch.Tensor) else None
 
 
 class PostOp(nn.Module):

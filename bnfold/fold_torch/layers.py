@@ -29,6 +29,8 @@ from torch.nn.utils import parametrize
 
 from bnfold.arith import Affine, fold_input_side, fold_output_side, input_side_exactness
 from bnfold.fold_torch.guard import RankDispatch
+from bnfold.fold_torch.lift import not_liftable
+from bnfold.fold_torch.probe import output_foldable
 from bnfold.fold_torch.trace import LAYER_TYPES, has_torch_forward
 
 Side = Literal["output", "input"]
@@ -45,6 +47,7 @@ class Layer:
     in_channels: int
     out_channels: int
     groups: int
+    output_only: bool = False  # a subclass with its own forward, probed to fold exactly from the output side
 
     @property
     def type_name(self) -> str:
@@ -78,7 +81,7 @@ def describe(gm: fx.GraphModule, node: fx.Node) -> str:
 def as_layer(gm: fx.GraphModule, node: fx.Node) -> Layer | str:
     """The :class:`Layer` that ``node`` calls, or why it is not a layer bnfold can fold into."""
     if node.op != "call_module":
-        return f"{describe(gm, node)} is not a Conv/ConvTranspose/Linear module"
+        return not_liftable(node) or f"{describe(gm, node)} is not a Conv/ConvTranspose/Linear module"
     mod = gm.get_submodule(str(node.target))
     if isinstance(mod, RankDispatch):  # an earlier fold into this layer: fold into its folded path too
         if mod._forward_hooks or mod._forward_pre_hooks:
@@ -87,8 +90,10 @@ def as_layer(gm: fx.GraphModule, node: fx.Node) -> Layer | str:
     name = f"{node.target} ({type(mod).__name__})"
     if not isinstance(mod, LAYER_TYPES):
         return f"{name} is not a Conv/ConvTranspose/Linear module"
-    if not has_torch_forward(mod, "_conv_forward"):
-        return f"{name} overrides the torch forward, so bnfold cannot tell what it computes"
+    output_only = not has_torch_forward(mod, "_conv_forward")
+    if output_only and not output_foldable(mod):
+        return (f"{name} overrides the torch forward, and a probe shows that scaling its weights per output "
+                "channel does not scale its output the same way, so folding into it would not be exact")
     if isinstance(mod, LazyModuleMixin) and mod.has_uninitialized_params():
         return f"{name} is not initialized yet; run one forward pass before folding"
     if parametrize.is_parametrized(mod):
@@ -103,10 +108,10 @@ def as_layer(gm: fx.GraphModule, node: fx.Node) -> Layer | str:
     if bias is not None and (not isinstance(bias, torch.Tensor) or not bias.is_floating_point()):
         return f"{name} has a bias of type {type(bias).__name__}, not a floating tensor"
     if isinstance(mod, nn.Linear):
-        return Layer(mod, "linear", 0, int(mod.in_features), int(mod.out_features), 1)
+        return Layer(mod, "linear", 0, int(mod.in_features), int(mod.out_features), 1, output_only)
     kind: Literal["conv", "conv_transpose"] = "conv_transpose" if mod.transposed else "conv"  # type: ignore[assignment]
     return Layer(mod, kind, len(mod.kernel_size), int(mod.in_channels), int(mod.out_channels),  # type: ignore[arg-type]
-                 int(mod.groups))  # type: ignore[arg-type]
+                 int(mod.groups), output_only)  # type: ignore[arg-type]
 
 
 def rank_problem(layer: Layer, target: str, norm_kind: str, norm_name: str, norm_ranks: frozenset[int] | None,

@@ -68,6 +68,19 @@ def lift_functional_layers(gm: fx.GraphModule) -> list[str]:
     return lifted
 
 
+def not_liftable(node: fx.Node) -> str | None:
+    """For a functional layer call left in the graph: why it was not turned into a module (else None)."""
+    if node.op != "call_function" or node.target not in _FUNCTIONS:
+        return None
+    args = _arguments(node, _FUNCTIONS[node.target][2]) or {}
+    for key in ("weight", "bias"):
+        value = args.get(key)
+        if isinstance(value, fx.Node) and value.op != "get_attr":
+            return (f"the {key} of {node.name} ({getattr(node.target, '__name__', node.target)}) is computed at run "
+                    f"time (by {value.name}), not a registered parameter or buffer, so it is not a constant to fold into")
+    return f"{node.name} ({getattr(node.target, '__name__', node.target)}) has arguments bnfold cannot read as constants"
+
+
 def _arguments(node: fx.Node, names: tuple[str, ...]) -> dict[str, Any] | None:
     all_names = ("input", "weight", "bias", *names)
     if len(node.args) > len(all_names) or any(k not in all_names for k in node.kwargs):

@@ -85,6 +85,9 @@ def _check(gm: fx.GraphModule, norm: Norm, node: fx.Node, ranks: Ranks | None, s
     if isinstance(layer, str):
         return layer
     target = str(node.target)
+    if side == "input" and layer.output_only:
+        return (f"{target} ({layer.type_name}) has a forward of its own: bnfold folds into it only from the output "
+                "side, where a probe confirmed the fold is exact")
     problem = channel_problem(layer, target, norm.name, norm.channels, side) or rank_problem(
         layer, target, norm.kind, norm.name, norm.ranks, ranks, side
     )

@@ -4,7 +4,9 @@
 additionally keep as leaves: :class:`bnfold.layers.InputNorm`, an earlier fold's
 :class:`~bnfold.fold_torch.guard.RankDispatch`, every batch-norm kind of :mod:`.kinds` (incl.
 BN+act and frozen batch norms), and user subclasses of Conv / ConvTranspose / Linear whose forward
-is the torch one (so they fold like their base class). Another module that overrides ``forward``
+is the torch one (so they fold like their base class) or that have no children (a forward of their
+own, e.g. timm's ``Conv2dSame``: they fold from the output side if :func:`.probe.output_foldable`
+shows it exact). Another module that overrides ``forward``
 is traced through: a ``F.batch_norm`` inside it is then matched as a functional batch norm.
 
 Shapes (for the input-rank checks) come from running the graph once (an ``fx.Interpreter``) on
@@ -24,6 +26,7 @@ from torch import fx, nn
 from bnfold.errors import BnfoldError
 from bnfold.fold_torch.guard import RankDispatch
 from bnfold.fold_torch.kinds import recognize
+from bnfold.fold_torch.probe import output_foldable
 from bnfold.layers import InputNorm
 
 LAYER_TYPES: tuple[type[nn.Module], ...] = (
@@ -55,8 +58,8 @@ class _Tracer(fx.Tracer):
             return True
         if isinstance(m, RankDispatch):  # an earlier fold's rank dispatch: data-dependent branch, and done
             return True
-        if isinstance(m, LAYER_TYPES) and has_torch_forward(m):
-            return True
+        if isinstance(m, LAYER_TYPES) and (has_torch_forward(m) or not m._modules):
+            return True  # a subclass with a forward of its own folds if the output probe allows (as_layer)
         if recognize(m) is not None:  # every batch-norm kind is a leaf, whatever its forward does
             return True
         return super().is_leaf_module(m, module_qualified_name)
@@ -70,8 +73,10 @@ def trace(model: nn.Module, given: int = 0) -> fx.GraphModule:
     would always be taken and the folded model would fail when called without them. torch.fx then
     checks at run time that they are still ``None``.
     """
-    for module in model.modules():  # probe batch-norm kinds now: tracing patches nn.Module.__call__
+    for module in model.modules():  # probe now: tracing patches nn.Module.__call__ (see .probe)
         recognize(module)
+        if isinstance(module, LAYER_TYPES) and not has_torch_forward(module):
+            output_foldable(module)
     tracer = _Tracer()
     nones = _none_defaults(model, given)
     graph = tracer.trace(model, concrete_args=nones or None)
