@@ -73,12 +73,13 @@ def not_liftable(node: fx.Node) -> str | None:
     if node.op != "call_function" or node.target not in _FUNCTIONS:
         return None
     args = _arguments(node, _FUNCTIONS[node.target][2]) or {}
+    what = f"{node.name} ({getattr(node.target, '__name__', node.target)})"
     for key in ("weight", "bias"):
         value = args.get(key)
         if isinstance(value, fx.Node) and value.op != "get_attr":
-            return (f"the {key} of {node.name} ({getattr(node.target, '__name__', node.target)}) is computed at run "
-                    f"time (by {value.name}), not a registered parameter or buffer, so it is not a constant to fold into")
-    return f"{node.name} ({getattr(node.target, '__name__', node.target)}) has arguments bnfold cannot read as constants"
+            return (f"the {key} of {what} is computed at run time (by {value.name}), not a registered parameter "
+                    "or buffer, so it is not a constant to fold into")
+    return f"{what} has arguments bnfold cannot read as constants"
 
 
 def _arguments(node: fx.Node, names: tuple[str, ...]) -> dict[str, Any] | None:
