@@ -98,19 +98,18 @@ def _output_probe(layer: nn.Module) -> bool:
     s = torch.rand(out, generator=generator, dtype=torch.float64) + 0.5
     t = torch.randn(out, generator=generator, dtype=torch.float64)
     with torch.no_grad():
-        w = scaled.weight  # type: ignore[union-attr]
+        w: torch.Tensor = scaled.weight  # type: ignore[assignment]
         groups = int(getattr(layer, "groups", 1))
         if transposed:  # (in, out/g, k...): output channel o = g * (out/g) + j
-            view = w.view(groups, w.shape[0] // groups, w.shape[1], *w.shape[2:])  # type: ignore[union-attr]
-            view.mul_(s.view(groups, 1, -1, *(1,) * (w.dim() - 2)))  # type: ignore[union-attr]
+            grouped = w.view(groups, w.shape[0] // groups, w.shape[1], *w.shape[2:])
+            grouped.mul_(s.view(groups, 1, -1, *(1,) * (w.dim() - 2)))
         else:
-            w.mul_(s.view(-1, *(1,) * (w.dim() - 1)))  # type: ignore[union-attr]
+            w.mul_(s.view(-1, *(1,) * (w.dim() - 1)))
         bias = scaled.bias if isinstance(scaled.bias, torch.Tensor) else None
-        new_bias = t if bias is None else bias * s + t
         if bias is None:
-            scaled.bias = nn.Parameter(new_bias)  # type: ignore[assignment]
+            scaled.bias = nn.Parameter(t.clone())  # type: ignore[assignment]
         else:
-            bias.copy_(new_bias)
+            bias.mul_(s).add_(t)
     sizes = [()] if linear else [(n,) * (weight.dim() - 2) for n in _SIZES]
     for size in sizes:
         x = torch.randn((2, cin, *size), generator=generator, dtype=torch.float64)
