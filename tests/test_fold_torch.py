@@ -405,7 +405,6 @@ REFUSALS = [
                  {"example_inputs": torch.randn(2, 5, 5)}, "same axis only for 2-D", id="bn-before-linear-3d"),
     pytest.param(lambda: nn.Sequential(nn.BatchNorm2d(3), nn.ConvTranspose2d(3, 4, 3)), x_of(2, 3), {},
                  "transposed convolution is not exact", id="bn-before-convtranspose"),
-    pytest.param(SharedBN, x_of(2, 3), {}, "applied at 2 places", id="bn-applied-twice"),
     pytest.param(hooked, torch.randn(2, 4), {}, "forward hooks", id="layer-has-hooks"),
     pytest.param(bn_hooked, torch.randn(2, 4), {}, "1 has forward hooks", id="bn-has-hooks"),
 ]

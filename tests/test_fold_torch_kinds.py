@@ -180,3 +180,33 @@ def test_frozen_batch_norm_with_hooks_is_kept_with_a_reason(randomize) -> None:
     model[1].register_forward_hook(lambda *_: None)
     result = fold_torch(model, example_inputs=_x())
     assert [s.bn for s in result.skipped] == ["1"] and "forward hooks" in result.skipped[0].reason
+
+
+class TwoSites(nn.Module):
+    """One norm module applied after two different convs (and, with ``bare``, also to the raw input)."""
+
+    def __init__(self, norm: nn.Module, bare: bool = False) -> None:
+        super().__init__()
+        self.c1, self.c2, self.norm, self.bare = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 3, padding=1), norm, bare
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.c1(x)) + self.norm(self.c2(x))
+        return y + self.norm(x) if self.bare else y
+
+
+@pytest.mark.parametrize("norm", [
+    pytest.param(lambda: nn.BatchNorm2d(3), id="batchnorm"),
+    pytest.param(lambda: BatchNormAct2d(3, act=nn.ReLU()), id="batchnorm-act"),
+    pytest.param(lambda: FrozenBatchNorm2d(3), id="frozen"),
+])
+def test_norm_applied_at_two_places_folds_at_each(norm, fold_check, randomize) -> None:
+    result = fold_check(randomize(TwoSites(norm())).eval(), _x(), folded=1, left=0, example_inputs=_x())
+    (folded,) = result.folded
+    assert folded.bn == "norm" and folded.into == "c1, c2"
+
+
+def test_norm_applied_where_one_place_cannot_fold_is_kept_and_says_where(fold_check, randomize) -> None:
+    result = fold_check(randomize(TwoSites(nn.BatchNorm2d(3), bare=True)).eval(), _x(), folded=0, left=1,
+                        example_inputs=_x())
+    (skipped,) = result.skipped
+    assert skipped.reason.startswith("norm is applied at 3 places; folded at 2 of 3 places, kept at norm_2: ")

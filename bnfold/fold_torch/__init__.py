@@ -145,38 +145,46 @@ def fold_graph(work: nn.Module, gm: fx.GraphModule, example_inputs: Any) -> Fold
     by_name: dict[str, list[Norm]] = {}
     for norm in norms:
         by_name.setdefault(norm.name, []).append(norm)
-    outcome: dict[str, Folded | str] = {}
-    pending: list[Norm] = []
-    for name, sites in by_name.items():
-        if len(sites) > 1:
-            where = ", ".join(s.node.name for s in sites)
-            outcome[name] = (f"{name} is applied at {len(sites)} places ({where}); bnfold folds a batch norm only "
-                             "when it is applied once")
-        elif sites[0].reason is not None:
-            outcome[name] = sites[0].reason
-        else:
-            pending.append(sites[0])
+    # Each application (site) of a norm folds on its own; a chain (bn -> bn -> linear) needs several passes.
+    site_outcome: dict[fx.Node, Folded | str] = {n.node: n.reason for n in norms if n.reason is not None}
+    pending = [n for n in norms if n.reason is None]
     progress = True
     while progress and pending:
         progress = False
         for norm in list(pending):
             result = try_fold(gm, norm, notes, trusted_shapes=source == "given")
-            outcome[norm.name] = result
+            site_outcome[norm.node] = result
             if isinstance(result, Folded):
                 pending.remove(norm)
                 progress = True
+    outcome = {name: _merge(name, [(s.node.name, site_outcome[s.node]) for s in sites])
+               for name, sites in by_name.items()}
     folded = [o for o in outcome.values() if isinstance(o, Folded)]
     skipped = [Skipped(bn=n, reason=o) for n, o in outcome.items() if isinstance(o, str)]
     skipped += [Skipped(bn=p, reason=unreached_reason(work, p)) for p in paths if p not in outcome]
     if shape_note:
         notes.insert(0, shape_note)
-    if not folded:
+    if not any(isinstance(o, Folded) for o in site_outcome.values()):  # the graph was not rewritten
         return FoldResult(model=work, folded=[], skipped=skipped, notes=notes)
     gm.graph.lint()
     gm.recompile()
     _keep_plain_attributes(work, gm)
     gm.eval()
     return FoldResult(model=gm, folded=folded, skipped=skipped, notes=notes)
+
+
+def _merge(name: str, sites: list[tuple[str, Folded | str]]) -> Folded | str:
+    """One report entry for a norm applied at several places: folded only if folded at every one."""
+    if len(sites) == 1:
+        return sites[0][1]
+    done = [o for _, o in sites if isinstance(o, Folded)]
+    if len(done) == len(sites):
+        into = ", ".join(dict.fromkeys(f.into for f in done))
+        sides = {f.side for f in done}
+        return Folded(bn=name, into=into, side=done[0].side if len(sides) == 1 else "output")
+    kept = "; ".join(f"at {node}: {o}" for node, o in sites if isinstance(o, str))
+    folded_at = f"folded at {len(done)} of {len(sites)} places, " if done else ""
+    return f"{name} is applied at {len(sites)} places; {folded_at}kept {kept}"
 
 
 def _keep_plain_attributes(src: nn.Module, dst: nn.Module) -> None:

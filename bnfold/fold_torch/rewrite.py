@@ -162,20 +162,24 @@ def _private_target(gm: fx.GraphModule, node: fx.Node, notes: list[str]) -> str:
     if not uses:
         _note_ties(gm, target, mod, notes)
         return target
-    parent, _, leaf = target.rpartition(".")
-    k = 0
-    while True:
-        new = f"{parent + '.' if parent else ''}{leaf}_folded{'' if k == 0 else f'_{k}'}"
-        try:
-            gm.get_submodule(new)
-        except AttributeError:
-            break
-        k += 1
+    new = _fresh_name(gm, f"{target}_folded")
     gm.add_submodule(new, copy.deepcopy(mod))
     node.target = new
     notes.append(f"{target} is also used elsewhere ({'; '.join(uses)}): folded into a private copy {new}, "
                  "the other uses keep the original weights")
     return new
+
+
+def _fresh_name(gm: fx.GraphModule, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... : the first that names no submodule of ``gm`` yet."""
+    k = 0
+    while True:
+        new = f"{base}{'' if k == 0 else f'_{k}'}"
+        try:
+            gm.get_submodule(new)
+        except AttributeError:
+            return new
+        k += 1
 
 
 def _note_ties(gm: fx.GraphModule, target: str, mod: nn.Module, notes: list[str]) -> None:
@@ -193,12 +197,20 @@ def _note_ties(gm: fx.GraphModule, target: str, mod: nn.Module, notes: list[str]
 def _remove(gm: fx.GraphModule, norm: Norm) -> None:
     node = norm.node
     if norm.post:  # a BN+act module: what remains of it is its post-op, under the same name
-        _set_module(gm, str(node.target), post_op(gm.get_submodule(str(node.target)), norm.post))
+        target = str(node.target)
+        post = post_op(gm.get_submodule(target), norm.post)
+        if any(n is not node and n.op == "call_module" and n.target == target for n in gm.graph.nodes):
+            node.target = _fresh_name(gm, f"{target}_post")  # other sites still normalize: a post-op of its own
+            gm.add_submodule(str(node.target), post)
+        else:
+            _set_module(gm, target, post)
         return
     node.replace_all_uses_with(norm.input)
     gm.graph.erase_node(node)
     if node.op == "call_module":
         target = str(node.target)
+        if any(n.op == "call_module" and n.target == target for n in gm.graph.nodes):
+            return  # applied at another place too, not folded (yet) there: the module stays
         refs = [str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")]
         if not any(r == target or r.startswith(target + ".") for r in refs):
             gm.delete_submodule(target)
