@@ -57,6 +57,29 @@ class Affine:
         return int(self.scale.shape[0])
 
 
+def repeat_channels(affine: Affine, block: int) -> Affine:
+    """The affine map on ``flatten(x, 1)`` of a per-channel map on ``x`` of shape ``(N, C, *spatial)``.
+
+    Flattening is channel-major, so channel ``c`` becomes the contiguous features
+    ``[c * block, (c + 1) * block)`` with ``block = prod(spatial)``: each scale and shift repeats
+    ``block`` times. ``block >= 1``.
+    """
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    return Affine(scale=np.repeat(affine.scale, block), shift=np.repeat(affine.shift, block))
+
+
+def broadcast_channel(affine: Affine, channels: int) -> Affine:
+    """A one-channel affine map (a batch norm over a size-1 axis) as the same map on each of ``channels``.
+
+    With one channel the map is ``x -> scale * x + shift`` on every element, whichever axis the
+    layer next to it mixes, so it folds like a per-channel map whose channels are all equal.
+    """
+    if affine.channels != 1:
+        raise ValueError(f"broadcast_channel needs a one-channel map, got {affine.channels} channels")
+    return Affine(scale=np.full(channels, affine.scale[0]), shift=np.full(channels, affine.shift[0]))
+
+
 def bn_affine(
     mean: ArrayLike,
     var: ArrayLike,

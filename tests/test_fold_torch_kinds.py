@@ -210,3 +210,53 @@ def test_norm_applied_where_one_place_cannot_fold_is_kept_and_says_where(fold_ch
                         example_inputs=_x())
     (skipped,) = result.skipped
     assert skipped.reason.startswith("norm is applied at 3 places; folded at 2 of 3 places, kept at norm_2: ")
+
+
+class FlattenHead(nn.Module):
+    """conv -> BN -> flatten -> Linear, the flatten in one of its three spellings."""
+
+    def __init__(self, how: str, bn: Callable[[int], nn.Module] = nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.how, self.conv, self.bn = how, nn.Conv2d(3, 4, 3), bn(4)
+        self.flat, self.fc = nn.Flatten(), nn.Linear(4 * 7 * 7, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.conv(x))  # the relu keeps the BN from folding into the conv: it must fold forwards
+        y = self.bn(y)
+        y = {"module": self.flat, "function": lambda t: torch.flatten(t, 1), "method": lambda t: t.flatten(1)}[
+            self.how](y)
+        return self.fc(y)
+
+
+@pytest.mark.parametrize("how", ["module", "function", "method"])
+@pytest.mark.parametrize("shapes", [True, False], ids=["shapes", "no-shapes"])
+def test_bn2d_flatten_linear_folds_into_the_linear(how: str, shapes: bool, fold_check, randomize) -> None:
+    options = {"example_inputs": _x()} if shapes else {}
+    result = fold_check(randomize(FlattenHead(how)).eval(), _x(), folded=1, left=0, **options)
+    assert [(f.bn, f.into, f.side) for f in result.folded] == [("bn", "fc", "input")]
+
+
+def test_flatten_from_axis_2_is_not_a_channel_block(randomize) -> None:
+    class Flatten2(FlattenHead):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.flatten(self.bn(F.relu(self.conv(x))), 2).mean(1).repeat(1, 4))
+
+    result = fold_torch(randomize(Flatten2("module")).eval(), example_inputs=_x())
+    assert result.folded == [] and [s.bn for s in result.skipped] == ["bn"]
+
+
+class OneChannel(nn.Module):
+    """BatchNorm1d(1) over (N, 1, F) around Linear layers acting on the last axis: a scalar map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre, self.fc1, self.bn, self.fc2 = nn.BatchNorm1d(1), nn.Linear(6, 5), nn.BatchNorm1d(1), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.bn(self.fc1(self.pre(x)))))
+
+
+def test_one_channel_batch_norm_broadcasts_into_linear_layers(fold_check, randomize) -> None:
+    x = torch.randn(4, 1, 6)
+    result = fold_check(randomize(OneChannel()).eval(), x, folded=2, left=0, example_inputs=x)
+    assert {(f.bn, f.into, f.side) for f in result.folded} == {("pre", "fc1", "input"), ("bn", "fc1", "output")}

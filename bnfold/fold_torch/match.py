@@ -128,6 +128,20 @@ def consumer(gm: fx.GraphModule, norm_node: fx.Node) -> tuple[fx.Node | None, fx
         cur = nxt
 
 
+def channel_major_flatten(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """True when ``node`` is ``flatten(x, 1)`` (``nn.Flatten()``, ``torch.flatten(x, 1)``, ``x.flatten(1)``):
+    every axis from 1 on merged, so each channel of ``x`` becomes a contiguous block of features."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        return bool(type(mod) is nn.Flatten and mod.start_dim == 1 and mod.end_dim == -1 and not mod._forward_hooks
+                and not mod._forward_pre_hooks and len(node.args) == 1 and not node.kwargs)
+    if (node.op, node.target) not in (("call_function", torch.flatten), ("call_method", "flatten")):
+        return False
+    names = ("input", "start_dim", "end_dim")
+    args = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+    return bool(set(args) <= set(names) and args.get("start_dim", 0) == 1 and args.get("end_dim", -1) == -1)
+
+
 def only_data_input(node: fx.Node, value: fx.Node) -> bool:
     """True when ``value`` is ``node``'s first argument and appears in no other argument."""
     if data_input(node) is not value:

@@ -60,6 +60,7 @@ class Norm:
     tensors: dict[str, torch.Tensor | None] = field(default_factory=dict)
     eps: float | None = None
     post: tuple[str, ...] = ()  # children of a BN+act module that run after the normalization (see kinds)
+    any_rank: bool = False  # one channel broadcast to a layer's channels: exact whichever axis the layer mixes
 
     @property
     def input(self) -> fx.Node:

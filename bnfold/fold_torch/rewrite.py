@@ -29,9 +29,12 @@ layer (a chain) goes into both paths.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
+import numpy as np
 from torch import fx, nn
 
+from bnfold.arith import broadcast_channel, repeat_channels
 from bnfold.fold_torch.guard import NormStep, RankDispatch
 from bnfold.fold_torch.kinds import post_op
 from bnfold.fold_torch.layers import (
@@ -46,9 +49,10 @@ from bnfold.fold_torch.layers import (
     rank_pinned,
     rank_problem,
 )
-from bnfold.fold_torch.match import consumer, only_data_input, producer
+from bnfold.fold_torch.match import channel_major_flatten, consumer, only_data_input, producer
 from bnfold.fold_torch.norms import Norm
 from bnfold.fold_torch.ranks import RANKS_KEY, Ranks, known_ranks
+from bnfold.fold_torch.trace import SHAPE_KEY
 from bnfold.result import Folded
 
 
@@ -62,15 +66,20 @@ def try_fold(gm: fx.GraphModule, norm: Norm, notes: list[str], trusted_shapes: b
     start = norm.input
     prod, shared = producer(gm, norm.node, start)
     # "not a foldable layer" is the more useful reason when both apply
-    before = _check(gm, norm, prod, known_ranks(start), "output") or shared
+    out_norm = _broadcast(gm, norm, prod, "output")
+    before = _check(gm, out_norm, prod, known_ranks(start), "output") or shared
     if before is None:
-        return _apply(gm, norm, prod, "output", notes, not trusted_shapes and _needs_guard(gm, norm, prod, start))
+        return _apply(gm, out_norm, prod, "output", notes,
+                      not trusted_shapes and _needs_guard(gm, out_norm, prod, start))
     if norm.post:
         after = " then ".join(f"{c} ({type(gm.get_submodule(f'{norm.name}.{c}')).__name__})" for c in norm.post)
         return (f"cannot fold into the op before it ({before}), and {norm.name} applies {after} after normalizing, "
                 "so it cannot fold into the op after it")
     cons, value, problem = consumer(gm, norm.node)
+    if problem is None and cons is not None and channel_major_flatten(gm, cons) and not _graph_output(value):
+        norm, (cons, value, problem) = _through_flatten(gm, norm, value, cons), consumer(gm, cons)
     if problem is None and cons is not None:
+        norm = _broadcast(gm, norm, cons, "input")
         if not only_data_input(cons, value):
             problem = f"{describe(gm, cons)} uses it as more than its data input"
         else:
@@ -78,6 +87,44 @@ def try_fold(gm: fx.GraphModule, norm: Norm, notes: list[str], trusted_shapes: b
         if problem is None:
             return _apply(gm, norm, cons, "input", notes, not trusted_shapes and _needs_guard(gm, norm, cons, value))
     return f"cannot fold into the op before it ({before}) nor into the op after it ({problem})"
+
+
+def _graph_output(value: fx.Node) -> bool:
+    return any(u.op == "output" for u in value.users)
+
+
+def _through_flatten(gm: fx.GraphModule, norm: Norm, value: fx.Node, flatten: fx.Node) -> Norm:
+    """``norm`` as seen after ``flatten(x, 1)``: each channel a contiguous block of features (see arith).
+
+    The block is the product of the spatial sizes: from the recorded shape, else from the Linear after it
+    (``in_features / channels``, which the model must satisfy to run at all).
+    """
+    assert norm.affine is not None
+    shape = value.meta.get(SHAPE_KEY)
+    block = None
+    if shape is not None and len(shape) >= 2:
+        block = int(np.prod(shape[2:], dtype=np.int64))
+    else:
+        users = [u for u in flatten.users]
+        layer = as_layer(gm, users[0]) if len(users) == 1 else None
+        if isinstance(layer, Layer) and layer.kind == "linear" and layer.in_channels % norm.channels == 0:
+            block = layer.in_channels // norm.channels
+    if not block:
+        return norm  # the channel check then says why the sizes do not match
+    return dataclasses.replace(norm, affine=repeat_channels(norm.affine, block), channels=norm.channels * block,
+                               ranks=None)
+
+
+def _broadcast(gm: fx.GraphModule, norm: Norm, node: fx.Node, side: Side) -> Norm:
+    """A one-channel norm next to a layer of several channels, as the same map on each (see arith)."""
+    layer = as_layer(gm, node)
+    if norm.channels != 1 or not isinstance(layer, Layer) or norm.affine is None:
+        return norm
+    channels = layer.out_channels if side == "output" else layer.in_channels
+    if channels == 1:
+        return norm
+    return dataclasses.replace(norm, affine=broadcast_channel(norm.affine, channels), channels=channels,
+                               any_rank=True)
 
 
 def _check(gm: fx.GraphModule, norm: Norm, node: fx.Node, ranks: Ranks | None, side: Side) -> str | None:
@@ -88,9 +135,9 @@ def _check(gm: fx.GraphModule, norm: Norm, node: fx.Node, ranks: Ranks | None, s
     if side == "input" and layer.output_only:
         return (f"{target} ({layer.type_name}) has a forward of its own: bnfold folds into it only from the output "
                 "side, where a probe confirmed the fold is exact")
-    problem = channel_problem(layer, target, norm.name, norm.channels, side) or rank_problem(
-        layer, target, norm.kind, norm.name, norm.ranks, ranks, side
-    )
+    problem = channel_problem(layer, target, norm.name, norm.channels, side)
+    if problem is None and not norm.any_rank:
+        problem = rank_problem(layer, target, norm.kind, norm.name, norm.ranks, ranks, side)
     if problem is None and side == "input":
         assert norm.affine is not None
         problem = exactness_problem(layer, norm.affine)
@@ -103,6 +150,8 @@ def _needs_guard(gm: fx.GraphModule, norm: Norm, node: fx.Node, value: fx.Node) 
     """True when only the (guessed or absent) shapes, not the graph's structure, make the fold exact."""
     layer = as_layer(gm, node)
     assert isinstance(layer, Layer)
+    if norm.any_rank:
+        return False
     return not rank_pinned(layer, norm.ranks, value.meta.get(RANKS_KEY) or None)
 
 
