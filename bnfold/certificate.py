@@ -5,10 +5,18 @@ One metadata entry, key :data:`METADATA_KEY`, holds a JSON object::
     {"format": "bnfold-certificate", "version": 1,
      "bnfold_version": "...", "source_sha256": "...", "architecture": "...",
      "input_name": "input", "output_name": "logits", "input_shape": [1, 8, 8],
-     "class_labels": ["0", ...], "folded": 5, "kept": 0,
+     "class_labels": ["0", ...], "folded": 5, "kept": 0, "batchnorm_nodes": 0,
+     "opset": 17, "exporter": "dynamo",
      "errors": {...measured max abs/rel errors and top-1 agreement...},
      "tolerance": {"atol": 1e-05, "rtol": 0.0001},
      "selftest": {"input": "<npy|zlib|base64>", "output": "<npy|zlib|base64>"}}
+
+``folded`` and ``kept`` count every batch norm of the source, whichever fold (PyTorch or ONNX)
+decided it; ``batchnorm_nodes`` is measured on the graph the certificate is written into, and
+``kept - batchnorm_nodes`` norms were kept in a form that is no BatchNormalization node (an input
+normalization exported as Mul/Add). ``opset`` is the default-domain opset written and
+``exporter`` the torch.onnx exporter that wrote the graph ("" for an ONNX input). Certificates
+written before these three fields existed read them as ``None`` / ``""``.
 
 The self-test vector is an input batch and the output the verified model produced for it, so
 any runtime can re-check the artifact: run ``input`` and compare with ``output`` under
@@ -69,6 +77,9 @@ class Certificate:
     folded: int = 0
     kept: int = 0
     errors: dict[str, Any] = field(default_factory=dict)
+    batchnorm_nodes: int | None = None  # BatchNormalization nodes in the certified graph
+    opset: int | None = None
+    exporter: str = ""
 
     def to_json(self) -> str:
         body: dict[str, Any] = {"format": FORMAT, "version": VERSION}
@@ -111,6 +122,9 @@ class Certificate:
                 folded=int(body.get("folded", 0)),
                 kept=int(body.get("kept", 0)),
                 errors=dict(body.get("errors", {})),
+                batchnorm_nodes=_int_or_none(body.get("batchnorm_nodes")),
+                opset=_int_or_none(body.get("opset")),
+                exporter=str(body.get("exporter", "")),
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"certificate is missing or has a malformed field: {exc}") from exc
@@ -118,6 +132,10 @@ class Certificate:
     def check(self, run: Callable[[np.ndarray], np.ndarray]) -> Comparison:
         """Run the self-test input through ``run`` and compare with the certified output."""
         return self.tolerance.compare(run(self.selftest_input), self.selftest_output)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def read(metadata: Mapping[str, str]) -> Certificate | None:
