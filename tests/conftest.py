@@ -56,7 +56,9 @@ def norms_left(model: nn.Module) -> int:
     graphs = [m for m in model.modules() if isinstance(m, fx.GraphModule)]
     if not graphs:
         try:
-            graphs = [fx.symbolic_trace(model)]
+            from bnfold.fold_torch.trace import trace  # batch-norm kinds stay leaves (counted above)
+
+            graphs = [trace(model)]
         except Exception:
             graphs = []
     for gm in graphs:

@@ -260,3 +260,27 @@ def test_one_channel_batch_norm_broadcasts_into_linear_layers(fold_check, random
     x = torch.randn(4, 1, 6)
     result = fold_check(randomize(OneChannel()).eval(), x, folded=2, left=0, example_inputs=x)
     assert {(f.bn, f.into, f.side) for f in result.folded} == {("pre", "fc1", "input"), ("bn", "fc1", "output")}
+
+
+class MixedConv(nn.Module):
+    """MixNet's mixed convolution: channel groups through kernels of different sizes, concatenated, then BN."""
+
+    def __init__(self, shared: bool = False, dim: int = 1) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 2, 3, padding=1), nn.Conv2d(3, 4, 5, padding=2, bias=False)
+        self.bn, self.shared, self.dim = BatchNormAct2d(6, act=nn.ReLU()), shared, dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.a(x)
+        y = self.bn(torch.cat([a, self.b(x)], dim=self.dim))
+        return y + a.mean() if self.shared else y
+
+
+def test_bn_after_a_concatenation_of_layers_folds_slice_by_slice(fold_check, randomize) -> None:
+    result = fold_check(randomize(MixedConv()).eval(), _x(), folded=1, left=0, example_inputs=_x())
+    assert [(f.bn, f.into) for f in result.folded] == [("bn", "a, b")]
+
+
+def test_concatenation_whose_input_is_used_elsewhere_keeps_the_bn(fold_check, randomize) -> None:
+    result = fold_check(randomize(MixedConv(shared=True)).eval(), _x(), folded=0, left=1, example_inputs=_x())
+    assert "input 0 of cat() (cat): the output of a (Conv2d) is also used by" in result.skipped[0].reason

@@ -32,9 +32,10 @@ import copy
 import dataclasses
 
 import numpy as np
+import torch
 from torch import fx, nn
 
-from bnfold.arith import broadcast_channel, repeat_channels
+from bnfold.arith import Affine, broadcast_channel, repeat_channels
 from bnfold.fold_torch.guard import NormStep, RankDispatch
 from bnfold.fold_torch.kinds import post_op
 from bnfold.fold_torch.layers import (
@@ -71,6 +72,11 @@ def try_fold(gm: fx.GraphModule, norm: Norm, notes: list[str], trusted_shapes: b
     if before is None:
         return _apply(gm, out_norm, prod, "output", notes,
                       not trusted_shapes and _needs_guard(gm, out_norm, prod, start))
+    if shared is None and _cat_pieces(prod) is not None:
+        result = _through_cat(gm, norm, prod, notes, trusted_shapes)
+        if isinstance(result, Folded):
+            return result
+        before = result
     if norm.post:
         after = " then ".join(f"{c} ({type(gm.get_submodule(f'{norm.name}.{c}')).__name__})" for c in norm.post)
         return (f"cannot fold into the op before it ({before}), and {norm.name} applies {after} after normalizing, "
@@ -156,6 +162,13 @@ def _needs_guard(gm: fx.GraphModule, norm: Norm, node: fx.Node, value: fx.Node) 
 
 
 def _apply(gm: fx.GraphModule, norm: Norm, node: fx.Node, side: Side, notes: list[str], guard: bool) -> Folded:
+    target = _fold_into(gm, norm, node, side, notes, guard)
+    _remove(gm, norm)
+    return Folded(bn=norm.name, into=target, side=side)
+
+
+def _fold_into(gm: fx.GraphModule, norm: Norm, node: fx.Node, side: Side, notes: list[str], guard: bool) -> str:
+    """Fold ``norm``'s affine map into the layer ``node`` calls (a private copy if shared); return its name."""
     target = _private_target(gm, node, notes)
     layer = as_layer(gm, node)
     assert isinstance(layer, Layer) and norm.affine is not None
@@ -179,8 +192,53 @@ def _apply(gm: fx.GraphModule, norm: Norm, node: fx.Node, side: Side, notes: lis
             dispatch.after.append(step)
         else:  # a norm folding in later sits before the ones already folded in
             dispatch.before.insert(0, step)
+    return target
+
+
+def _cat_pieces(node: fx.Node) -> list[fx.Node] | None:
+    """The inputs of ``torch.cat(tensors, dim=1)``, when that is what ``node`` is and each input appears once."""
+    if node.op != "call_function" or node.target is not torch.cat:
+        return None
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if (not isinstance(tensors, (list, tuple)) or len(tensors) < 2 or dim != 1
+            or not all(isinstance(t, fx.Node) for t in tensors) or len(set(tensors)) != len(tensors)):
+        return None
+    return list(tensors)  # type: ignore[arg-type]
+
+
+def _through_cat(gm: fx.GraphModule, norm: Norm, cat: fx.Node, notes: list[str], trusted: bool) -> Folded | str:
+    """Fold ``norm`` after ``torch.cat([layer_1(..), layer_2(..), ...], dim=1)``: channel slice ``i`` of its map
+    into ``layer_i`` (MixNet's mixed convolutions, Inception-style branches). All slices fold, or none."""
+    pieces = _cat_pieces(cat)
+    assert pieces is not None and norm.affine is not None
+    plan: list[tuple[Norm, fx.Node]] = []
+    lo = 0
+    for i, piece in enumerate(pieces):
+        prod, shared = producer(gm, cat, piece)
+        layer = as_layer(gm, prod)
+        if isinstance(layer, str) or shared:
+            return f"input {i} of {describe(gm, cat)}: {shared or layer}"
+        hi = lo + layer.out_channels
+        if hi > norm.channels:
+            break
+        part = slice(lo, hi)
+        sub = dataclasses.replace(
+            norm, channels=layer.out_channels,
+            affine=Affine(scale=norm.affine.scale[part], shift=norm.affine.shift[part]),
+            tensors={k: None if t is None else t[part] for k, t in norm.tensors.items()})
+        problem = _check(gm, sub, prod, known_ranks(piece), "output")
+        if problem is None and not trusted and _needs_guard(gm, sub, prod, piece):
+            problem = f"the input rank of {prod.target} is not known; pass example_inputs=..."
+        if problem is not None:
+            return f"input {i} of {describe(gm, cat)}: {problem}"
+        plan.append((sub, prod))
+        lo = hi
+    if lo != norm.channels or len(plan) != len(pieces):
+        return f"{norm.name} has {norm.channels} channels but the layers concatenated by {cat.name} give {lo}+"
+    into = [_fold_into(gm, sub, prod, "output", notes, guard=False) for sub, prod in plan]
     _remove(gm, norm)
-    return Folded(bn=norm.name, into=target, side=side)
+    return Folded(bn=norm.name, into=", ".join(into), side="output")
 
 
 def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
