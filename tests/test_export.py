@@ -10,9 +10,19 @@ from onnx import helper
 from torch import nn
 
 import bnfold
+from bnfold import export
 from bnfold.archs import build_model
 from bnfold.errors import BnfoldError
-from bnfold.export import graph_input, has_dynamic_batch, op_counts, read_onnx, sample_shape, to_onnx
+from bnfold.export import (
+    batchnorm_nodes,
+    export_model,
+    graph_input,
+    has_dynamic_batch,
+    op_counts,
+    read_onnx,
+    sample_shape,
+    to_onnx,
+)
 from bnfold.verification import ort_runner
 
 
@@ -25,16 +35,21 @@ def _model() -> nn.Module:
     return m.eval()
 
 
-@pytest.mark.parametrize("exporter", [pytest.param("torchscript", id="torchscript"),
-                                      pytest.param("dynamo", id="dynamo", marks=pytest.mark.slow)])
+EXPORTERS = [pytest.param("dynamo", id="dynamo"), pytest.param("torchscript", id="torchscript")]
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
 def test_export_has_dynamic_batch_stable_names_and_matches_pytorch(exporter: str) -> None:
     folded = bnfold.fold(_model()).model
-    proto = to_onnx(folded, (3, 8), exporter=exporter)  # type: ignore[arg-type]
+    exported = export_model(folded, (3, 8), exporter=exporter)  # type: ignore[arg-type]
+    proto = exported.model
+    assert exported.exporter == exporter and exported.fallback is None
     assert graph_input(proto) == ("input", ["batch", 3, 8])
     assert [o.name for o in proto.graph.output] == ["logits"]
     assert has_dynamic_batch(proto)
     assert "BatchNormalization" not in op_counts(proto)
-    assert min(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert exported.opset == 17 and exported.opset_note is None  # this graph converts down from 18
+    assert not any(n.metadata_props for n in proto.graph.node)  # no stack traces naming local files
     run = ort_runner(proto)
     for batch in (1, 7):
         x = np.random.default_rng(batch).standard_normal((batch, 3, 8)).astype(np.float32)
@@ -43,23 +58,47 @@ def test_export_has_dynamic_batch_stable_names_and_matches_pytorch(exporter: str
         np.testing.assert_allclose(run(x), expected, rtol=0, atol=1e-5)
 
 
+def test_auto_export_uses_the_dynamo_exporter() -> None:
+    exported = export_model(_model(), (3, 8))
+    assert (exported.exporter, exported.fallback, exported.notes) == ("dynamo", None, [])
+
+
 def test_torchscript_export_keeps_the_requested_opset() -> None:
-    proto = to_onnx(_model(), (3, 8), opset=17)
+    proto = to_onnx(_model(), (3, 8), opset=17, exporter="torchscript")
     assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [17]
 
 
-_LAYER_OPS = {"Conv", "Relu", "MaxPool", "Pad", "GlobalAveragePool", "Flatten", "Gemm"}
-
-
-@pytest.mark.parametrize("keep_batchnorm", [pytest.param(False, id="folded"), pytest.param(True, id="keep-batchnorm")])
-def test_export_folds_the_replicate_padding_constant_chain(keep_batchnorm: bool) -> None:
+def _digits_cnn() -> nn.Module:
     torch.manual_seed(0)
-    model = build_model("cnn", input_shape=(1, 8, 8), num_classes=10).eval()  # digits' arch: replicate padding
-    exported = model if keep_batchnorm else bnfold.fold(model).model
-    proto = to_onnx(exported, (1, 8, 8), keep_batchnorm=keep_batchnorm)
+    return build_model("cnn", input_shape=(1, 8, 8), num_classes=10).eval()  # digits' arch: replicate padding
+
+
+def test_dynamo_export_says_when_it_keeps_a_higher_opset() -> None:
+    exported = export_model(bnfold.fold(_digits_cnn()).model, (1, 8, 8), opset=17, exporter="dynamo")
+    assert exported.opset == 18 and export.opset_of(exported.model) == 18
+    assert exported.opset_note is not None and "not the 17 asked for" in exported.opset_note
+    assert "Pad" in exported.opset_note  # the op the ONNX converter has no down-adapter for
+    assert export_model(bnfold.fold(_digits_cnn()).model, (1, 8, 8), opset=18).opset_note is None
+
+
+_LAYER_OPS = {
+    "torchscript": {"Conv", "Relu", "MaxPool", "Pad", "GlobalAveragePool", "Flatten", "Gemm"},
+    "dynamo": {"Conv", "Relu", "MaxPool", "Pad", "ReduceMean", "Reshape", "Gemm"},
+}
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("fold", [pytest.param(True, id="folded"), pytest.param(False, id="unfolded")])
+def test_export_folds_constants_and_fuses_no_batch_norm(exporter: str, fold: bool) -> None:
+    model = _digits_cnn()
+    exported = model if not fold else bnfold.fold(model).model
+    proto = to_onnx(exported, (1, 8, 8), exporter=exporter)  # type: ignore[arg-type]
     ops = op_counts(proto)
-    expected = _LAYER_OPS | ({"BatchNormalization", "Mul", "Add"} if keep_batchnorm else set())  # Mul/Add: InputNorm
+    expected = _LAYER_OPS[exporter] | (set() if fold else {"BatchNormalization", "Mul", "Add"})  # Mul/Add: InputNorm
     assert set(ops) == expected and ops["Pad"] == 1
+    assert ops.get("BatchNormalization", 0) == (0 if fold else 4)  # every batch norm of the model, none fused
+    produced = {out for node in proto.graph.node for out in node.output}
+    assert all(n.input[1] not in produced for n in proto.graph.node if n.op_type == "Conv")  # weights are constants
     x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
     with torch.no_grad():
         reference = model.double()(torch.from_numpy(x).double()).numpy()
@@ -72,6 +111,39 @@ def test_keep_batchnorm_exports_an_unfolded_graph_with_constant_weights() -> Non
     produced = {out for node in proto.graph.node for out in node.output}
     conv = next(n for n in proto.graph.node if n.op_type == "Conv")
     assert conv.input[1] not in produced  # the weight is an initializer, not computed
+
+
+class _Nested(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4))
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.stem(x))
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_export_records_the_module_of_each_batch_norm_and_layer(exporter: str) -> None:
+    exported = export_model(_Nested().eval(), (3, 8), exporter=exporter)  # type: ignore[arg-type]
+    by_op = {n.op_type: exported.modules.get(n.name) for n in exported.model.graph.node}
+    assert by_op["BatchNormalization"] == "stem.1"
+    assert by_op["Conv"] == "stem.0"
+    assert batchnorm_nodes(exported.model) == [n.name for n in exported.model.graph.node
+                                               if n.op_type == "BatchNormalization"]
+
+
+def test_a_failing_dynamo_export_falls_back_to_torchscript_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_: object) -> None:
+        raise RuntimeError("dynamo is broken today")
+
+    monkeypatch.setattr(export, "_dynamo", broken)
+    exported = export_model(_model(), (3, 8))
+    assert exported.exporter == "torchscript"
+    assert exported.fallback is not None and "dynamo is broken today" in exported.fallback
+    assert "TorchScript" in exported.notes[0]
+    with pytest.raises(BnfoldError, match=r"ONNX export \(dynamo\) failed: dynamo is broken today"):
+        export_model(_model(), (3, 8), exporter="dynamo")
 
 
 @pytest.mark.parametrize(
@@ -88,9 +160,12 @@ def test_export_rejects_bad_arguments(kwargs: dict, message: str) -> None:
         to_onnx(_model(), **args)
 
 
-def test_export_failure_is_a_bnfold_error() -> None:
-    with pytest.raises(BnfoldError, match=r"ONNX export \(torchscript\) failed"):
-        to_onnx(_model(), (5, 8))  # wrong channel count: the trace fails
+@pytest.mark.parametrize("exporter", [*EXPORTERS, pytest.param("auto", id="auto")])
+def test_export_failure_is_a_bnfold_error(exporter: str) -> None:
+    first = "dynamo" if exporter == "auto" else exporter
+    with pytest.raises(BnfoldError, match=rf"ONNX export \({first}\) failed") as info:
+        to_onnx(_model(), (5, 8), exporter=exporter)  # type: ignore[arg-type]  # wrong channel count
+    assert ("TorchScript fallback" in str(info.value)) == (exporter == "auto")
 
 
 def _identity_model(dims: list) -> onnx.ModelProto:
