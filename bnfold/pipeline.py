@@ -7,15 +7,22 @@ Every step either succeeds or raises; nothing is written until every check has p
 3. *verify* folded vs original against a float64 reference (:func:`bnfold.verification.verify`)
    on random N(0, 1) inputs of the model's input shape and, when a data set is known, on real
    validation samples;
-4. *export* to ONNX (:func:`bnfold.export.to_onnx`, full checker) and verify onnxruntime
-   (optimizations off) against the original PyTorch model on the same inputs;
-5. *certify*: attach a :class:`~bnfold.certificate.Certificate` with the measured errors and a
-   self-test vector, and re-check that vector on the serialized bytes;
-6. *write* atomically: an output file, a new repository version, a JSON report.
+4. *export* to ONNX (:func:`bnfold.export.export_model`: the dynamo exporter, the TorchScript
+   one if that fails; neither fuses a batch norm) and *fold the exported graph* with the ONNX
+   rewriter, which catches batch norms the PyTorch fold kept; :func:`bnfold.accounting.combine`
+   merges both folds into one account of every batch norm, and
+   :func:`bnfold.accounting.check_against` checks it against the graph's BatchNormalization nodes;
+5. *verify* that final graph in onnxruntime (optimizations off) against the original PyTorch
+   model's float64 reference on the same inputs;
+6. *certify* that graph: attach a :class:`~bnfold.certificate.Certificate` with the measured
+   errors, the fold counts, the BatchNormalization nodes and opset it has, and a self-test
+   vector, and re-check all of it on the serialized bytes;
+7. *write* atomically: an output file, a new repository version, a JSON report.
 
-An ONNX input is folded with the ONNX rewriter and verified with onnxruntime (original vs
-folded); steps 5 and 6 are the same. The CLI commands ``fold``, ``inspect`` and ``verify`` are
-thin wrappers over :func:`run`, :func:`inspect_file` and :func:`compare_files`.
+What is verified, counted and certified is the graph that is written. An ONNX input is folded
+with the ONNX rewriter and verified with onnxruntime (original vs folded); steps 6 and 7 are the
+same. The CLI commands ``fold``, ``inspect`` and ``verify`` are thin wrappers over :func:`run`,
+:func:`inspect_file` and :func:`compare_files`.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import numpy as np
 import onnx
 
 import bnfold
-from bnfold import atomic, certificate, export, repository
+from bnfold import accounting, atomic, certificate, export, repository
 from bnfold._version import __version__
 from bnfold.errors import BnfoldError, VerificationFailed
 from bnfold.files import existing_file, sha256_file
@@ -70,7 +77,7 @@ class Config:
     max_data: int = 1024  # at most this many validation samples
     selftest_samples: int = 4  # samples in the certificate's self-test vector
     opset: int = 17
-    exporter: export.Exporter = "torchscript"
+    exporter: export.Exporter = "auto"  # dynamo, falling back to torchscript (see bnfold.export)
     input_name: str = "input"
     output_name: str = "logits"
 
@@ -104,7 +111,11 @@ class Check:
 
 @dataclass
 class Outcome:
-    """Everything the pipeline measured, and the certified ONNX model (not yet written)."""
+    """Everything the pipeline measured, and the certified ONNX model (not yet written).
+
+    ``fold`` accounts for every batch norm across both folds (its model is the final ONNX graph);
+    ``stages`` holds each fold's own counts, ``exported`` how the exporter ran.
+    """
 
     source: Source
     fold: FoldResult[Any]
@@ -115,10 +126,17 @@ class Outcome:
     timings: dict[str, float]
     written: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # pipeline remarks (fold remarks are in fold.notes)
+    stages: dict[str, dict[str, int]] = field(default_factory=dict)
+    exported: export.Exported | None = None  # how a checkpoint was exported (None for an ONNX input)
+    requested_opset: int | None = None
 
     @property
     def batchnorm_nodes(self) -> int:
-        return sum(1 for n in self.onnx_model.graph.node if n.op_type == "BatchNormalization")
+        return len(export.batchnorm_nodes(self.onnx_model))
+
+    @property
+    def exporter(self) -> str:
+        return self.exported.exporter if self.exported is not None else ""
 
     def to_dict(self) -> dict[str, Any]:
         src = self.source
@@ -130,13 +148,18 @@ class Outcome:
             },
             "fold": {
                 "counts": self.fold.counts,
-                "batchnorms": [{"bn": bn, "status": st, "detail": detail} for bn, st, detail in self.fold.rows()],
+                "stages": self.stages,
+                "batchnorms": [{"bn": bn, "status": st, "stage": stage, "detail": detail}
+                               for bn, st, stage, detail in self.fold.staged_rows()],
                 "notes": list(self.fold.notes),
             },
             "notes": list(self.notes),
             "checks": {c.key: {"stage": c.stage, **c.report.to_dict()} for c in self.checks},
             "onnx": {
-                "opset": _opset(self.onnx_model),
+                "opset": export.opset_of(self.onnx_model),
+                "requested_opset": self.requested_opset,
+                "exporter": self.exporter or None,
+                "exporter_fallback": self.exported.fallback if self.exported is not None else None,
                 "ops": export.op_counts(self.onnx_model),
                 "batchnorm_nodes": self.batchnorm_nodes,
                 "input": export.graph_input(self.onnx_model)[0],
@@ -252,7 +275,8 @@ def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
 
 
 def fold_and_certify(source: Source, config: Config | None = None, *, status: Status = _quiet) -> Outcome:
-    """Fold, verify, export, certify ``source``; raise :class:`VerificationFailed` if any check fails.
+    """Fold, verify, export, fold the export, verify it, certify ``source``; raise
+    :class:`VerificationFailed` if any check fails.
 
     Returns the certified ONNX model without writing it anywhere.
     """
@@ -263,42 +287,59 @@ def fold_and_certify(source: Source, config: Config | None = None, *, status: St
         sets = input_sets(source, config, notes)
     status("folding batch norms")
     with _timed(timings, "fold"):
-        result = fold_source(source, sets[0][1][:2])
+        first = fold_source(source, sets[0][1][:2])
     checks: list[Check] = []
-    stage = "pytorch" if source.kind == "checkpoint" else "onnxruntime"
-    status(f"verifying the folded model ({stage})")
     with _timed(timings, "verify"):
-        baselines = [baseline_outputs(source.model, x) for _, x in sets]  # shared by both stages
-        for (label, x), base in zip(sets, baselines, strict=True):
-            rep = verify(source.model, result.model, x, tolerance=config.tolerance, inputs_label=label,
-                         baseline=base)
-            checks.append(Check(stage, rep))
-            rep.raise_if_failed()
+        baselines = [baseline_outputs(source.model, x) for _, x in sets]  # float64, shared by every check
+    exported: export.Exported | None = None
     if source.kind == "checkpoint":
+        status("verifying the folded model (pytorch)")
+        with _timed(timings, "verify"):
+            _verify_all(checks, "pytorch", source.model, first.model, sets, baselines, config)
         status("exporting to ONNX")
         with _timed(timings, "export"):
-            proto = export.to_onnx(result.model, source.input_shape, opset=config.opset, exporter=config.exporter,
-                                   input_name=config.input_name, output_name=config.output_name)
-        status("verifying onnxruntime against PyTorch")
-        with _timed(timings, "verify_onnx"):
-            for (label, x), base in zip(sets, baselines, strict=True):
-                rep = verify(source.model, proto, x, tolerance=config.tolerance, inputs_label=label,
-                             names=("original", "onnx"), baseline=base)
-                checks.append(Check("onnxruntime", rep))
-                rep.raise_if_failed()
+            exported = export.export_model(first.model, source.input_shape, opset=config.opset,
+                                           exporter=config.exporter, input_name=config.input_name,
+                                           output_name=config.output_name)
+        notes += exported.notes
+        status("folding batch norms in the exported graph")
+        with _timed(timings, "fold_onnx"):
+            second = bnfold.fold(exported.model)
+            result = accounting.combine(first, second, exported.modules)
+            export.check(result.model, what="the exported model after the ONNX fold")
+        stages = {"pytorch": first.counts, "onnx": second.counts}
     else:
-        proto = result.model
+        result = accounting.tag(first, "onnx")
         with _timed(timings, "export"):
-            export.check(proto, what="the folded ONNX model")
+            export.check(result.model, what="the folded ONNX model")
+        stages = {"onnx": first.counts}
+    proto = result.model
+    accounting.check_against(result, proto)
+    status("verifying the final ONNX graph (onnxruntime)")
+    with _timed(timings, "verify_onnx" if source.kind == "checkpoint" else "verify"):
+        names = ("original", "onnx") if source.kind == "checkpoint" else ("original", "folded")
+        _verify_all(checks, "onnxruntime", source.model, proto, sets, baselines, config, names=names)
     status("writing and checking the certificate")
     with _timed(timings, "certify"):
-        cert, selftest = _certify(proto, source, result, checks, sets, config)
+        cert, selftest = _certify(proto, source, result, checks, sets, config, exported)
         proto = onnx.load_from_string(proto.SerializeToString())  # what gets written
-    return Outcome(source, result, checks, proto, cert, selftest, timings, notes=notes)
+    return Outcome(source, result, checks, proto, cert, selftest, timings, notes=notes, stages=stages,
+                   exported=exported, requested_opset=config.opset if exported is not None else None)
+
+
+def _verify_all(checks: list[Check], stage: str, original: Any, candidate: Any, sets: list[tuple[str, np.ndarray]],
+                baselines: list[Any], config: Config, *, names: tuple[str, str] = ("original", "folded")) -> None:
+    """Verify ``candidate`` against ``original`` on every input set; raise on the first failure."""
+    for (label, x), base in zip(sets, baselines, strict=True):
+        rep = verify(original, candidate, x, tolerance=config.tolerance, inputs_label=label, names=names,
+                     baseline=base)
+        checks.append(Check(stage, rep))
+        rep.raise_if_failed()
 
 
 def _certify(proto: onnx.ModelProto, source: Source, result: FoldResult[Any], checks: list[Check],
-             sets: list[tuple[str, np.ndarray]], config: Config) -> tuple[certificate.Certificate, Comparison]:
+             sets: list[tuple[str, np.ndarray]], config: Config,
+             exported: export.Exported | None) -> tuple[certificate.Certificate, Comparison]:
     x = sets[-1][1][: config.selftest_samples]  # real samples when there are some
     input_name = export.graph_input(proto)[0]
     cert = certificate.Certificate(
@@ -315,13 +356,26 @@ def _certify(proto: onnx.ModelProto, source: Source, result: FoldResult[Any], ch
         folded=result.counts["folded"],
         kept=result.counts["kept"],
         errors={c.key: _error_summary(c.report) for c in checks},
+        batchnorm_nodes=len(export.batchnorm_nodes(proto)),
+        opset=export.opset_of(proto),
+        exporter=exported.exporter if exported is not None else "",
     )
     certificate.attach(proto, cert)
-    # Re-read the certificate from the serialized bytes and re-run its self-test on them.
+    # Re-read the certificate from the serialized bytes and re-check it, and its self-test, on them.
     written = onnx.load_from_string(proto.SerializeToString())
     again = certificate.read({e.key: e.value for e in written.metadata_props})
     if again is None:
         raise VerificationFailed("the certificate did not survive serialization")
+    accounting.check_against(result, written)
+    measured = (len(export.batchnorm_nodes(written)), export.opset_of(written))
+    if (again.folded, again.kept) != (len(result.folded), len(result.skipped)) or \
+            (again.batchnorm_nodes, again.opset) != measured or again.kept < measured[0]:
+        raise VerificationFailed(
+            f"the certificate disagrees with the graph it is written into: it says {again.folded} folded, "
+            f"{again.kept} kept, {again.batchnorm_nodes} BatchNormalization nodes, opset {again.opset}; the fold "
+            f"report says {len(result.folded)} folded, {len(result.skipped)} kept, and the graph has "
+            f"{measured[0]} BatchNormalization nodes, opset {measured[1]}"
+        )
     selftest = again.check(ort_runner(written))
     if not selftest.passed:
         raise VerificationFailed(
@@ -408,6 +462,7 @@ class Inspection:
     certificate: certificate.Certificate | None = None
     opset: int | None = None
     selftest: Comparison | None = None  # the certificate's self-test re-run in onnxruntime
+    batchnorm_nodes: int | None = None  # BatchNormalization nodes of an ONNX file
 
     def to_dict(self) -> dict[str, Any]:
         src = self.source
@@ -415,6 +470,7 @@ class Inspection:
             "path": str(src.path), "sha256": src.sha256, "kind": src.kind, "architecture": src.architecture,
             "input_shape": src.input_shape, "class_labels": src.class_labels, "dataset": src.dataset,
             "layers": self.layer_counts, "parameters": self.parameters, "opset": self.opset,
+            "batchnorm_nodes": self.batchnorm_nodes,
             "fold_plan": [{"bn": bn, "status": s, "detail": d} for bn, s, d in self.fold.rows()],
             "notes": list(self.fold.notes),
             "certificate": None if self.certificate is None else json.loads(self.certificate.to_json()),
@@ -434,7 +490,8 @@ def inspect_file(path: str | Path, options: LoadOptions | None = None) -> Inspec
         meta = {e.key: e.value for e in proto.metadata_props}
         cert = _certificate_or_none(meta)
         selftest = None if cert is None else cert.check(ort_runner(proto))
-        return Inspection(source, export.op_counts(proto), params, result, cert, _opset(proto), selftest)
+        return Inspection(source, export.op_counts(proto), params, result, cert, export.opset_of(proto), selftest,
+                          len(export.batchnorm_nodes(proto)))
     model = source.model
     leaves = [type(m).__name__ for m in model.modules() if next(m.children(), None) is None]
     params = sum(p.numel() for p in model.parameters())
@@ -457,7 +514,3 @@ def compare_files(a: str | Path, b: str | Path, *, options: LoadOptions | None =
         verify(first.model, second.model, x, tolerance=config.tolerance, inputs_label=label, names=names)
         for label, x in input_sets(first, config)
     ]
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 import bnfold
-from bnfold import certificate, pipeline
+from bnfold import certificate, export, pipeline
 from bnfold.archs import build_model
 from bnfold.checkpoint import save_checkpoint
 from bnfold.errors import BnfoldError, VerificationFailed
 from bnfold.export import op_counts, to_onnx
-from bnfold.result import FoldResult
+from bnfold.layers import InputNorm
+from bnfold.result import Folded, FoldResult
 from bnfold.tolerance import Tolerance
 from bnfold.verification import ort_runner
 
@@ -72,12 +73,19 @@ def test_run_writes_a_certified_model_and_report(checkpoint: Path, tmp_path: Pat
     assert cert.selftest_input.shape == (4, 1, 8, 8)
     assert cert.check(ort_runner(written)).max_abs == 0.0  # same runtime, same bytes: bit-identical
 
+    assert (cert.batchnorm_nodes, cert.exporter, cert.opset) == (0, "dynamo", export.opset_of(written))
+
     body = json.loads(report.read_text())
     assert body["onnx"]["batchnorm_nodes"] == 0
+    assert body["onnx"]["opset"] == cert.opset and body["onnx"]["requested_opset"] == 17
+    assert (body["onnx"]["exporter"], body["onnx"]["exporter_fallback"]) == ("dynamo", None)
+    assert body["fold"]["stages"] == {"pytorch": {"folded": 3, "kept": 0}, "onnx": {"folded": 0, "kept": 0}}
+    assert {row["stage"] for row in body["fold"]["batchnorms"]} == {"pytorch"}
     assert body["onnx"]["dynamic_batch"] is True
     assert body["source"]["sha256"] == cert.source_sha256
     assert body["selftest"]["passed"] is True
-    assert set(body["timings_s"]) >= {"load", "fold", "verify", "export", "verify_onnx", "certify", "write"}
+    assert set(body["timings_s"]) >= {"load", "fold", "verify", "export", "fold_onnx", "verify_onnx", "certify",
+                                      "write"}
 
 
 def _bad_fold(model: torch.nn.Module, **_: object) -> FoldResult[torch.nn.Module]:
@@ -172,7 +180,143 @@ def test_a_moved_training_data_path_is_a_note_but_named_data_must_load(tmp_path:
     path = _save_cnn(tmp_path / "cnn.pt", dataset=moved)
     outcome = pipeline.run(path, output=tmp_path / "a.onnx", config=FAST)
     assert [c.key for c in outcome.checks] == ["pytorch/random", "onnxruntime/random"]
-    assert len(outcome.notes) == 1 and moved in outcome.notes[0]
+    assert moved in outcome.notes[0]  # the others say which opset the exporter wrote
     with pytest.raises(BnfoldError):
         pipeline.run(path, output=tmp_path / "b.onnx", config=pipeline.Config(n_random=8, data=moved))
     assert not (tmp_path / "b.onnx").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The artifact is what gets certified: folds made in ONNX, batch norms kept, the exporter used
+
+
+class ShapeChecked(torch.nn.Module):
+    """Conv -> BN -> ReLU whose forward branches on the input's shape: torch.fx cannot trace that, so
+    the PyTorch fold keeps the BN; torch.export can, and the exported graph is a plain
+    Conv -> BatchNormalization that the ONNX fold folds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.head = torch.nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != 3:
+            raise ValueError(f"expected 3 channels, got {x.shape[1]}")
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def _randomized(model: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1.0, 1.0)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+            elif isinstance(m, InputNorm):
+                m.scale.uniform_(0.5, 2.0)
+                m.shift.uniform_(-1.0, 1.0)
+    return model.eval()
+
+
+def _source(model: torch.nn.Module, shape: list[int]) -> pipeline.Source:
+    return pipeline.Source(Path("model.pt"), "0" * 64, "checkpoint", model, type(model).__name__, shape, [])
+
+
+def _certify_and_write(model: torch.nn.Module, shape: list[int], tmp_path: Path,
+                       config: pipeline.Config = FAST) -> tuple[pipeline.Outcome, onnx.ModelProto, dict]:
+    outcome = pipeline.fold_and_certify(_source(model, shape), config)
+    pipeline.write(outcome, output=tmp_path / "m.onnx", report=tmp_path / "r.json")
+    return outcome, onnx.load(str(tmp_path / "m.onnx")), json.loads((tmp_path / "r.json").read_text())
+
+
+def _certificate_of(model: onnx.ModelProto) -> certificate.Certificate:
+    cert = certificate.read({e.key: e.value for e in model.metadata_props})
+    assert cert is not None
+    return cert
+
+
+@pytest.mark.parametrize("exporter", [pytest.param("auto", id="dynamo"), pytest.param("torchscript", id="torchscript")])
+def test_a_batch_norm_the_pytorch_fold_keeps_is_folded_in_onnx(tmp_path: Path, exporter: str) -> None:
+    model = _randomized(ShapeChecked())
+    config = pipeline.Config(n_random=16, exporter=exporter)  # type: ignore[arg-type]
+    outcome, written, body = _certify_and_write(model, [3, 6, 6], tmp_path, config)
+    assert outcome.stages == {"pytorch": {"folded": 0, "kept": 1}, "onnx": {"folded": 1, "kept": 0}}
+    assert outcome.fold.staged_rows() == [("bn", "folded", "onnx", "in ONNX, into conv (output side)")]
+
+    assert export.batchnorm_nodes(written) == []
+    cert = _certificate_of(written)
+    assert (cert.folded, cert.kept, cert.batchnorm_nodes) == (1, 0, 0)
+    assert body["fold"]["counts"] == {"folded": 1, "kept": 0} and body["onnx"]["batchnorm_nodes"] == 0
+    assert body["fold"]["batchnorms"] == [{"bn": "bn", "status": "folded", "stage": "onnx",
+                                          "detail": "in ONNX, into conv (output side)"}]
+
+    # The file itself, not the PyTorch fold, matches the float64 original within atol + rtol * max|r|.
+    x = np.random.default_rng(5).standard_normal((9, 3, 6, 6)).astype(np.float32)
+    with torch.no_grad():
+        reference = model.double()(torch.from_numpy(x).double()).numpy()
+    cmp = Tolerance(atol=1e-5, rtol=1e-4).compare(ort_runner(written)(x), reference)
+    assert cmp.passed, cmp
+    assert all(c.report.passed for c in outcome.checks if c.stage == "onnxruntime")
+
+
+@pytest.mark.parametrize(
+    ("model", "batchnorm_nodes", "stage", "reasons"),
+    [
+        pytest.param(lambda: torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.ReLU(), torch.nn.Conv2d(3, 4, 3),
+                                                 torch.nn.Flatten()),
+                     1, "pytorch+onnx", ["not a Conv/ConvTranspose/Linear module", "; in ONNX: "],
+                     id="batch-norm-on-the-input-before-relu"),
+        pytest.param(lambda: torch.nn.Sequential(InputNorm(3), torch.nn.ReLU(), torch.nn.Conv2d(3, 4, 3),
+                                                 torch.nn.Flatten()),
+                     0, "pytorch", ["not a Conv/ConvTranspose/Linear module"],
+                     id="input-norm-before-relu-is-mul-add"),
+    ],
+)
+def test_a_norm_no_fold_can_fold_is_kept_and_counted_as_in_the_file(tmp_path: Path, model, batchnorm_nodes: int,
+                                                                     stage: str, reasons: list[str]) -> None:
+    outcome, written, body = _certify_and_write(_randomized(model()), [3, 6, 6], tmp_path)
+    assert len(export.batchnorm_nodes(written)) == batchnorm_nodes
+    cert = _certificate_of(written)
+    assert (cert.folded, cert.kept, cert.batchnorm_nodes) == (0, 1, batchnorm_nodes)
+    assert body["fold"]["counts"] == {"folded": 0, "kept": 1}
+    assert body["onnx"]["batchnorm_nodes"] == batchnorm_nodes
+    [(bn, status, row_stage, detail)] = outcome.fold.staged_rows()
+    assert (bn, status, row_stage) == ("0", "kept", stage)
+    assert all(r in detail for r in reasons), detail
+
+
+def test_a_failing_dynamo_exporter_falls_back_and_says_so(checkpoint: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_: object) -> None:
+        raise RuntimeError("no dynamo today")
+
+    monkeypatch.setattr(export, "_dynamo", broken)
+    outcome = pipeline.run(checkpoint, output=tmp_path / "m.onnx", report=tmp_path / "r.json", config=FAST)
+    assert outcome.exporter == "torchscript"
+    assert any("TorchScript exporter" in n and "no dynamo today" in n for n in outcome.notes)
+    body = json.loads((tmp_path / "r.json").read_text())
+    assert body["onnx"]["exporter"] == "torchscript" and "no dynamo today" in body["onnx"]["exporter_fallback"]
+    written = onnx.load(str(tmp_path / "m.onnx"))
+    cert = _certificate_of(written)
+    assert (cert.exporter, cert.opset) == ("torchscript", 17) == ("torchscript", export.opset_of(written))
+
+
+def test_a_fold_report_that_disagrees_with_the_graph_is_a_verification_failure(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    real_fold = bnfold.fold
+
+    def lying_fold(model: object, **options: object) -> FoldResult[object]:
+        result = real_fold(model, **options)
+        if isinstance(model, onnx.ModelProto):  # claims the kept BatchNormalization as folded
+            return FoldResult(result.model, [Folded(s.bn, "nowhere") for s in result.skipped], [])
+        return result
+
+    monkeypatch.setattr(bnfold, "fold", lying_fold)
+    model = _randomized(torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.ReLU(), torch.nn.Conv2d(3, 4, 3)))
+    with pytest.raises(VerificationFailed, match=r"disagrees with the ONNX graph: it keeps 0 BatchNormalization nodes "
+                                                 r"\(none\) but the graph has 1"):
+        pipeline.fold_and_certify(_source(model, [3, 6, 6]), FAST)

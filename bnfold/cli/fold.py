@@ -39,8 +39,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "fold", parents=[common_parser()], formatter_class=HelpFormatter, epilog=EXAMPLES,
         help="fold batch norms, verify, export a certified ONNX model",
         description="Fold every batch norm that can be folded exactly, verify the result against a float64 "
-        "reference, export to ONNX, verify onnxruntime against PyTorch, and write the model with a "
-        "verification certificate in its metadata. Nothing is written unless every check passes.",
+        "reference, export to ONNX, fold what is left in the exported graph, verify that graph in onnxruntime "
+        "against the original, and write it with a verification certificate in its metadata. Nothing is "
+        "written unless every check passes.",
     )
     p.add_argument("input", metavar="INPUT", help="bnfold checkpoint, state_dict (.pt) or ONNX file (.onnx)")
     p.add_argument("-o", "--output", metavar="OUT.onnx", help="write the certified ONNX model here")
@@ -49,9 +50,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--report", metavar="REPORT.json", help="write every measurement as JSON")
     add_load_options(p)
     add_verify_options(p)
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
-    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
-                   help="torch.onnx exporter (torchscript gives the smallest graph, see bnfold.export)")
+    p.add_argument("--opset", type=int, default=17,
+                   help="ONNX opset (>= 17); the dynamo exporter writes 18 where a graph does not convert down")
+    p.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
+                   help="torch.onnx exporter: auto tries dynamo, then the deprecated torchscript (see bnfold.export)")
     p.set_defaults(func=run)
 
 
@@ -144,17 +146,26 @@ def status(console: Console) -> Iterator[Status]:
         yield lambda message: spinner.update(message)
 
 
+STAGES = {"pytorch": "PyTorch", "onnx": "ONNX", "pytorch+onnx": "PyTorch+ONNX"}
+
+
 def fold_table(result: FoldResult[Any], title: str = "batch norms") -> Table:
+    """One row per batch norm; a ``stage`` column (where it was folded or kept) when rows have one."""
     from rich.table import Table
 
     counts = result.counts
+    rows = result.staged_rows()
+    staged = any(stage for _, _, stage, _ in rows)
     table = Table(title=f"{title}: {counts['folded']} folded, {counts['kept']} kept", title_justify="left")
-    table.add_column("batch norm")
+    table.add_column("batch norm", overflow="fold")
     table.add_column("status")
-    table.add_column("into / why kept")
-    for bn, state, detail in result.rows():
-        table.add_row(bn, f"[green]{state}[/]" if state == "folded" else f"[yellow]{state}[/]", detail)
-    if not result.rows():
+    if staged:
+        table.add_column("stage")
+    table.add_column("into / why kept", overflow="fold")
+    for bn, state, stage, detail in rows:
+        cells = [bn, f"[green]{state}[/]" if state == "folded" else f"[yellow]{state}[/]"]
+        table.add_row(*cells, *([STAGES.get(stage, stage)] if staged else []), detail)
+    if not rows:
         table.add_row("(none)", "", "the model has no batch normalization")
     return table
 
@@ -192,6 +203,11 @@ def show_outcome(console: Console, outcome: Outcome) -> None:
     ops = ", ".join(f"{op} {n}" for op, n in outcome.to_dict()["onnx"]["ops"].items())
     summary.add_row("ONNX ops", ops)
     summary.add_row("BatchNormalization nodes", str(outcome.batchnorm_nodes))
+    if outcome.exported is not None:
+        exported = outcome.exported
+        asked = "" if exported.opset == outcome.requested_opset else f" ({outcome.requested_opset} asked for)"
+        summary.add_row("exporter", exported.exporter + (" (fallback, see note)" if exported.fallback else ""))
+        summary.add_row("opset", f"{exported.opset}{asked}")
     summary.add_row("certificate self-test", f"max abs error {outcome.selftest.max_abs:.3g} "
                     f"(allowed {outcome.selftest.allowed:.3g}): {'pass' if outcome.selftest.passed else 'FAIL'}")
     summary.add_row("time", ", ".join(f"{k} {v:.2f}s" for k, v in outcome.timings.items()))

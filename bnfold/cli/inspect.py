@@ -67,6 +67,12 @@ def run(args: argparse.Namespace) -> int:
         table.add_row("bnfold version", cert.bnfold_version)
         table.add_row("source sha256", cert.source_sha256)
         table.add_row("folded / kept", f"{cert.folded} / {cert.kept}")
+        if cert.batchnorm_nodes is not None:
+            agrees = cert.batchnorm_nodes == info.batchnorm_nodes
+            table.add_row("BatchNormalization nodes", f"{cert.batchnorm_nodes}" + (
+                ", as in the file" if agrees else f" [red]but the file has {info.batchnorm_nodes}[/]"))
+        if cert.opset is not None:
+            table.add_row("opset, exporter", f"{cert.opset}, {cert.exporter or 'none (ONNX input)'}")
         table.add_row("tolerance", f"atol {cert.tolerance.atol:g}, rtol {cert.tolerance.rtol:g}")
         for key, err in cert.errors.items():
             top1 = err.get("top1_agreement")

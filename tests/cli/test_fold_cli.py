@@ -53,6 +53,7 @@ def test_fold_every_architecture(arch: str, trained: dict[str, Path], run_bnfold
     assert cert.input_shape == list(loaded.input_shape)
     assert cert.class_labels == loaded.class_labels
     assert cert.kept == 0 and cert.folded >= 2
+    assert cert.batchnorm_nodes == 0 and cert.opset == model.opset_import[0].version
     assert cert.check(run).passed
 
     body = json.loads(report.read_text())
@@ -65,6 +66,7 @@ def test_fold_every_architecture(arch: str, trained: dict[str, Path], run_bnfold
         assert check["top1_agreement"] == 1.0
     assert body["onnx"]["batchnorm_nodes"] == 0 and body["onnx"]["dynamic_batch"] is True
     assert body["fold"]["counts"] == {"folded": cert.folded, "kept": 0}
+    assert body["onnx"]["exporter"] == cert.exporter == "dynamo" and body["onnx"]["opset"] == cert.opset
 
 
 @pytest.mark.slow
@@ -267,3 +269,95 @@ def test_a_bad_fold_exits_1_and_writes_nothing(trained: dict[str, Path], tmp_pat
     err = capsys.readouterr().err
     assert err.startswith("bnfold: error: verification failed against original (float64)")
     assert _files(tmp_path) == before
+
+
+SHAPE_CHECKED = '''
+import torch
+from torch import nn
+
+
+class ShapeChecked(nn.Module):
+    """torch.fx cannot trace the shape check, so the PyTorch fold keeps bn; the ONNX fold folds it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        if x.shape[1] != 3:
+            raise ValueError("expected 3 channels")
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def build(input_shape=(3, 6, 6)):
+    model = ShapeChecked()
+    model.input_shape = tuple(input_shape)
+    return model
+'''
+
+
+def _shape_checked_state(tmp_path: Path) -> Path:
+    import sys
+
+    (tmp_path / "shapechecked.py").write_text(SHAPE_CHECKED)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import shapechecked  # type: ignore[import-not-found]
+
+        torch.manual_seed(0)
+        model = shapechecked.build()
+        with torch.no_grad():
+            model.bn.running_mean.uniform_(-1, 1)
+            model.bn.running_var.uniform_(0.5, 2)
+            model.bn.weight.uniform_(0.5, 1.5)
+            model.bn.bias.uniform_(-0.3, 0.3)
+        torch.save(model.state_dict(), tmp_path / "weights.pt")
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("shapechecked", None)
+    return tmp_path / "weights.pt"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exporter", [pytest.param([], id="default"), pytest.param(["--exporter", "torchscript"],
+                                                                                    id="torchscript")])
+def test_fold_table_says_a_batch_norm_was_folded_in_onnx(run_bnfold, tmp_path: Path, exporter: list[str]) -> None:
+    _shape_checked_state(tmp_path)
+    proc = run_bnfold("fold", "weights.pt", "--model", "shapechecked:build", "-o", "out.onnx", "--report", "r.json",
+                      *exporter, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("│ bn "))
+    assert [c.strip() for c in row.split("│")[1:-1]] == ["bn", "folded", "ONNX", "in ONNX, into conv (output side)"]
+    assert "batch norms: 1 folded, 0 kept" in proc.stdout
+    assert "BatchNormalization nodes │ 0" in proc.stdout
+    written = onnx.load(str(tmp_path / "out.onnx"))
+    assert "BatchNormalization" not in op_counts(written)
+    cert = certificate.read({e.key: e.value for e in written.metadata_props})
+    assert cert is not None and (cert.folded, cert.kept, cert.batchnorm_nodes) == (1, 0, 0)
+    body = json.loads((tmp_path / "r.json").read_text())
+    assert body["fold"]["stages"] == {"pytorch": {"folded": 0, "kept": 1}, "onnx": {"folded": 1, "kept": 0}}
+    assert body["onnx"]["exporter"] == ("torchscript" if exporter else "dynamo")
+    if not exporter:  # the dynamo exporter keeps opset 18 for this graph, and the output says so
+        assert body["onnx"]["opset"] == cert.opset == 18
+        assert "18 (17 asked for)" in proc.stdout and "not the 17 asked for" in proc.stdout
+
+
+@pytest.mark.slow
+def test_fold_says_when_it_fell_back_to_the_torchscript_exporter(trained: dict[str, Path], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from bnfold import export
+    from bnfold.cli import main
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("no dynamo today")
+
+    monkeypatch.setattr(export, "_dynamo", broken)
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["fold", str(trained["cnn"]), "-o", str(tmp_path / "out.onnx")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "note: exported with the deprecated TorchScript exporter because ONNX export (dynamo) failed: no " \
+           "dynamo today" in out
+    assert "exporter │ torchscript (fallback, see note)" in out

@@ -35,9 +35,30 @@ def test_inspect_certified_onnx_as_json(trained: dict[str, Path], run_bnfold, tm
     proc = run_bnfold("inspect", out, "--json")
     assert proc.returncode == 0, proc.stderr
     body = json.loads(proc.stdout)
-    assert body["kind"] == "onnx" and body["opset"] == 17
+    assert body["kind"] == "onnx" and body["opset"] == body["certificate"]["opset"] >= 17
     assert "BatchNormalization" not in body["layers"]
+    assert body["batchnorm_nodes"] == body["certificate"]["batchnorm_nodes"] == 0
     assert body["fold_plan"] == []
     assert body["certificate"]["architecture"] == "cnn"
     assert body["certificate"]["source_sha256"] == pipeline.sha256_file(trained["cnn"])
     assert body["selftest"]["passed"] is True and body["selftest"]["max_abs_error"] == 0.0
+
+
+@pytest.mark.slow
+def test_inspect_shows_the_certificate_agrees_with_the_file(trained: dict[str, Path], run_bnfold,
+                                                            tmp_path: Path) -> None:
+    out = tmp_path / "cnn.onnx"
+    outcome = pipeline.run(trained["cnn"], output=out, config=pipeline.Config(n_random=8, max_data=32))
+    proc = run_bnfold("inspect", out)
+    assert proc.returncode == 0, proc.stderr
+    cert = outcome.certificate
+    assert _row(proc.stdout, "folded / kept") == f"{cert.folded} / {cert.kept}"
+    assert _row(proc.stdout, "BatchNormalization nodes") == "0, as in the file"
+    assert _row(proc.stdout, "opset, exporter") == f"{cert.opset}, {cert.exporter}"
+
+
+def _row(table: str, key: str) -> str:
+    """The value cell of the two-column table row whose key is ``key``."""
+    cells = next(c for line in table.splitlines() for c in [[x.strip() for x in line.split("│")[1:-1]]]
+                 if c and c[0] == key)
+    return cells[1]
