@@ -23,6 +23,12 @@ any runtime can re-check the artifact: run ``input`` and compare with ``output``
 ``tolerance`` (see :mod:`bnfold.tolerance`). Arrays are ``.npy`` bytes (dtype and shape
 included, never pickled), zlib-compressed, base64-encoded. numpy and onnx only: the service
 imports this module without torch.
+
+Reading is bounded, because a server parses certificates of files it did not write: the text is
+at most :data:`MAX_TEXT_CHARS`, JSON nests at most :data:`MAX_DEPTH` levels, each self-test array
+decompresses to at most :data:`MAX_ARRAY_BYTES` (a zlib bomb is refused before it is inflated), the
+counts are JSON integers from 0 to :data:`MAX_COUNT` and the tolerance is finite and non-negative
+(``1e400`` parses as infinity, and is refused). Every violation is a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -42,6 +49,10 @@ from bnfold.tolerance import Comparison, Tolerance
 METADATA_KEY = "bnfold.certificate"
 FORMAT = "bnfold-certificate"
 VERSION = 1
+MAX_TEXT_CHARS = 128 * 1024 * 1024  # the whole metadata value
+MAX_ARRAY_BYTES = 64 * 1024 * 1024  # one self-test array's .npy bytes, decompressed
+MAX_DEPTH = 16  # JSON nesting (the certificate itself uses 3 levels)
+MAX_COUNT = 1_000_000  # folded, kept, batchnorm_nodes, opset, input_shape entries
 
 
 def encode_array(array: np.ndarray) -> str:
@@ -51,10 +62,20 @@ def encode_array(array: np.ndarray) -> str:
     return base64.b64encode(zlib.compress(buf.getvalue(), 9)).decode("ascii")
 
 
-def decode_array(text: str) -> np.ndarray:
-    """Inverse of :func:`encode_array`. Raises ``ValueError`` on malformed text (never unpickles)."""
+def decode_array(text: str, max_bytes: int = MAX_ARRAY_BYTES) -> np.ndarray:
+    """Inverse of :func:`encode_array`. Raises ``ValueError`` on malformed text (never unpickles).
+
+    Inflates at most ``max_bytes`` (plus one, to tell): a larger array is refused, not decompressed.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"encoded array in certificate must be a string, got {type(text).__name__}")
     try:
-        raw = zlib.decompress(base64.b64decode(text.encode("ascii"), validate=True))
+        inflater = zlib.decompressobj()
+        raw = inflater.decompress(base64.b64decode(text.encode("ascii"), validate=True), max_bytes + 1)
+        if len(raw) > max_bytes:
+            raise ValueError(f"it decompresses to more than {max_bytes} bytes")
+        if not inflater.eof:
+            raise ValueError("its zlib stream is truncated")
         return np.load(io.BytesIO(raw), allow_pickle=False)
     except (ValueError, zlib.error, OSError, UnicodeEncodeError) as exc:
         raise ValueError(f"malformed encoded array in certificate: {exc}") from exc
@@ -96,11 +117,16 @@ class Certificate:
 
     @classmethod
     def from_json(cls, text: str) -> Certificate:
-        """Parse a certificate. Raises ``ValueError`` naming what is missing or malformed."""
+        """Parse a certificate. Raises ``ValueError`` naming what is missing, malformed or out of bounds."""
+        if len(text) > MAX_TEXT_CHARS:
+            raise ValueError(f"certificate has {len(text)} characters, more than the {MAX_TEXT_CHARS} allowed")
         try:
             body = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except RecursionError as exc:
+            raise ValueError(f"certificate JSON nests deeper than {MAX_DEPTH} levels") from exc
+        except ValueError as exc:  # JSONDecodeError, or an integer of more digits than Python converts
             raise ValueError(f"certificate is not valid JSON: {exc}") from exc
+        _check_depth(body)
         if not isinstance(body, dict) or body.get("format") != FORMAT:
             raise ValueError(f"certificate format must be {FORMAT!r}")
         if body.get("version") != VERSION:
@@ -113,17 +139,17 @@ class Certificate:
                 output_name=str(body["output_name"]),
                 selftest_input=decode_array(selftest["input"]),
                 selftest_output=decode_array(selftest["output"]),
-                tolerance=Tolerance(atol=float(tol["atol"]), rtol=float(tol["rtol"])),
+                tolerance=Tolerance(atol=_finite(tol, "atol"), rtol=_finite(tol, "rtol")),
                 bnfold_version=str(body.get("bnfold_version", "")),
                 source_sha256=str(body.get("source_sha256", "")),
                 architecture=str(body.get("architecture", "")),
-                input_shape=[int(d) for d in body.get("input_shape", [])],
+                input_shape=[_count(d, "input_shape entry") for d in body.get("input_shape", [])],
                 class_labels=[str(c) for c in body.get("class_labels", [])],
-                folded=int(body.get("folded", 0)),
-                kept=int(body.get("kept", 0)),
+                folded=_count(body.get("folded", 0), "folded"),
+                kept=_count(body.get("kept", 0), "kept"),
                 errors=dict(body.get("errors", {})),
-                batchnorm_nodes=_int_or_none(body.get("batchnorm_nodes")),
-                opset=_int_or_none(body.get("opset")),
+                batchnorm_nodes=_count_or_none(body.get("batchnorm_nodes"), "batchnorm_nodes"),
+                opset=_count_or_none(body.get("opset"), "opset"),
                 exporter=str(body.get("exporter", "")),
             )
         except (KeyError, TypeError) as exc:
@@ -134,8 +160,36 @@ class Certificate:
         return self.tolerance.compare(run(self.selftest_input), self.selftest_output)
 
 
-def _int_or_none(value: Any) -> int | None:
-    return None if value is None else int(value)
+def _check_depth(body: Any) -> None:
+    """Raise ``ValueError`` if ``body`` nests lists/objects deeper than :data:`MAX_DEPTH` (iterative: no recursion)."""
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > MAX_DEPTH:
+                    raise ValueError(f"certificate JSON nests deeper than {MAX_DEPTH} levels")
+                stack.append((child, depth + 1))
+
+
+def _count(value: Any, name: str) -> int:
+    """A JSON integer from 0 to :data:`MAX_COUNT` (not a bool, not a float such as ``1e400`` = inf)."""
+    if type(value) is not int or not 0 <= value <= MAX_COUNT:
+        raise ValueError(f"certificate {name} must be an integer from 0 to {MAX_COUNT}, got {str(value)[:40]}")
+    return value
+
+
+def _count_or_none(value: Any, name: str) -> int | None:
+    return None if value is None else _count(value, name)
+
+
+def _finite(tolerance: Any, key: str) -> float:
+    """``tolerance[key]``: a finite number >= 0 (NaN, infinity and ``1e400`` would make the self-test vacuous)."""
+    value = tolerance[key]
+    if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"certificate tolerance {key} must be a finite number >= 0, got {str(value)[:40]}")
+    return float(value)
 
 
 def read(metadata: Mapping[str, str]) -> Certificate | None:
