@@ -6,12 +6,18 @@ at most ``max_queue_delay`` for more; 0 = take only what is already queued, so a
 waits), concatenates inputs along axis 0, runs once, and hands each caller the slice ``[a, b)`` of
 rows it sent. Under load, requests pile up while a batch runs, so batches grow with concurrency.
 If a coalesced run fails, its requests are retried one by one so one bad input fails only itself.
+
+The worker survives any exception while it collects or runs a batch (the batch's callers get the
+error). Should it stop anyway, or be closed, the batcher *fails*: every request it holds or has
+queued, and every later one, gets :class:`~service.errors.ModelNotReady` (503) instead of waiting
+forever, and ``on_failure`` tells the owner (the repository marks the model version not ready).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import queue
 import threading
 import time
@@ -21,7 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service.errors import InvalidInput, Overloaded
+from service.errors import InvalidInput, ModelNotReady, Overloaded
 
 RunFn = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 
@@ -74,11 +80,22 @@ def _deliver_all(results: list[tuple[_Item, list[np.ndarray] | BaseException]]) 
 
 
 class Batcher:
-    """A worker thread running ``run`` over coalesced requests; :meth:`submit` is called on the event loop."""
+    """A worker thread running ``run`` over coalesced requests; :meth:`submit` is called on the event loop.
+
+    Preconditions (``ValueError`` otherwise): ``max_batch_size`` and ``max_queue_size`` are integers >= 1,
+    ``max_queue_delay_s`` is a finite number >= 0. ``on_failure(reason)`` is called once, from the worker
+    thread, if the worker stops for any reason other than :meth:`close`.
+    """
 
     def __init__(self, name: str, run: RunFn, *, batches: bool, max_batch_size: int, max_queue_delay_s: float,
                  max_queue_size: int, max_queue_bytes: int | None = None,
-                 observer: BatchObserver | None = None) -> None:
+                 observer: BatchObserver | None = None, on_failure: Callable[[str], None] | None = None) -> None:
+        for key, value in (("max_batch_size", max_batch_size), ("max_queue_size", max_queue_size)):
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+        if not isinstance(max_queue_delay_s, int | float) or not math.isfinite(max_queue_delay_s) \
+                or max_queue_delay_s < 0:
+            raise ValueError(f"max_queue_delay_s must be a finite number >= 0, got {max_queue_delay_s!r}")
         self.name = name
         self._run = run
         self.batches = batches
@@ -89,6 +106,9 @@ class Batcher:
         self._queued_bytes = 0  # input bytes accepted but not yet running
         self._bytes_lock = threading.Lock()
         self._observer = observer
+        self._on_failure = on_failure
+        self.failure: str | None = None  # why this batcher no longer serves; set once, under _bytes_lock
+        self._held: list[_Item] = []  # taken off the queue by the worker and not yet answered
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=f"bnfold-batcher-{name}", daemon=True)
         self._thread.start()
@@ -98,68 +118,116 @@ class Batcher:
         return self._queue.qsize()
 
     async def submit(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Queue one request and wait for its own outputs. Raises :class:`Overloaded` when the queue is full."""
+        """Queue one request and wait for its own outputs.
+
+        Raises :class:`Overloaded` when the queue is full, :class:`ModelNotReady` once the batcher failed.
+        """
+        if self.failure is not None:
+            raise self._not_ready()
         if self._queue.qsize() >= self.max_queue_size:
             raise Overloaded(f"model {self.name!r} already has {self.max_queue_size} requests queued "
                              "(max_queue_size); retry later")
         nbytes = sum(a.nbytes for a in feeds.values())
-        with self._bytes_lock:
-            if self.max_queue_bytes is not None and self._queued_bytes and \
-                    self._queued_bytes + nbytes > self.max_queue_bytes:
-                raise Overloaded(f"model {self.name!r} already has {self._queued_bytes} input bytes queued; "
-                                 f"{nbytes} more would pass max_queue_bytes={self.max_queue_bytes}; retry later")
-            self._queued_bytes += nbytes
         loop = asyncio.get_running_loop()
         first = next(iter(feeds.values()))
         rows = first.shape[0] if self.batches and first.ndim else 1
         key = tuple((n, a.shape[1:], a.dtype.str) for n, a in feeds.items()) if self.batches else ()
         item = _Item(feeds, rows, key, loop.create_future(), loop, nbytes)
-        self._queue.put(item)
+        with self._bytes_lock:  # also orders this put before a failure's drain of the queue (_fail)
+            if self.failure is not None:
+                raise self._not_ready()
+            if self.max_queue_bytes is not None and self._queued_bytes and \
+                    self._queued_bytes + nbytes > self.max_queue_bytes:
+                raise Overloaded(f"model {self.name!r} already has {self._queued_bytes} input bytes queued; "
+                                 f"{nbytes} more would pass max_queue_bytes={self.max_queue_bytes}; retry later")
+            self._queued_bytes += nbytes
+            self._queue.put(item)
         return await item.future
 
+    def _not_ready(self) -> ModelNotReady:
+        return ModelNotReady(f"model {self.name!r} is not ready: {self.failure}")
+
     def close(self) -> None:
-        """Stop the worker after the queued requests."""
+        """Stop the worker after the queued requests; later requests get :class:`ModelNotReady`."""
         self._queue.put(_STOP)
         self._thread.join(timeout=10)
+        self._fail("the server is shutting down", notify=False)
 
     def _work(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # what _serve does not survive (e.g. a failure while answering an error)
+            self._fail(f"batching worker stopped: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+
+    def _serve(self) -> None:
         carry: _Item | None = None
         while True:
             first = carry if carry is not None else self._queue.get()
             carry = None
             if first is _STOP:
                 return
-            batch, carry, stop = self._collect(first)
+            batch = self._held = [first]
+            stop = False
             try:
+                try:
+                    carry, stop = self._collect(batch)
+                finally:
+                    if carry is not None:
+                        self._held = [*batch, carry]
+                    self._release(batch)
                 self._execute(batch)
             except Exception as exc:  # never let the worker die: every later request would hang
-                for item in batch:
-                    _deliver(item, RuntimeError(f"batch failed: {exc!r}"))
+                _deliver_all([(item, RuntimeError(f"batch failed: {exc!r}")) for item in batch])
+            self._held = [] if carry is None else [carry]
             if stop:
                 return
 
-    def _collect(self, first: _Item) -> tuple[list[_Item], _Item | None, bool]:
-        batch, rows = [first], first.rows
+    def _collect(self, batch: list[_Item]) -> tuple[_Item | None, bool]:
+        """Append compatible queued requests to ``batch`` (which holds the first); return (carry, stop)."""
+        first = batch[0]
+        rows = first.rows
         if not self.batches:
-            return batch, None, False
+            return None, False
         deadline = time.perf_counter() + self.max_queue_delay_s
         while rows < self.max_batch_size:
             try:
-                remaining = deadline - time.perf_counter()
+                remaining = min(deadline - time.perf_counter(), threading.TIMEOUT_MAX)
                 item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
             if item is _STOP:
-                return batch, None, True
+                return None, True
             if item.key != first.key or rows + item.rows > self.max_batch_size:
-                return batch, item, False
+                return item, False
             batch.append(item)
             rows += item.rows
-        return batch, None, False
+        return None, False
 
-    def _execute(self, batch: list[_Item]) -> None:
+    def _release(self, batch: list[_Item]) -> None:
+        """Running requests no longer count against ``max_queue_bytes``."""
         with self._bytes_lock:
             self._queued_bytes -= sum(i.nbytes for i in batch)
+
+    def _fail(self, reason: str, notify: bool = True) -> None:
+        """Stop serving: answer every held and queued request with :class:`ModelNotReady`, then notify."""
+        with self._bytes_lock:
+            if self.failure is not None:
+                return
+            self.failure = reason
+        pending = list(self._held)
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                pending.append(item)
+        _deliver_all([(item, self._not_ready()) for item in pending])
+        if notify and self._on_failure is not None:
+            with contextlib.suppress(Exception):
+                self._on_failure(reason)
+
+    def _execute(self, batch: list[_Item]) -> None:
         start = time.perf_counter()
         if self._observer is not None:
             self._observer.batch(sum(i.rows for i in batch), [start - i.enqueued for i in batch])
