@@ -1,12 +1,53 @@
-"""Service settings: one pydantic-settings class, read from ``BNFOLD_*`` environment variables."""
+"""Service settings: one pydantic-settings class, read from ``BNFOLD_*`` environment variables.
+
+Batching and threading values must lie within :data:`BOUNDS` (threads: within the usable CPUs), so
+a hostile or mistyped value is a start-up error naming the variable, the value and the bound, not a
+batching thread that dies on the first request (``BNFOLD_MAX_QUEUE_DELAY_MS=inf``) or an onnxruntime
+crash (``BNFOLD_INTRA_OP_THREADS=100000``). A model's ``config.json`` is checked against the same
+bounds by :mod:`service.repository`.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.cpu import usable_cpus
+
+ENV_PREFIX = "BNFOLD_"
+MAX_BATCH_SIZE = 4096  # rows in one coalesced onnxruntime run
+MAX_QUEUE_DELAY_MS = 10_000  # 10 s: a longer wait to fill a batch is a mistake, not a batching policy
+MAX_QUEUE_SIZE = 65_536  # queued requests per model
+MAX_QUEUE_BYTES = 1 << 40  # queued input bytes per model (1 TiB: beyond that the limit means nothing)
+BOUNDS: dict[str, tuple[int, int]] = {  # setting -> inclusive (low, high); also the config.json keys' bounds
+    "max_batch_size": (1, MAX_BATCH_SIZE),
+    "max_queue_delay_ms": (0, MAX_QUEUE_DELAY_MS),
+    "max_queue_size": (1, MAX_QUEUE_SIZE),
+    "max_queue_bytes": (1, MAX_QUEUE_BYTES),
+}
+
+
+def out_of_bounds(key: str, value: float) -> str | None:
+    """Why ``value`` is not allowed for ``key`` of :data:`BOUNDS` (``None`` if it is): finite, within the bound."""
+    low, high = BOUNDS[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or not low <= value <= high:
+        return f"must be a finite number from {low} to {high}, got {value!r}"
+    return None
+
+
+def describe(error: ValidationError) -> str:
+    """One line per bad setting, naming its ``BNFOLD_*`` variable, the value given and what is allowed."""
+    lines = []
+    for problem in error.errors():
+        variable = ENV_PREFIX + ".".join(str(p) for p in problem.get("loc", ())).upper()
+        message = str(problem.get("msg", "")).removeprefix("Value error, ")
+        lines.append(message if message.startswith(variable) else f"{variable}={problem.get('input')!r}: {message}")
+    return "\n".join(lines)
 
 
 class Settings(BaseSettings):
@@ -20,15 +61,33 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=1)  # uvicorn worker processes (each loads every model)
     api_key: SecretStr | None = None  # unset = open; set = inference/metadata need "Authorization: Bearer <key>"
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)  # larger request bodies get 413
-    max_batch_size: int = Field(default=64, ge=1)  # most rows one coalesced onnxruntime run takes (per-model override)
-    max_queue_delay_ms: float = Field(default=0.0, ge=0.0)  # extra wait to fill a batch; 0 = take what is queued now
-    max_queue_size: int = Field(default=256, ge=1)  # queued requests per model before 503 + Retry-After
-    max_queue_bytes: int = Field(default=256 * 1024 * 1024, ge=1)  # queued input bytes per model before 503
-    intra_op_threads: int = Field(default=0, ge=0)  # onnxruntime threads per model; 0 = usable CPUs/(workers*models)
+    max_batch_size: int = 64  # most rows one coalesced onnxruntime run takes (per-model override)
+    max_queue_delay_ms: float = 0.0  # extra wait to fill a batch, at most 10 s; 0 = take what is queued now
+    max_queue_size: int = 256  # queued requests per model before 503 + Retry-After
+    max_queue_bytes: int = 256 * 1024 * 1024  # queued input bytes per model before 503
+    intra_op_threads: int = 0  # onnxruntime threads per model, <= usable CPUs; 0 = usable CPUs/(workers*models)
     ort_spinning: bool = False  # let onnxruntime threads busy-wait (faster alone, steals CPU from the event loop)
     retry_after_s: int = Field(default=1, ge=1)  # Retry-After seconds sent with 503 overload
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"  # also accepts upper case
     access_log: bool = False  # one JSON line per request (costs throughput)
+    require_certificate: bool = False  # true = a model version without a bnfold certificate is not ready
+
+    @field_validator(*BOUNDS, mode="after")
+    @classmethod
+    def _bounded(cls, value: float, info: ValidationInfo) -> float:
+        problem = out_of_bounds(str(info.field_name), value)
+        if problem is not None:
+            raise ValueError(f"{ENV_PREFIX}{str(info.field_name).upper()} {problem}")
+        return value
+
+    @field_validator("intra_op_threads", mode="after")
+    @classmethod
+    def _threads(cls, value: int) -> int:
+        cpus = usable_cpus()
+        if not 0 <= value <= cpus:
+            raise ValueError(f"{ENV_PREFIX}INTRA_OP_THREADS must be from 0 (share the CPUs) to the {cpus} usable "
+                             f"CPUs, got {value!r}")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

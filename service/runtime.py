@@ -2,7 +2,11 @@
 
 Names, datatypes and shapes come from the session, so any ONNX model is served generically. A
 model *batches* when every input and output has a leading dimension of unknown size: then the
-rows of several requests can be concatenated along axis 0 and split apart afterwards.
+rows of several requests can be concatenated along axis 0 and split apart afterwards (whether
+that is *safe*, i.e. the rows do not interact, is decided by :mod:`service.independence`).
+
+``threads`` must lie between 1 and the usable CPUs: onnxruntime starts every intra-op thread when
+the session is created, and a huge count crashes the whole process (100000 segfaults it).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.codec import ORT_TYPES, TensorSpec
+from service.cpu import usable_cpus
 
 
 def _spec(arg: ort.NodeArg) -> TensorSpec:
@@ -21,9 +26,17 @@ def _spec(arg: ort.NodeArg) -> TensorSpec:
 
 
 class ModelRuntime:
-    """An onnxruntime session for one ``model.onnx`` with ``threads`` intra-op threads."""
+    """An onnxruntime session for one ``model.onnx`` with ``threads`` intra-op threads.
 
-    def __init__(self, path: Path, threads: int, spinning: bool = False) -> None:
+    ``model`` (the file's bytes) is what the session loads when given, so that a file checked by
+    its digest is the file served; else the session reads ``path``. Raises ``ValueError`` for a
+    thread count outside ``1..usable CPUs``, and whatever onnxruntime raises for a bad model.
+    """
+
+    def __init__(self, path: Path, threads: int, spinning: bool = False, model: bytes | None = None) -> None:
+        cpus = usable_cpus()
+        if type(threads) is not int or not 1 <= threads <= cpus:
+            raise ValueError(f"intra-op threads must be an integer from 1 to the {cpus} usable CPUs, got {threads!r}")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -34,7 +47,8 @@ class ModelRuntime:
         options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
         self.path = path
         self.threads = threads
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path) if model is None else model, sess_options=options,
+                                            providers=["CPUExecutionProvider"])
         self.inputs = [_spec(arg) for arg in self.session.get_inputs()]
         self.outputs = [_spec(arg) for arg in self.session.get_outputs()]
         self.output_names = [spec.name for spec in self.outputs]
