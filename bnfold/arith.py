@@ -223,3 +223,33 @@ def _vector(name: str, value: ArrayLike) -> F64:
         i = int(np.argmax(~np.isfinite(arr)))
         raise ValueError(f"batch norm {name} must be finite, got {float(arr[i])!r} at channel {i}")
     return arr
+
+
+def affine_kernel(affine: Affine, in_per_group: int, groups: int, dims: int) -> tuple[F64, F64]:
+    """A per-channel map ``x -> scale * x + shift`` as a 1x..x1 convolution (weight, bias) with ``groups``.
+
+    Output channel ``o`` reads input channel ``o``, which is index ``o % in_per_group`` within its
+    group. Preconditions: as many output as input channels (``affine.channels == in_per_group * groups``).
+    """
+    c = affine.channels
+    if in_per_group * groups != c:
+        raise ValueError(f"an identity branch needs as many output as input channels: {c} != "
+                         f"{in_per_group} x {groups} groups")
+    weight = np.zeros((c, in_per_group) + (1,) * dims)
+    weight[(np.arange(c), np.arange(c) % in_per_group) + (0,) * dims] = affine.scale
+    return weight, affine.shift.copy()
+
+
+def embed_kernel(weight: ArrayLike, size: tuple[int, ...], offset: tuple[int, ...]) -> F64:
+    """``weight`` (``(out, in/g, k...)``) placed in a zero kernel of spatial ``size`` at ``offset``.
+
+    A convolution with the embedded kernel and padding ``P`` equals the original with padding
+    ``P - offset * dilation``: the extra taps have zero weight, so what they read (padding
+    included) does not matter. Parallel branches of different kernel sizes over the same input
+    then sum into one convolution: ``sum_i conv(x, W_i) + b_i = conv(x, sum_i embed(W_i)) + sum_i b_i``.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    out = np.zeros(w.shape[:2] + tuple(size))
+    index = (slice(None), slice(None), *(slice(o, o + k) for o, k in zip(offset, w.shape[2:], strict=True)))
+    out[index] = w
+    return out

@@ -109,6 +109,9 @@ def test_lifted_module_computes_the_call_exactly(call, expected: type) -> None:
     gm = trace(model)
     (name,) = lift_functional_layers(gm)
     gm.recompile()
-    assert type(gm.get_submodule(name)) is expected and gm.get_submodule(name).weight is gm.w
+    lifted = gm.get_submodule(name)
+    assert type(lifted) is expected and lifted.weight is gm.w
+    assert all(len(getattr(lifted, a)) == 2 for a in ("stride", "padding", "dilation") if not isinstance(
+        getattr(lifted, a), str))  # one value per spatial axis, as the ONNX exporter needs
     x = _x()
     torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)

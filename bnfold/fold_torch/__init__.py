@@ -20,6 +20,7 @@ from torch import fx, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from bnfold.errors import BnfoldError
+from bnfold.fold_torch.branches import merge_branches
 from bnfold.fold_torch.kinds import recognize
 from bnfold.fold_torch.lift import lift_functional_layers
 from bnfold.fold_torch.norms import Norm, find_norms
@@ -159,12 +160,26 @@ def fold_graph(work: nn.Module, gm: fx.GraphModule, example_inputs: Any) -> Fold
                 progress = True
     outcome = {name: _merge(name, [(s.node.name, site_outcome[s.node]) for s in sites])
                for name, sites in by_name.items()}
+    # Parallel branches over one input (RepVGG/MobileOne), their BNs now folded, sum into one conv; an
+    # identity branch's BN goes into it too.
+    singles = {sites[0].node: sites[0] for sites in by_name.values()
+               if len(sites) == 1 and isinstance(outcome[sites[0].name], str) and sites[0].affine is not None}
+    merges = merge_branches(gm, singles)
+    for merge in merges:
+        for name in merge.norms:
+            outcome[name] = Folded(bn=name, into=merge.into, side="input")
+            if not any(n.op in ("call_module", "get_attr") and (str(n.target) == name or
+                                                               str(n.target).startswith(name + "."))
+                       for n in gm.graph.nodes):
+                gm.delete_submodule(name)
+        notes.append(f"branches {' + '.join(merge.branches)} summed over one input were merged into one "
+                     f"convolution, {merge.into} (structural re-parameterization)")
     folded = [o for o in outcome.values() if isinstance(o, Folded)]
     skipped = [Skipped(bn=n, reason=o) for n, o in outcome.items() if isinstance(o, str)]
     skipped += [Skipped(bn=p, reason=unreached_reason(work, p)) for p in paths if p not in outcome]
     if shape_note:
         notes.insert(0, shape_note)
-    if not any(isinstance(o, Folded) for o in site_outcome.values()):  # the graph was not rewritten
+    if not merges and not any(isinstance(o, Folded) for o in site_outcome.values()):  # graph not rewritten
         return FoldResult(model=work, folded=[], skipped=skipped, notes=notes)
     gm.graph.lint()
     gm.recompile()

@@ -147,7 +147,7 @@ def _build(kind: str, dims: int, weight: torch.Tensor, bias: torch.Tensor | None
         padding = params["padding"]
         module = _CONV[dims](weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),  # type: ignore[arg-type]
                              stride=params["stride"],
-                             padding=padding if isinstance(padding, str) else _tuple(padding),  # type: ignore[arg-type]
+                             padding=padding if isinstance(padding, (str, int)) else tuple(padding),  # type: ignore[arg-type]
                              dilation=params["dilation"], groups=groups, bias=bias is not None, device="meta")
     for name, tensor in (("weight", weight), ("bias", bias)):
         if tensor is None:
