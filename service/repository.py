@@ -2,67 +2,137 @@
 
 Versions are integer directory names; the newest is served when a request names none, and every
 version is addressable. An optional ``DIR/<name>/config.json`` overrides batching and threading
-for all versions of that model (keys: :class:`ModelConfig`). A version that fails to load or fails
-its certificate self-test stays listed with ``ready=False`` and a reason; the others still serve.
+for all versions of that model and may pin their files' digests (keys: :class:`ModelConfig`).
+
+Isolation: a version that fails in any way while it loads (unreadable file, digest not the pinned
+one, malformed certificate, failed self-test, bad ``config.json``, any exception at all) stays
+listed with ``ready=False`` and a reason; the others still serve. So does a version whose batching
+worker stops later. Reasons reach HTTP clients, so they name files relative to the repository
+(``<name>/<version>/model.onnx``), never the server's paths; the logs carry the full path.
+
+Batching: a version batches only when its rows are independent (:mod:`service.independence`), or
+when its ``config.json`` says ``"dynamic_batching": true``; ``false`` always turns it off.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from bnfold.certificate import Certificate, read
-from bnfold.tolerance import Comparison
-from service import selftest
+from bnfold.tolerance import Comparison, Tolerance
+from service import independence, selftest
 from service.batching import Batcher
-from service.config import Settings
-from service.cpu import threads_per_session
+from service.config import MAX_BATCH_SIZE, Settings, out_of_bounds
+from service.cpu import threads_per_session, usable_cpus
 from service.errors import ModelNotFound, ModelNotReady
+from service.independence import Decision
 from service.logs import event
 from service.metrics import ServiceMetrics
 from service.runtime import ModelRuntime
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.json"
+MAX_CONFIG_BYTES = 64 * 1024  # a config.json is a few keys; a larger one is a mistake or an attack
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _brief(text: object, limit: int = 500) -> str:
+    """One line of at most ``limit`` characters (exception messages may span lines or pages)."""
+    return " ".join(str(text).split())[:limit]
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as strings: a certificate's ``errors`` may hold inf (JSON responses may not)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Per-model overrides; ``None`` = the service-wide setting."""
+    """Per-model overrides; ``None`` = the service-wide setting (or, for ``dynamic_batching``, the probe)."""
 
-    max_batch_size: int | None = None  # most rows per coalesced run
-    max_queue_delay_ms: float | None = None  # extra wait to fill a batch
-    intra_op_threads: int | None = None  # onnxruntime threads for each version of this model
-    dynamic_batching: bool = True  # off = one request per run even if the model could batch
+    max_batch_size: int | None = None  # most rows per coalesced run, 1 to 4096
+    max_queue_delay_ms: float | None = None  # extra wait to fill a batch, 0 to 10000
+    intra_op_threads: int | None = None  # onnxruntime threads per version; more than the usable CPUs are clamped
+    dynamic_batching: bool | None = None  # None = batch if the probe shows rows independent; true/false = operator
+    sha256: str | dict[str, str] | None = None  # pinned digest of model.onnx: one for every version, or per version
 
     @classmethod
     def load(cls, path: Path) -> ModelConfig:
-        """Read ``config.json``. Raises ``ValueError`` naming an unknown key or a bad value."""
+        """Read ``config.json``. Raises ``ValueError`` naming an unknown key or a bad value (never the path)."""
         if not path.exists():
             return cls()
         try:
-            body = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path} is not readable JSON: {exc}") from exc
+            with path.open("rb") as file:
+                data = file.read(MAX_CONFIG_BYTES + 1)
+            if len(data) > MAX_CONFIG_BYTES:
+                raise ValueError(f"it is larger than {MAX_CONFIG_BYTES} bytes")
+            body = json.loads(data.decode("utf-8"), parse_constant=_no_constants)
+        except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError included
+            raise ValueError(f"{CONFIG_FILE} is not readable JSON: {_brief(exc, 200)}") from exc
         if not isinstance(body, dict):
-            raise ValueError(f"{path} must hold a JSON object, got {type(body).__name__}")
+            raise ValueError(f"{CONFIG_FILE} must hold a JSON object, got {type(body).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(body) - known)
         if unknown:
-            raise ValueError(f"{path} has unknown keys {unknown}; known keys are {sorted(known)}")
+            raise ValueError(f"{CONFIG_FILE} has unknown keys {[_brief(k, 40) for k in unknown][:10]}; "
+                             f"known keys are {sorted(known)}")
         for key in ("max_batch_size", "intra_op_threads"):
             value = body.get(key)
-            if value is not None and (type(value) is not int or value < 1):
-                raise ValueError(f"{path}: {key} must be a positive integer, got {value!r}")
+            if value is not None and (type(value) is not int or value < 1 or
+                                      (key == "max_batch_size" and value > MAX_BATCH_SIZE)):
+                bound = f"1 to {MAX_BATCH_SIZE}" if key == "max_batch_size" else "1 or more"
+                raise ValueError(f"{CONFIG_FILE}: {key} must be a positive integer, got {_brief(repr(value), 40)}; "
+                                 f"allowed: {bound}")
         delay = body.get("max_queue_delay_ms")
-        if delay is not None and (type(delay) not in (int, float) or delay < 0):
-            raise ValueError(f"{path}: max_queue_delay_ms must be a non-negative number, got {delay!r}")
-        if type(body.get("dynamic_batching", True)) is not bool:
-            raise ValueError(f"{path}: dynamic_batching must be true or false, got {body['dynamic_batching']!r}")
+        if delay is not None and out_of_bounds("max_queue_delay_ms", delay) is not None:
+            raise ValueError(f"{CONFIG_FILE}: max_queue_delay_ms must be a non-negative number, got "
+                             f"{_brief(repr(delay), 40)}; allowed: a finite number of ms from 0 to 10000")
+        batching = body.get("dynamic_batching")
+        if batching is not None and type(batching) is not bool:
+            raise ValueError(f"{CONFIG_FILE}: dynamic_batching must be true or false, got {_brief(repr(batching), 40)}")
+        pin = body.get("sha256")
+        pins = pin if isinstance(pin, dict) else {"every version": pin} if pin is not None else {}
+        for version, digest in pins.items():
+            if version != "every version" and not (version.isascii() and version.isdigit()):
+                raise ValueError(f"{CONFIG_FILE}: sha256 maps version numbers to digests, got key "
+                                 f"{_brief(repr(version), 40)}")
+            if not isinstance(digest, str) or not _SHA256.fullmatch(digest.lower()):
+                raise ValueError(f"{CONFIG_FILE}: sha256 for {version} must be 64 hexadecimal digits, got "
+                                 f"{_brief(repr(digest), 80)}")
         return cls(**body)
+
+    def pin(self, version: int) -> str | None:
+        """The digest ``version``'s model.onnx must have (lower case), or ``None`` when it is not pinned.
+
+        Raises ``ValueError`` when ``sha256`` pins some versions but not this one: it was not approved.
+        """
+        if self.sha256 is None:
+            return None
+        if isinstance(self.sha256, str):
+            return self.sha256.lower()
+        digest = {int(k): v for k, v in self.sha256.items()}.get(version)
+        if digest is None:
+            raise ValueError(f"{CONFIG_FILE} pins sha256 for versions {sorted(int(k) for k in self.sha256)} "
+                             f"only, not version {version}")
+        return digest.lower()
 
 
 @dataclass
@@ -78,10 +148,16 @@ class ModelVersion:
     batcher: Batcher | None = None
     certificate: Certificate | None = None
     selftest: Comparison | None = None
+    batching: Decision | None = None  # whether requests share runs, and why
+
+    @property
+    def file(self) -> str:
+        """The model file as clients may see it: relative to the repository."""
+        return f"{self.name}/{self.version}/{MODEL_FILE}"
 
     def serving(self) -> tuple[ModelRuntime, Batcher]:
         """The runtime and batcher of a ready version. Raises :class:`ModelNotReady` with the reason."""
-        if self.runtime is None or self.batcher is None:
+        if not self.ready or self.runtime is None or self.batcher is None:
             raise ModelNotReady(f"model {self.name!r} version {self.version} is not ready: {self.reason}")
         return self.runtime, self.batcher
 
@@ -92,12 +168,21 @@ class ModelVersion:
         summary: dict[str, Any] = {
             "architecture": cert.architecture, "bnfold_version": cert.bnfold_version,
             "source_sha256": cert.source_sha256, "class_labels": cert.class_labels,
-            "folded": cert.folded, "kept": cert.kept, "errors": cert.errors, "tolerance": cert.tolerance.to_dict(),
+            "folded": cert.folded, "kept": cert.kept, "errors": _json_safe(cert.errors),
+            "tolerance": cert.tolerance.to_dict(),
         }
         if self.selftest is not None:
             summary["selftest"] = {"passed": self.selftest.passed, "max_abs": self.selftest.max_abs,
                                    "allowed": self.selftest.allowed}
         return summary
+
+    def batching_summary(self) -> dict[str, Any] | None:
+        """Whether this version coalesces requests, why, and its limits (``None`` before it loaded)."""
+        if self.batching is None or self.batcher is None:
+            return None
+        return {"enabled": self.batcher.batches, "reason": self.batching.reason,
+                "max_batch_size": self.batcher.max_batch_size,
+                "max_queue_delay_ms": self.batcher.max_queue_delay_s * 1000.0}
 
 
 class ModelRepository:
@@ -115,27 +200,30 @@ class ModelRepository:
         return self.loaded and any(v.ready for versions in self.models.values() for v in versions.values())
 
     def load(self) -> None:
+        """Find and load every version; one that fails is not ready with a reason, never an exception here."""
         root = self.settings.model_repository
-        if not root.is_dir():
-            event(logging.ERROR, "model repository not found", path=str(root))
+        try:
+            model_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+        except OSError as exc:
+            event(logging.ERROR, "model repository not found", path=str(root), error=_brief(exc))
             self.loaded = True
             return
         configs: dict[str, ModelConfig | str] = {}
-        for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-            versions: dict[int, ModelVersion] = {}
-            for version_dir in model_dir.iterdir():
-                if version_dir.is_dir() and version_dir.name.isascii() and version_dir.name.isdigit():
-                    number = int(version_dir.name)
-                    versions[number] = ModelVersion(model_dir.name, number, version_dir / MODEL_FILE)
-                elif version_dir.is_dir():
-                    event(logging.WARNING, "ignored non-integer version directory", path=str(version_dir))
+        for model_dir in model_dirs:
+            try:
+                versions = self._versions(model_dir)
+            except OSError as exc:
+                event(logging.ERROR, "model directory not readable", path=str(model_dir), error=_brief(exc))
+                continue
             if not versions:
                 continue
-            self.models[model_dir.name] = dict(sorted(versions.items()))
+            self.models[model_dir.name] = versions
             try:
                 configs[model_dir.name] = ModelConfig.load(model_dir / CONFIG_FILE)
             except ValueError as exc:
                 configs[model_dir.name] = str(exc)
+            except Exception as exc:  # a bug in the checks must not take the other models down
+                configs[model_dir.name] = f"{CONFIG_FILE} could not be read: {type(exc).__name__}: {_brief(exc)}"
         sessions = sum(len(v) for v in self.models.values())
         default_threads = self.settings.intra_op_threads or threads_per_session(self.settings.workers, sessions)
         for name, versions in self.models.items():
@@ -144,48 +232,136 @@ class ModelRepository:
                 if isinstance(config, str):
                     entry.reason = config
                 else:
-                    self._load_version(entry, config, config.intra_op_threads or default_threads)
+                    try:
+                        self._load_version(entry, config, self._threads(name, config, default_threads))
+                    except Exception as exc:  # whatever one version raises, the others still load
+                        self._unload(entry)
+                        entry.reason = f"failed to load: {type(exc).__name__}: {self._public(exc)}"
+                        event(logging.ERROR, "model load raised", model=name, version=entry.version,
+                              path=str(entry.path), error=f"{type(exc).__name__}: {_brief(exc)}")
                 self.metrics.model_ready.labels(name, str(entry.version)).set(1 if entry.ready else 0)
                 fields_ = {"model": name, "version": entry.version, "ready": entry.ready, "path": str(entry.path)}
                 if entry.ready:
                     event(logging.INFO, "model ready", **fields_, threads=entry.runtime.threads if entry.runtime else 0,
                           batching=bool(entry.batcher and entry.batcher.batches),
+                          batching_reason=entry.batching.reason if entry.batching else None,
                           certified=entry.certificate is not None)
                 else:
                     event(logging.ERROR, "model not ready", **fields_, reason=entry.reason)
         self.loaded = True
 
+    @staticmethod
+    def _versions(model_dir: Path) -> dict[int, ModelVersion]:
+        versions: dict[int, ModelVersion] = {}
+        for version_dir in model_dir.iterdir():
+            if version_dir.is_dir() and version_dir.name.isascii() and version_dir.name.isdigit():
+                number = int(version_dir.name)
+                versions[number] = ModelVersion(model_dir.name, number, version_dir / MODEL_FILE)
+            elif version_dir.is_dir():
+                event(logging.WARNING, "ignored non-integer version directory", path=str(version_dir))
+        return dict(sorted(versions.items()))
+
+    @staticmethod
+    def _threads(name: str, config: ModelConfig, default: int) -> int:
+        """``config.json``'s intra_op_threads clamped to the usable CPUs (more threads only crash or contend)."""
+        if config.intra_op_threads is None:
+            return default
+        cpus = usable_cpus()
+        if config.intra_op_threads > cpus:
+            event(logging.WARNING, "intra_op_threads clamped to the usable CPUs", model=name,
+                  requested=config.intra_op_threads, usable_cpus=cpus)
+            return cpus
+        return config.intra_op_threads
+
+    def _public(self, text: object) -> str:
+        """``text`` (an exception, say) without the server's paths, as one bounded line."""
+        message = str(text)
+        for path, shown in ((self.settings.model_repository.resolve(), ""), (self.settings.model_repository, "")):
+            message = message.replace(str(path) + "/", shown)
+        return _brief(message)
+
     def _load_version(self, entry: ModelVersion, config: ModelConfig, threads: int) -> None:
         if not entry.path.is_file():
-            entry.reason = f"missing {entry.path}"
+            entry.reason = f"missing {entry.file}"
             return
         try:
-            runtime = ModelRuntime(entry.path, threads, spinning=self.settings.ort_spinning)
+            expected = config.pin(entry.version)
+        except ValueError as exc:
+            entry.reason = str(exc)
+            return
+        data = None
+        if expected is not None:  # the session loads these very bytes: the file checked is the file served
+            data = entry.path.read_bytes()
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != expected:
+                entry.reason = f"{entry.file} has sha256 {actual}, but {CONFIG_FILE} pins sha256 {expected}"
+                return
+        try:
+            runtime = ModelRuntime(entry.path, threads, spinning=self.settings.ort_spinning, model=data)
         except Exception as exc:  # onnxruntime raises several types for unreadable/invalid models
-            entry.reason = f"failed to load: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+            entry.reason = f"failed to load: {type(exc).__name__}: {self._public(exc)}"
             return
         try:
             entry.certificate = read(runtime.metadata)
-        except ValueError as exc:
-            entry.reason = f"malformed bnfold certificate: {exc}"
+        except Exception as exc:  # ValueError for a malformed one; anything else must not escape either
+            entry.reason = f"malformed bnfold certificate: {_brief(exc)}"
+            return
+        if entry.certificate is None and self.settings.require_certificate:
+            entry.reason = "the model has no bnfold certificate, and BNFOLD_REQUIRE_CERTIFICATE=true refuses it"
             return
         if entry.certificate is not None:
             entry.selftest, entry.reason = selftest.check(runtime, entry.certificate)
             if entry.reason is not None:
                 return
+        entry.batching = self._batching(entry, runtime, config)
         settings = self.settings
         delay_ms = config.max_queue_delay_ms if config.max_queue_delay_ms is not None else settings.max_queue_delay_ms
         entry.runtime = runtime
         entry.batcher = Batcher(
             f"{entry.name}/{entry.version}", runtime.run,
-            batches=runtime.batches and config.dynamic_batching,
+            batches=entry.batching.enabled,
             max_batch_size=config.max_batch_size or settings.max_batch_size,
             max_queue_delay_s=delay_ms / 1000.0,
             max_queue_size=settings.max_queue_size,
             max_queue_bytes=settings.max_queue_bytes,
             observer=self.metrics.observer(entry.name),
+            on_failure=self._on_worker_failure(entry),
         )
         entry.ready = True
+
+    @staticmethod
+    def _batching(entry: ModelVersion, runtime: ModelRuntime, config: ModelConfig) -> Decision:
+        """Batch when rows are shown independent or the operator opts in; an opt-out always wins."""
+        if config.dynamic_batching is False:
+            return Decision(False, f"{CONFIG_FILE} sets dynamic_batching: false")
+        if not runtime.batches:
+            return Decision(False, "not every input and output has a dynamic first dimension")
+        cert = entry.certificate
+        tolerance = cert.tolerance if cert is not None else Tolerance()
+        if not (math.isfinite(tolerance.atol) and math.isfinite(tolerance.rtol)):
+            tolerance = Tolerance()
+        probed = independence.probe(runtime.run, runtime.inputs, runtime.output_names, cert, tolerance)
+        if config.dynamic_batching is None:
+            return probed
+        if not probed.enabled:
+            event(logging.WARNING, "dynamic_batching: true although the probe found rows interacting",
+                  model=entry.name, version=entry.version, probe=probed.reason)
+        return Decision(True, f"{CONFIG_FILE} sets dynamic_batching: true (the operator vouches that rows are "
+                              f"independent; probe: {probed.reason})")
+
+    def _on_worker_failure(self, entry: ModelVersion) -> Callable[[str], None]:
+        def fail(reason: str) -> None:
+            entry.ready = False
+            entry.reason = reason
+            self.metrics.model_ready.labels(entry.name, str(entry.version)).set(0)
+            event(logging.ERROR, "model not ready", model=entry.name, version=entry.version, reason=reason)
+        return fail
+
+    @staticmethod
+    def _unload(entry: ModelVersion) -> None:
+        if entry.batcher is not None:
+            entry.batcher.close()
+        entry.ready, entry.runtime, entry.batcher = False, None, None
 
     def get(self, name: str, version: str | None = None) -> ModelVersion:
         """The named version (the newest if ``None``). Raises :class:`ModelNotFound`."""

@@ -45,6 +45,7 @@ class ModelMetadata(BaseModel):
     ready: bool
     reason: str | None = None
     certificate: dict[str, Any] | None = None
+    batching: dict[str, Any] | None = None  # enabled, reason, max_batch_size, max_queue_delay_ms
 
 
 class Prediction(BaseModel):

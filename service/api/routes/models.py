@@ -24,6 +24,7 @@ def _metadata(service: ServiceDep, name: str, version: str | None) -> ModelMetad
         inputs=[TensorMetadata(**s.metadata()) for s in runtime.inputs] if runtime else [],
         outputs=[TensorMetadata(**s.metadata()) for s in runtime.outputs] if runtime else [],
         version=str(entry.version), ready=entry.ready, reason=entry.reason, certificate=entry.certificate_summary(),
+        batching=entry.batching_summary(),
     )
 
 
