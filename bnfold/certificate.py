@@ -25,7 +25,8 @@ included, never pickled), zlib-compressed, base64-encoded. numpy and onnx only: 
 imports this module without torch.
 
 Reading is bounded, because a server parses certificates of files it did not write: the text is
-at most :data:`MAX_TEXT_CHARS`, JSON nests at most :data:`MAX_DEPTH` levels, each self-test array
+at most :data:`MAX_TEXT_CHARS` with at most :data:`MAX_ITEMS` commas (base64 has none, so this
+bounds the number of JSON values), JSON nests at most :data:`MAX_DEPTH` levels, each self-test array
 decompresses to at most :data:`MAX_ARRAY_BYTES` (a zlib bomb is refused before it is inflated), the
 counts are JSON integers from 0 to :data:`MAX_COUNT` and the tolerance is finite and non-negative
 (``1e400`` parses as infinity, and is refused). Every violation is a ``ValueError``.
@@ -52,6 +53,7 @@ VERSION = 1
 MAX_TEXT_CHARS = 128 * 1024 * 1024  # the whole metadata value
 MAX_ARRAY_BYTES = 64 * 1024 * 1024  # one self-test array's .npy bytes, decompressed
 MAX_DEPTH = 16  # JSON nesting (the certificate itself uses 3 levels)
+MAX_ITEMS = 1_000_000  # JSON values, counted by their commas: parsed, [0.5,0.5,...] takes ~8x its text
 MAX_COUNT = 1_000_000  # folded, kept, batchnorm_nodes, opset, input_shape entries
 
 
@@ -120,6 +122,8 @@ class Certificate:
         """Parse a certificate. Raises ``ValueError`` naming what is missing, malformed or out of bounds."""
         if len(text) > MAX_TEXT_CHARS:
             raise ValueError(f"certificate has {len(text)} characters, more than the {MAX_TEXT_CHARS} allowed")
+        if text.count(",") > MAX_ITEMS:
+            raise ValueError(f"certificate has more than {MAX_ITEMS} JSON values")
         try:
             body = json.loads(text)
         except RecursionError as exc:

@@ -75,6 +75,12 @@ def test_text_size_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         Certificate.from_json(json.dumps(_body()))
 
 
+def test_number_of_values_is_bounded() -> None:
+    body = _body(errors={"many": [0.5] * (certificate.MAX_ITEMS + 1)})  # ~4 MB of text, ~40 MB parsed
+    with pytest.raises(ValueError, match="more than 1000000 JSON values"):
+        Certificate.from_json(json.dumps(body))
+
+
 def test_zlib_bomb_is_refused_before_it_inflates() -> None:
     bomb = _bomb(256 << 20)  # 256 MiB of zeros in about 256 KiB
     assert len(bomb) < 1 << 20
