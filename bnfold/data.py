@@ -250,7 +250,9 @@ def _read_image_folder(root: Path, size: int) -> tuple[NDArray[np.float32], NDAr
         converted = image.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
         a = np.asarray(converted, dtype=np.float32)
         arrays.append(a[None] if mode == "L" else a.transpose(2, 0, 1))
-    x = np.stack(arrays)
+    # stack keeps the transposed (channels-last) memory order; torch 2.13's CPU kernels crash on such
+    # strides in training (heap corruption in the batch-norm backward), so make the batch C-contiguous
+    x = np.ascontiguousarray(np.stack(arrays))
     y = np.asarray([index for _, index in files], dtype=np.int64)
     return x, y, [folder.name for folder in classes]
 

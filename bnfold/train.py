@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -161,8 +162,9 @@ def _fit(config: TrainConfig, plan: _Plan, data: Dataset, progress: bool) -> Tra
     model.get_submodule("input_norm").load_state_dict(fitted.state_dict())
     model.to(device)
 
-    x_train, y_train = torch.from_numpy(data.X_train).to(device), torch.from_numpy(data.y_train).to(device)
-    x_val, y_val = torch.from_numpy(data.X_val).to(device), torch.from_numpy(data.y_val).to(device)
+    # C-contiguous copies: torch 2.13's CPU training kernels corrupt the heap on channels-last strided input
+    x_train, y_train = (torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in (data.X_train, data.y_train))
+    x_val, y_val = (torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in (data.X_val, data.y_val))
     steps_per_epoch = math.ceil(len(x_train) / batch_size)
     optimizer = _optimizer(config.optimizer, model, plan.lr, plan.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)

@@ -169,6 +169,8 @@ def test_rgb_image_folder_trains_and_folds(tmp_path: Path) -> None:
     result = train(TrainConfig(arch="resnet", data=tmp_path / "imgs", image_size=8, epochs=3, batch_size=4,
                                arch_config={"width": 4, "depth": 2}, device="cpu"))
     assert result.dataset.input_shape == (3, 8, 8) and result.dataset.class_labels == ["blue", "red"]
+    # regression: the images were stacked channels-last in memory, which crashed torch's training kernels
+    assert result.dataset.X_train.flags.c_contiguous and result.dataset.X_val.flags.c_contiguous
     assert len(result.input_norm["mean"]) == 3
     folded = bnfold.fold(result.model)
     assert folded.skipped == [] and _norms(folded.model) == []
