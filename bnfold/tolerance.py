@@ -24,7 +24,10 @@ class Tolerance:
         return self.atol + self.rtol * scale
 
     def compare(self, actual: ArrayLike, reference: ArrayLike) -> Comparison:
-        """Compare two arrays of the same shape. Raises ``ValueError`` on a shape mismatch."""
+        """Compare two arrays of the same shape. Raises ``ValueError`` on a shape mismatch.
+
+        Comparing no elements never passes: an empty comparison shows nothing.
+        """
         a = np.asarray(actual, dtype=np.float64)
         r = np.asarray(reference, dtype=np.float64)
         if a.shape != r.shape:
@@ -36,7 +39,7 @@ class Tolerance:
         allowed = self.allowed(r)
         finite = bool(np.all(np.isfinite(a)) == np.all(np.isfinite(r)))
         return Comparison(max_abs=max_abs, max_rel=max_rel, allowed=allowed,
-                          passed=finite and max_abs <= allowed)
+                          passed=finite and a.size > 0 and max_abs <= allowed)
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)

@@ -316,3 +316,10 @@ def test_onnxruntime_run_failure_names_the_shapes() -> None:
 def test_onnxruntime_load_failure_is_one_readable_line() -> None:
     with pytest.raises(BnfoldError, match=r"^onnxruntime cannot load the model: Unsupported model IR version: 99"):
         ort_runner(_relu_onnx("N", ir_version=99))
+
+
+def test_tolerance_compare_of_nothing_does_not_pass() -> None:
+    """An empty comparison (e.g. a certificate self-test with zero rows) shows nothing, so it fails."""
+    empty = np.zeros((0, 10), np.float32)
+    assert not Tolerance().compare(empty, empty).passed
+    assert Tolerance().compare(np.ones(3), np.ones(3)).passed
