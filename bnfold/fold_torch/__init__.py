@@ -166,12 +166,8 @@ def fold_graph(work: nn.Module, gm: fx.GraphModule, example_inputs: Any) -> Fold
                if len(sites) == 1 and isinstance(outcome[sites[0].name], str) and sites[0].affine is not None}
     merges = merge_branches(gm, singles)
     for merge in merges:
-        for name in merge.norms:
+        for name in merge.norms:  # an identity branch's BN: applied to the merged conv's input
             outcome[name] = Folded(bn=name, into=merge.into, side="input")
-            if not any(n.op in ("call_module", "get_attr") and (str(n.target) == name or
-                                                               str(n.target).startswith(name + "."))
-                       for n in gm.graph.nodes):
-                gm.delete_submodule(name)
         notes.append(f"branches {' + '.join(merge.branches)} summed over one input were merged into one "
                      f"convolution, {merge.into} (structural re-parameterization)")
     folded = [o for o in outcome.values() if isinstance(o, Folded)]
@@ -194,9 +190,7 @@ def _merge(name: str, sites: list[tuple[str, Folded | str]]) -> Folded | str:
         return sites[0][1]
     done = [o for _, o in sites if isinstance(o, Folded)]
     if len(done) == len(sites):
-        into = ", ".join(dict.fromkeys(f.into for f in done))
-        sides = {f.side for f in done}
-        return Folded(bn=name, into=into, side=done[0].side if len(sides) == 1 else "output")
+        return Folded(bn=name, into=", ".join(dict.fromkeys(f.into for f in done)), side=done[0].side)
     kept = "; ".join(f"at {node}: {o}" for node, o in sites if isinstance(o, str))
     folded_at = f"folded at {len(done)} of {len(sites)} places, " if done else ""
     return f"{name} is applied at {len(sites)} places; {folded_at}kept {kept}"

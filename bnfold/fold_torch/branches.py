@@ -29,7 +29,7 @@ from torch import fx, nn
 from bnfold.arith import affine_kernel, embed_kernel
 from bnfold.fold_torch.guard import RankDispatch
 from bnfold.fold_torch.layers import Layer, as_layer
-from bnfold.fold_torch.match import is_identity
+from bnfold.fold_torch.match import is_identity, is_referenced
 from bnfold.fold_torch.norms import Norm
 
 _ADDS = (operator.add, operator.iadd, torch.add)
@@ -209,7 +209,7 @@ def _rewrite(gm: fx.GraphModule, root: fx.Node, tree: list[fx.Node], terms: list
         node = next(n for n in dead if not n.users)
         dead.remove(node)
         gm.graph.erase_node(node)
-    for t, _ in convs:
-        if t is not big_node and not any(n.op == "call_module" and n.target == t.target for n in gm.graph.nodes):
+    for t in terms:  # the branches' other modules (convs, identity BNs) go unless used elsewhere
+        if t is not x and t is not big_node and not is_referenced(gm, str(t.target)):
             gm.delete_submodule(str(t.target))
     return Merge(into=target, branches=branches, norms=[n.name for _, n in idents if n is not None])

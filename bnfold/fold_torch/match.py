@@ -142,6 +142,12 @@ def channel_major_flatten(gm: fx.GraphModule, node: fx.Node) -> bool:
     return bool(set(args) <= set(names) and args.get("start_dim", 0) == 1 and args.get("end_dim", -1) == -1)
 
 
+def is_referenced(gm: fx.GraphModule, target: str) -> bool:
+    """True when some node still calls module ``target`` or reads an attribute of it."""
+    return any(n.op in ("call_module", "get_attr") and (n.target == target or str(n.target).startswith(f"{target}."))
+               for n in gm.graph.nodes)
+
+
 def only_data_input(node: fx.Node, value: fx.Node) -> bool:
     """True when ``value`` is ``node``'s first argument and appears in no other argument."""
     if data_input(node) is not value:

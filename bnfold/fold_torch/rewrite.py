@@ -50,7 +50,7 @@ from bnfold.fold_torch.layers import (
     rank_pinned,
     rank_problem,
 )
-from bnfold.fold_torch.match import channel_major_flatten, consumer, only_data_input, producer
+from bnfold.fold_torch.match import channel_major_flatten, consumer, is_referenced, only_data_input, producer
 from bnfold.fold_torch.norms import Norm
 from bnfold.fold_torch.ranks import RANKS_KEY, Ranks, known_ranks
 from bnfold.fold_torch.trace import SHAPE_KEY
@@ -318,8 +318,7 @@ def _remove(gm: fx.GraphModule, norm: Norm) -> None:
         target = str(node.target)
         if any(n.op == "call_module" and n.target == target for n in gm.graph.nodes):
             return  # applied at another place too, not folded (yet) there: the module stays
-        refs = [str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")]
-        if not any(r == target or r.startswith(target + ".") for r in refs):
+        if not is_referenced(gm, target):
             gm.delete_submodule(target)
         else:  # forward still reads e.g. bn.weight: keep the tensors, not a batch norm that is never called
             _replace_with_holder(gm, target)
