@@ -5,7 +5,8 @@
     python benchmarks/run_all.py --smoke    # seconds; what CI runs (tests/test_benchmarks_smoke.py)
 
 Options: ``--only folding|fold_cost|serving|route_overhead`` (repeatable), ``--skip-server LABEL`` (e.g. bentoml),
-``--generator wrk|asyncio``.
+``--generator wrk|asyncio``. ``benchmarks/real_archs.py`` (torchvision and timm architectures) is not run from here:
+it needs the ``real`` extra in an environment of its own (benchmarks/README.md).
 """
 
 from __future__ import annotations
