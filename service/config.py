@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=1)  # uvicorn worker processes (each loads every model)
     api_key: SecretStr | None = None  # unset = open; set = inference/metadata need "Authorization: Bearer <key>"
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)  # larger request bodies get 413
+    # HTTP limits, enforced by service.protocol below the app (so before the API key check).
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)  # request line + headers; else 431
+    header_timeout_s: float = Field(default=10.0, gt=0, le=3600)  # for request line + headers to arrive; else 408
+    body_timeout_s: float = Field(default=10.0, gt=0, le=3600)  # longest pause while a body arrives; else 408
+    max_connections: int = Field(default=512, ge=1)  # open connections + requests (uvicorn limit_concurrency); 503
     max_batch_size: int = 64  # most rows one coalesced onnxruntime run takes (per-model override)
     max_queue_delay_ms: float = 0.0  # extra wait to fill a batch, at most 10 s; 0 = take what is queued now
     max_queue_size: int = 256  # queued requests per model before 503 + Retry-After

@@ -1,7 +1,8 @@
 """Wire the app: settings, logging, model repository lifespan, error bodies, routers, inference fast path.
 
 ``create_app(settings)`` builds an app; the module-level ``app`` (settings from the environment)
-is what ``uvicorn service.main:app`` and worker processes import; :func:`run` starts uvicorn.
+is what ``uvicorn service.main:app`` and worker processes import; :func:`run` starts uvicorn with
+the HTTP limits of :mod:`service.protocol` and uvicorn's own connection limit and keep-alive timeout.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from service.config import Settings
 from service.cpu import usable_cpus
 from service.logs import event, log_config
 from service.metrics import ServiceMetrics, shared_directory
+from service.protocol import HttpLimits, protocol_factory
 from service.repository import ModelRepository
+
+KEEP_ALIVE_S = 5  # uvicorn's default: an idle keep-alive connection is closed after this
 
 
 @asynccontextmanager
@@ -92,8 +96,11 @@ def run(settings: Settings | None = None) -> None:
     Several workers share one prometheus_client multiprocess directory, so ``/metrics`` covers all of them.
     """
     settings = settings or Settings()
+    limits = HttpLimits(settings.max_header_bytes, settings.header_timeout_s, settings.body_timeout_s)
     common = {"host": settings.host, "port": settings.port, "log_config": log_config(settings.log_level),
-              "access_log": settings.access_log, "timeout_graceful_shutdown": 10}
+              "access_log": settings.access_log, "timeout_graceful_shutdown": 10,
+              "http": protocol_factory(limits), "limit_concurrency": settings.max_connections,
+              "timeout_keep_alive": KEEP_ALIVE_S}
     if settings.workers == 1:
         uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
         return

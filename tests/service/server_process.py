@@ -27,10 +27,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start(env: Mapping[str, str]) -> subprocess.Popen[bytes]:
-    """``python -m service`` in its own session (so its workers can be stopped together), stdout discarded."""
+def start(env: Mapping[str, str], preexec_fn: Callable[[], None] | None = None) -> subprocess.Popen[bytes]:
+    """``python -m service`` in its own session (so its workers can be stopped together), stdout discarded.
+
+    ``preexec_fn`` runs in the child before it starts (e.g. to set resource limits).
+    """
     return subprocess.Popen([sys.executable, "-m", "service"], env=dict(env), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+                            stderr=subprocess.PIPE, start_new_session=True, preexec_fn=preexec_fn)
 
 
 def _exited(process: subprocess.Popen[bytes]) -> str:

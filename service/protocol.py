@@ -1,0 +1,204 @@
+"""The HTTP/1.1 protocol uvicorn runs: its httptools protocol plus a header size limit and read timeouts.
+
+uvicorn (0.29 to 0.5x) has neither for httptools, which the service uses for speed (``h11`` has
+``h11_max_incomplete_event_size`` but answers 400 and parses several times slower). Without them
+one connection streaming an endless header grows httptools' buffer without bound (and stalls the
+event loop re-joining it: 7 s probe latency measured), and a client that stops sending holds its
+connection, and its half-read body, forever. :class:`LimitedHttpToolsProtocol` adds, per connection:
+
+* **431** when the request line and headers pass ``max_header_bytes``: while they are still
+  arriving (counted from the bytes fed while the head is incomplete) and, exactly, once they are
+  complete (only computed when the fed bytes say it could be over, so a normal request pays nothing);
+* **408** and close when the request line and headers are not complete ``header_timeout_s`` after
+  they started (a fresh connection that sends nothing is closed silently after the same time);
+* **408** and close when a request body pauses longer than ``body_timeout_s`` (not counting time
+  in which the server itself stopped reading, flow control);
+
+all before the app, so before the API key check. Idle keep-alive connections are closed by uvicorn's
+``timeout_keep_alive``. After such an answer the connection is closed *lingering*: the answer is
+followed by a FIN, and what the client still sends is read and dropped, up to :data:`LINGER_BYTES`
+or :data:`LINGER_S`, so that a client that sends its whole request before reading (curl, httpx)
+gets the 431 instead of a reset. One timer per connection, armed only when a message is incomplete after a
+read, checks lazily: a request whose head and body arrive in one read (every small request) arms
+nothing. :func:`protocol_factory` binds the limits; the factory pickles, so ``--workers`` spawns it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+# Message states of one connection.
+_IDLE, _HEAD, _BODY = 0, 1, 2
+_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+LINGER_BYTES = 2 * 1024 * 1024  # dropped after a refusal before the connection is closed
+LINGER_S = 2.0  # longest a refused connection stays open
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    max_header_bytes: int  # request line + header names and values (+4 bytes each for ": " and CRLF)
+    header_timeout_s: float  # from the first byte of a request (or the connection) to the end of its headers
+    body_timeout_s: float  # longest pause between two parts of a request body
+
+
+class _Answered:
+    """Stands in for uvicorn's request cycle of a refused request: the parser's callbacks for the rest
+    of the message (``on_body``, ``on_message_complete``) see a request already answered and drop it."""
+
+    response_started = response_complete = disconnected = True
+    more_body = False
+
+    def __init__(self) -> None:
+        self.message_event = asyncio.Event()
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with :class:`HttpLimits` (see the module docstring)."""
+
+    def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None, *, limits: HttpLimits) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.limits = limits
+        self._state = _IDLE
+        self._fed = 0  # bytes fed since the current request's head started (an upper bound of its size)
+        self._head_started: float | None = None  # loop time the unfinished head (or the connection) started
+        self._body_seen = 0.0  # loop time body bytes last arrived
+        self._timer: asyncio.TimerHandle | None = None
+        self._refused = False
+        self._dropped = 0  # bytes read and dropped after a refusal
+
+    # -- connection --------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_started = self.loop.time()  # a connection that never sends a request is closed too
+        self._arm(self._head_started + self.limits.header_timeout_s)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            self._dropped += len(data)
+            if self._dropped > LINGER_BYTES:
+                self.transport.close()
+            return
+        state = self._state
+        if state != _BODY:  # these bytes start or continue a request head
+            self._fed += len(data)
+        super().data_received(data)
+        state = self._state
+        if state == _IDLE or self._refused:
+            return
+        now = self.loop.time()
+        if state == _HEAD:
+            if self._fed > self.limits.max_header_bytes:
+                self._refuse(431, f"the request line and headers exceed {self.limits.max_header_bytes} bytes "
+                                  "(BNFOLD_MAX_HEADER_BYTES)")
+                return
+            if self._head_started is None:
+                self._head_started = now
+            due = self._head_started + self.limits.header_timeout_s
+        else:
+            self._body_seen = now
+            due = now + self.limits.body_timeout_s
+        if self._timer is None:
+            self._arm(due)
+
+    # -- parser callbacks ----------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._state = _HEAD
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self._state = _BODY
+        self._head_started = None
+        if self._refused:  # a request pipelined behind a refused one, in the same read
+            return
+        fed = self._fed
+        limit = self.limits.max_header_bytes
+        if fed > limit or fed == 0:  # the read that completed the head was big, or it began mid-read (pipelining)
+            size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+            if size > limit:
+                self._refuse(431, f"the request line and headers have {size} bytes, over the limit of {limit} "
+                                  "(BNFOLD_MAX_HEADER_BYTES)")
+                self.cycle = _Answered()  # type: ignore[assignment]
+                return
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._state = _IDLE
+        self._fed = 0
+        super().on_message_complete()
+
+    # -- timeouts ------------------------------------------------------------------------------
+
+    def _arm(self, when: float) -> None:
+        self._timer = self.loop.call_at(when, self._check_timeouts)
+
+    def _check_timeouts(self) -> None:
+        self._timer = None
+        if self._refused or self.transport.is_closing():
+            return
+        now = self.loop.time()
+        if self._head_started is not None:  # a head (or a first request) is awaited
+            due = self._head_started + self.limits.header_timeout_s
+            if now < due:
+                self._arm(due)
+            elif self._state == _HEAD:
+                self._refuse(408, "the request line and headers did not arrive within "
+                                  f"{self.limits.header_timeout_s:g} s (BNFOLD_HEADER_TIMEOUT_S)")
+            else:  # nothing of a request arrived: close quietly, as uvicorn's keep-alive timeout does
+                self.transport.close()
+            return
+        cycle = self.cycle
+        if self._state != _BODY or cycle is None or not cycle.more_body:
+            return
+        if self.flow.read_paused:  # the server stopped reading (the app is busy): not the client's pause
+            self._arm(now + self.limits.body_timeout_s)
+            return
+        due = self._body_seen + self.limits.body_timeout_s
+        if now < due:
+            self._arm(due)
+        elif cycle.response_started:  # the app answered already (a 413, say): only the connection is left
+            self._refused = True
+            self.transport.close()
+        else:
+            self._refuse(408, f"the request body paused for more than {self.limits.body_timeout_s:g} s "
+                              "(BNFOLD_BODY_TIMEOUT_S)")
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer ``status`` with a JSON error body and close; the app (if it runs) sees a disconnect."""
+        self._refused = True
+        cycle = self.cycle
+        busy = cycle is not None and cycle.response_started and not cycle.response_complete
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # its receive() returns http.disconnect, its send() writes nothing
+            cycle.message_event.set()
+        transport = self.transport
+        if busy:  # never interleave with a response being written: just close
+            transport.close()
+            return
+        body = orjson.dumps({"error": message})
+        transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                        b"connection: close\r\n\r\n%s" % (status, _REASONS[status], len(body), body))
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.loop.call_later(LINGER_S, transport.close)
+
+
+def protocol_factory(limits: HttpLimits) -> Any:
+    """What uvicorn's ``http=`` takes: a callable building :class:`LimitedHttpToolsProtocol` with ``limits``."""
+    return functools.partial(LimitedHttpToolsProtocol, limits=limits)
