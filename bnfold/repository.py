@@ -14,7 +14,10 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+
+from bnfold.errors import BnfoldError
 
 MODEL_FILE = "model.onnx"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -56,28 +59,75 @@ def model_path(root: str | os.PathLike[str], name: str, version: int) -> Path:
     return Path(root) / check_name(name) / str(version) / MODEL_FILE
 
 
+def check_writable(root: str | os.PathLike[str], name: str) -> None:
+    """Raise :class:`BnfoldError` unless a new version of ``name`` can be published under ``root``.
+
+    The nearest existing directory of ``root/name`` must be a directory that takes a new entry
+    (a temporary directory is created there and removed), so a typo'd or read-only repository is
+    refused before any work.
+    """
+    model_dir = Path(root) / check_name(name)
+    existing = model_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BnfoldError(f"repository {str(root)!r}: {str(existing)!r} exists and is not a directory")
+    try:
+        shutil.rmtree(tempfile.mkdtemp(prefix=".staging-", dir=existing))
+    except OSError as exc:
+        raise BnfoldError(f"cannot write into repository {str(root)!r}: {exc.strerror or exc}") from None
+
+
 def publish(root: str | os.PathLike[str], name: str, data: bytes, *, attempts: int = 20) -> Path:
     """Write ``data`` as the next version of ``name`` under ``root``; return the model file's path.
 
     ``root`` and ``root/name`` are created if missing. Raises ``OSError`` if no version could be
     claimed after ``attempts`` races.
     """
+    commit, discard = stage(root, name, data, attempts=attempts)
+    try:
+        return Path(commit())
+    finally:
+        discard()
+
+
+def stage(root: str | os.PathLike[str], name: str, data: bytes, *,
+          attempts: int = 20) -> tuple[Callable[[], str], Callable[[], None]]:
+    """Write ``data`` into a hidden staging directory of ``root/name``; return ``(commit, discard)``.
+
+    ``commit()`` renames it to the next free version number and returns the model file's path;
+    ``discard()`` removes whatever is left of the staging directory (call it in any case). For
+    :meth:`bnfold.atomic.Writes.add`. ``OSError`` becomes a :class:`BnfoldError` naming the repository,
+    never the staging directory.
+    """
     model_dir = Path(root) / check_name(name)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+    except OSError as exc:
+        raise BnfoldError(f"cannot write into repository {str(root)!r}: {exc.strerror or exc}") from None
+
+    def discard() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(staging)
+
     try:
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; a server running as another user must read it
         (staging / MODEL_FILE).write_bytes(data)
+    except OSError as exc:
+        discard()
+        raise BnfoldError(f"cannot write into repository {str(root)!r}: {exc.strerror or exc}") from None
+
+    def commit() -> str:
         for _ in range(attempts):
             target = model_dir / str(next_version(root, name))
             try:
                 staging.rename(target)
-            except OSError:
+            except OSError as exc:
                 if target.exists():  # another writer took this number first
                     continue
-                raise
-            return target / MODEL_FILE
+                raise BnfoldError(f"cannot write {str(target)!r}: {exc.strerror or exc}") from None
+            return str(target / MODEL_FILE)
         raise OSError(f"could not claim a new version under {model_dir} after {attempts} attempts")
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(staging)
+
+    return commit, discard

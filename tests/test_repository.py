@@ -50,3 +50,26 @@ def test_version_directory_follows_the_umask(tmp_path) -> None:
     finally:
         os.umask(old)
     assert path.parent.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700: a server user must read it
+
+
+def test_a_staged_version_appears_only_at_commit(tmp_path) -> None:
+    from bnfold.repository import stage
+
+    commit, discard = stage(tmp_path, "m", b"x")
+    assert versions(tmp_path, "m") == []
+    assert commit() == str(model_path(tmp_path, "m", 1))
+    discard()
+    commit, discard = stage(tmp_path, "m", b"y")
+    discard()  # a later step failed: no version 2, no staging directory left
+    assert versions(tmp_path, "m") == [1] and sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1"]
+
+
+def test_check_writable_refuses_a_file_in_the_way(tmp_path) -> None:
+    from bnfold.errors import BnfoldError
+    from bnfold.repository import check_writable
+
+    check_writable(tmp_path / "new" / "models", "m")  # the nearest existing directory takes entries
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "models").write_text("a file")
+    with pytest.raises(BnfoldError, match="exists and is not a directory"):
+        check_writable(tmp_path / "models", "m")
