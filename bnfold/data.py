@@ -4,11 +4,16 @@ Sources:
 
 * bundled: ``digits`` (scikit-learn, 1797 8x8 images with values 0-16, 10 classes) and
   ``breast-cancer`` (569 rows x 30 features, 2 classes). Both ship inside scikit-learn.
-* ``.npz`` with arrays ``X`` (N, ...) and ``y`` (N,); optional ``class_labels``.
+* ``.npz`` with arrays ``X`` (N, ...) and ``y`` (N,); optional ``class_labels`` and, for
+  tabular ``X`` (N, F), ``feature_names``.
 * ``.csv`` with a header: numeric feature columns plus one label column (``label_column``,
   default ``label``).
 * an image folder: one sub-folder per class holding PNG/JPEG files, grayscale or RGB, resized to
   ``image_size`` x ``image_size`` with Pillow; pixel values stay 0-255.
+
+Tabular sources keep their column names (:attr:`Dataset.feature_names`, in input order), so the
+exported model can say which feature goes where. ``digits`` is read straight from scikit-learn's
+data file (no ``import sklearn``, which takes seconds); the other bundled set imports it.
 
 Samples are kept as the source provides them (no scaling): the model's own ``InputNorm`` layer
 normalizes, so a served model needs no client-side preprocessing. The layout is adapted to the
@@ -25,6 +30,8 @@ Bad data raises :class:`BnfoldError` with one line naming the problem, before an
 from __future__ import annotations
 
 import csv
+import gzip
+import importlib.util
 import math
 import zipfile
 from dataclasses import dataclass
@@ -52,6 +59,7 @@ class Dataset:
     y_val: NDArray[np.int64]
     class_labels: list[str]
     input_shape: tuple[int, ...]
+    feature_names: list[str] | None = None  # tabular data: the columns of X, in order
 
     @property
     def num_classes(self) -> int:
@@ -88,13 +96,16 @@ def load_dataset(
         raise BnfoldError(f"give exactly one of a data set name ({', '.join(BUNDLED)}) or a data path")
     if not 0.0 < val_fraction < 1.0:
         raise BnfoldError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    features: list[str] | None = None
     if path is not None:
-        x, y, labels, source = _read_path(Path(path), label_column=label_column, image_size=image_size)
+        x, y, labels, source, features = _read_path(Path(path), label_column=label_column, image_size=image_size)
     else:
         assert name is not None
-        x, y, labels = _bundled(name)
+        x, y, labels, features = _bundled(name)
         source = name
     _check_arrays(x, y, source)
+    if features is not None and (x.ndim != 2 or len(features) != x.shape[1]):
+        raise BnfoldError(f"{source}: {len(features)} feature names for samples of shape {list(x.shape[1:])}")
     codes, labels = _encode_labels(y, labels, source)
     x = _layout(x, arch, source)
     train_idx, val_idx = stratified_split(codes, val_fraction, seed, source)
@@ -106,6 +117,7 @@ def load_dataset(
         y_val=codes[val_idx],
         class_labels=labels,
         input_shape=tuple(int(d) for d in x.shape[1:]),
+        feature_names=features,
     )
 
 
@@ -129,35 +141,53 @@ def stratified_split(y: NDArray[np.int64], val_fraction: float, seed: int,
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-def _bundled(name: str) -> tuple[NDArray[np.float32], NDArray[np.int64], list[str]]:
-    from sklearn import datasets
-
+def _bundled(name: str) -> tuple[NDArray[np.float32], NDArray[np.int64], list[str], list[str] | None]:
     if name == "digits":
-        bunch = datasets.load_digits()
-        x = bunch.images.astype(np.float32)[:, None, :, :]  # (N, 1, 8, 8), values 0-16
-        return x, bunch.target.astype(np.int64), [str(int(t)) for t in bunch.target_names]
+        x, y = _digits()
+        return x, y, [str(i) for i in range(10)], None
     if name == "breast-cancer":
+        from sklearn import datasets
+
         bunch = datasets.load_breast_cancer()
-        return bunch.data.astype(np.float32), bunch.target.astype(np.int64), [str(t) for t in bunch.target_names]
+        return (bunch.data.astype(np.float32), bunch.target.astype(np.int64), [str(t) for t in bunch.target_names],
+                [str(f) for f in bunch.feature_names])
     raise BnfoldError(f"unknown data set {name!r}; bundled: {', '.join(BUNDLED)} (or give a path with --data)")
 
 
-def _read_path(path: Path, *, label_column: str | None,
-               image_size: int | None) -> tuple[NDArray[np.float32], NDArray[np.generic], list[str] | None, str]:
+def _digits() -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+    """scikit-learn's digits, (N, 1, 8, 8) with values 0-16, as ``load_digits`` reads them, without
+    importing scikit-learn: the file is ``sklearn/datasets/data/digits.csv.gz`` (64 pixels, then the digit)."""
+    spec = importlib.util.find_spec("sklearn")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    csv_file = next((Path(f) / "datasets" / "data" / "digits.csv.gz" for f in folders
+                     if (Path(f) / "datasets" / "data" / "digits.csv.gz").is_file()), None)
+    if csv_file is None:  # another layout: let scikit-learn find it
+        from sklearn import datasets
+
+        bunch = datasets.load_digits()
+        return bunch.images.astype(np.float32)[:, None, :, :], bunch.target.astype(np.int64)
+    with gzip.open(csv_file, "rt") as f:
+        data = np.loadtxt(f, delimiter=",")
+    return data[:, :-1].reshape(-1, 1, 8, 8).astype(np.float32), data[:, -1].astype(np.int64)
+
+
+def _read_path(path: Path, *, label_column: str | None, image_size: int | None
+               ) -> tuple[NDArray[np.float32], NDArray[np.generic], list[str] | None, str, list[str] | None]:
     if not path.exists():
         raise BnfoldError(f"data path {str(path)!r} does not exist")
     if path.is_dir():
-        return (*_read_image_folder(path, image_size or DEFAULT_IMAGE_SIZE), str(path))
+        return (*_read_image_folder(path, image_size or DEFAULT_IMAGE_SIZE), str(path), None)
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        return (*_read_npz(path), str(path))
+        x, y, labels, features = _read_npz(path)
+        return x, y, labels, str(path), features
     if suffix == ".csv":
-        x, y = _read_csv(path, label_column or "label")
-        return x, y, None, str(path)
+        x, y, features = _read_csv(path, label_column or "label")
+        return x, y, None, str(path), features
     raise BnfoldError(f"{path}: unsupported data file type {suffix or '(none)'!r}; use .npz, .csv or an image folder")
 
 
-def _read_npz(path: Path) -> tuple[NDArray[np.float32], NDArray[np.generic], list[str] | None]:
+def _read_npz(path: Path) -> tuple[NDArray[np.float32], NDArray[np.generic], list[str] | None, list[str] | None]:
     with path.open("rb") as f:
         if f.read(4) != b"PK\x03\x04":
             raise BnfoldError(f"{path}: not a .npz file (no zip header); save with numpy.savez(path, X=..., y=...)")
@@ -175,10 +205,11 @@ def _read_npz(path: Path) -> tuple[NDArray[np.float32], NDArray[np.generic], lis
     if x.dtype.kind not in "biuf":
         raise BnfoldError(f"{path}: X must be numeric, got dtype {x.dtype}")
     labels = [str(v) for v in arrays["class_labels"].tolist()] if "class_labels" in arrays else None
-    return x.astype(np.float32), y, labels
+    features = [str(v) for v in arrays["feature_names"].tolist()] if "feature_names" in arrays else None
+    return x.astype(np.float32), y, labels, features
 
 
-def _read_csv(path: Path, label_column: str) -> tuple[NDArray[np.float32], NDArray[np.generic]]:
+def _read_csv(path: Path, label_column: str) -> tuple[NDArray[np.float32], NDArray[np.generic], list[str]]:
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: tolerate a BOM
             rows = list(csv.reader(f))
@@ -211,7 +242,7 @@ def _read_csv(path: Path, label_column: str) -> tuple[NDArray[np.float32], NDArr
             except ValueError:
                 raise BnfoldError(f"{path}: line {r}, column {features[c]!r}: not a number: {value!r}") from None
         y.append(row[li].strip())
-    return x, _numeric_if_possible(y)
+    return x, _numeric_if_possible(y), features
 
 
 def _numeric_if_possible(values: list[str]) -> NDArray[np.generic]:

@@ -31,10 +31,29 @@ def test_digits_layout_per_architecture(arch: str | None, shape: tuple[int, ...]
     assert data.X_train.min() == 0.0 and data.X_train.max() == 16.0  # raw pixels: the model normalizes
 
 
+def test_digits_without_importing_sklearn_are_sklearns_digits() -> None:
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from bnfold.data import _digits
+
+    x, y = _digits()
+    bunch = load_digits()
+    np.testing.assert_array_equal(x, bunch.images.astype(np.float32)[:, None])
+    np.testing.assert_array_equal(y, bunch.target)
+    code = "import sys; from bnfold.data import load_dataset; load_dataset('digits'); print('sklearn' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "False"  # the import costs seconds; the file is all that is needed
+
+
 def test_breast_cancer_is_tabular() -> None:
     data = load_dataset("breast-cancer", arch="mlp")
     assert data.input_shape == (30,)
     assert data.class_labels == ["malignant", "benign"]
+    assert data.feature_names is not None and data.feature_names[:2] == ["mean radius", "mean texture"]
+    assert len(data.feature_names) == 30
     assert len(data.y_train) + len(data.y_val) == 569
     assert load_dataset("breast-cancer", arch="conv1d").input_shape == (1, 30)
 
@@ -100,6 +119,7 @@ def test_csv_with_default_and_named_label_column(tmp_path: Path) -> None:
     (tmp_path / "t.csv").write_text("\ufeff" + "\n".join(rows) + "\n", encoding="utf-8")  # with a BOM
     data = load_dataset(path=tmp_path / "t.csv", arch="mlp")
     assert data.input_shape == (2,) and data.class_labels == ["no", "yes"]
+    assert data.feature_names == ["a", "b"]  # the columns in input order, the label column left out
     rows = ["kind,a,b"] + [f"{i % 3 * 5},{i},{-i}" for i in range(30)]
     (tmp_path / "k.csv").write_text("\n".join(rows))
     data = load_dataset(path=tmp_path / "k.csv", label_column="kind")
