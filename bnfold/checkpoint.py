@@ -9,19 +9,32 @@ A bnfold checkpoint is a plain dict (no pickled code)::
      "input_norm": {"mean": [...], "std": [...]},   # also inside the model as InputNorm
      "metrics": {"history": [...], "best_epoch": 7, ...},
      "dataset": "digits", "seed": 0, "train_config": {...},
+     "feature_names": ["f1", ...],       # tabular data: the input columns, in order (else absent/None)
+     "data_location": {"absolute": "/data/t.csv", "relative": "../data/t.csv"},  # user data only
      "bnfold_version": "...", "torch_version": "..."}
+
+``data_location`` says where the training data was: its absolute path, and its path relative to
+the checkpoint's directory (for a checkpoint moved together with its data).
 
 :func:`load_model` rebuilds the model from such a file, from a plain ``state_dict`` plus an
 architecture name (and config), or from a ``state_dict`` plus the user's own factory
-``"package.module:factory"``. Loading only ever uses ``weights_only=True``: a file whose pickle
-would run code is refused, never executed.
+``"package.module:factory"`` (imported from the current directory first, as ``python -m`` does)
+or ``"path/to/file.py:factory"``. Loading only ever uses ``weights_only=True``: a file whose
+pickle would run code is refused, never executed.
+
+The input shape is never guessed: it comes from ``input_shape=`` (``--input-shape``), the
+architecture config, the checkpoint, or the factory's model (``model.input_shape``); a bare
+``state_dict`` whose shape none of them gives is refused unless its weights fix it (an ``mlp``'s
+first layer). Convolutional state_dicts fix only the channels: any spatial size fits the weights.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import pickle
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -52,6 +65,7 @@ class LoadedModel:
     dataset: str | None  # bundled data set name when known
     meta: dict[str, Any] = field(default_factory=dict)  # metrics, seed, versions, input_norm, ...
     sha256: str = ""
+    notes: list[str] = field(default_factory=list)  # what loading decided that a user should know
 
 
 def save_checkpoint(
@@ -67,11 +81,49 @@ def save_checkpoint(
     input_norm: Mapping[str, list[float]] | None = None,
     metrics: Mapping[str, Any] | None = None,
     train_config: Mapping[str, Any] | None = None,
+    feature_names: list[str] | None = None,
+    data_path: str | Path | None = None,
 ) -> str:
-    """Write a bnfold checkpoint to ``path`` atomically; returns the file's sha256 (hex)."""
+    """Write a bnfold checkpoint to ``path`` atomically; returns the file's sha256 (hex).
+
+    ``data_path``: the user's training data file or folder, stored as ``data_location``.
+    """
     path = Path(path)
     if not path.parent.is_dir():
         raise BnfoldError(f"output directory {str(path.parent)!r} does not exist")
+    payload = checkpoint_payload(
+        model, arch=arch, arch_config=arch_config, input_shape=input_shape, class_labels=class_labels,
+        dataset=dataset, seed=seed, input_norm=input_norm, metrics=metrics, train_config=train_config,
+        feature_names=feature_names, data_path=data_path, saved_at=path)
+    with atomic_path(path, "checkpoint") as tmp:
+        torch.save(payload, tmp)
+        digest = sha256_file(tmp)
+    return digest
+
+
+def checkpoint_payload(
+    model: nn.Module,
+    *,
+    arch: str,
+    arch_config: Mapping[str, Any],
+    input_shape: tuple[int, ...] | list[int],
+    class_labels: list[str],
+    dataset: str | None = None,
+    seed: int | None = None,
+    input_norm: Mapping[str, list[float]] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    train_config: Mapping[str, Any] | None = None,
+    feature_names: list[str] | None = None,
+    data_path: str | Path | None = None,
+    saved_at: str | Path,
+) -> dict[str, Any]:
+    """The dict :func:`save_checkpoint` writes (for writers that stage several files at once);
+    ``saved_at`` is the checkpoint's final path, which ``data_location.relative`` is relative to."""
+    location = None
+    if data_path is not None:
+        absolute = Path(data_path).resolve()
+        location = {"absolute": str(absolute),
+                    "relative": os.path.relpath(absolute, Path(saved_at).resolve().parent)}
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -85,14 +137,12 @@ def save_checkpoint(
         "dataset": dataset,
         "seed": seed,
         "train_config": dict(train_config or {}),
+        "feature_names": [str(f) for f in feature_names] if feature_names else None,
+        "data_location": location,
         "bnfold_version": __version__,
         "torch_version": str(torch.__version__),  # TorchVersion is a str subclass weights_only refuses
     }
-    payload = {k: (v if k == "state_dict" else _plain(v, k)) for k, v in payload.items()}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-        digest = sha256_file(tmp)
-    return digest
+    return {k: (v if k == "state_dict" else _plain(v, k)) for k, v in payload.items()}
 
 
 def load_model(
@@ -101,13 +151,17 @@ def load_model(
     arch: str | None = None,
     arch_config: dict[str, Any] | None = None,
     model_factory: str | None = None,
+    input_shape: tuple[int, ...] | list[int] | None = None,
 ) -> LoadedModel:
     """Rebuild a model from a bnfold checkpoint or a ``state_dict`` file.
 
     For a bare ``state_dict`` give ``arch`` (a registry name; ``arch_config`` may carry ``width``,
     ``depth``, ``norm``, ``input_shape``, ``num_classes``) or ``model_factory``
-    (``"package.module:factory"``, called with ``arch_config`` minus ``input_shape``). Given with a
-    bnfold checkpoint, ``arch``/``model_factory`` override the stored architecture.
+    (``"package.module:factory"`` or ``"path/to/file.py:factory"``, called with ``arch_config``
+    minus ``input_shape``). Given with a bnfold checkpoint, ``arch``/``model_factory`` override the
+    stored architecture. ``input_shape`` (one sample, no batch axis) overrides every other source
+    of the shape (see the module docstring); a bare state_dict without one raises
+    :class:`BnfoldError` asking for it, unless the weights fix it.
     """
     path = Path(path)
     obj = read_checkpoint(path)
@@ -115,8 +169,9 @@ def load_model(
     meta: dict[str, Any] = {}
     class_labels: list[str] | None = None
     dataset: str | None = None
-    input_shape: tuple[int, ...] | None = None
+    stored_shape: tuple[int, ...] | None = None
     config = dict(arch_config or {})
+    notes: list[str] = []
 
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
         version = obj.get("format_version")
@@ -130,7 +185,7 @@ def load_model(
                                                           "class_labels", "dataset")}
         class_labels = [str(c) for c in obj.get("class_labels") or []] or None
         dataset = obj.get("dataset")
-        input_shape = tuple(int(d) for d in obj["input_shape"]) if obj.get("input_shape") else None
+        stored_shape = tuple(int(d) for d in obj["input_shape"]) if obj.get("input_shape") else None
         if arch is None and model_factory is None:
             arch = obj.get("arch")
             config = {**dict(obj.get("arch_config") or {}), **config}
@@ -147,11 +202,19 @@ def load_model(
     if not state:
         raise BnfoldError(f"{path}: the state_dict is empty")
 
+    given = tuple(int(d) for d in input_shape) if input_shape is not None else None
+    if given is not None and any(d < 1 for d in given):
+        raise BnfoldError(f"--input-shape must be positive sizes, got {list(given)}")
+    if given is not None and stored_shape is not None and given != stored_shape:
+        notes.append(f"input shape {_shape(given)} from --input-shape; the checkpoint was trained on "
+                     f"{_shape(stored_shape)}")
+    if given is not None:
+        config["input_shape"] = list(given)
     if model_factory is not None:
-        model, shape = _from_factory(path, model_factory, config, input_shape)
+        model, shape = _from_factory(path, model_factory, config, stored_shape)
         arch_name = model_factory
     elif arch is not None:
-        model, shape = _from_registry(path, arch, config, state, input_shape)
+        model, shape = _from_registry(path, arch, config, state, stored_shape)
         arch_name = arch
     else:
         raise BnfoldError(
@@ -163,8 +226,13 @@ def load_model(
     setattr(model, "input_shape", shape)  # noqa: B010 - nn.Module.__setattr__ is typed for tensors/modules
     if class_labels is None:
         class_labels = [str(i) for i in range(_num_outputs(model, shape))]
+    config.pop("input_shape", None)
     return LoadedModel(model=model, arch=arch_name or "", arch_config=config, input_shape=shape,
-                       class_labels=class_labels, dataset=dataset, meta=meta, sha256=sha)
+                       class_labels=class_labels, dataset=dataset, meta=meta, sha256=sha, notes=notes)
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
 
 
 def read_checkpoint(path: str | Path) -> Any:
@@ -213,17 +281,28 @@ def _from_registry(path: Path, arch: str, config: dict[str, Any], state: Mapping
     classes_cfg = cfg.pop("num_classes", None)
     shape = tuple(int(d) for d in shape_cfg) if shape_cfg else stored_shape
     if shape is None:
-        shape = _infer_input_shape(spec.input_rank, state)
+        shape = _input_shape_from_weights(path, arch, spec.input_rank, state)
     num_classes = int(classes_cfg) if classes_cfg else _infer_num_classes(path, state)
     return build_model(arch, input_shape=shape, num_classes=num_classes, norm=norm, **cfg), shape
 
 
-def _infer_input_shape(rank: int, state: Mapping[str, Any]) -> tuple[int, ...]:
-    """Channels from the stored InputNorm; the spatial size defaults to the digits size (the conv
-    models pool globally, so any size that survives the downsampling works)."""
-    norm = state.get("input_norm.scale")
-    channels = int(norm.shape[0]) if isinstance(norm, torch.Tensor) else 1
-    return {1: (channels,), 2: (channels, 64), 3: (channels, 8, 8)}[rank]
+def _input_shape_from_weights(path: Path, arch: str, rank: int, state: Mapping[str, Any]) -> tuple[int, ...]:
+    """The input shape a bare state_dict's weights fix: all of it for an ``mlp`` (its first Linear),
+    only the channels for the convolutional architectures, which pool globally and so take any
+    spatial size. Then the shape must be given: a guessed size would export a model for inputs
+    it was never trained on (a 3x32x32 CNN exported for 3x8x8) without a word."""
+    first = state.get("features.0.weight")
+    channels = int(first.shape[1]) if isinstance(first, torch.Tensor) and first.ndim >= 2 else None
+    if rank == 1 and channels is not None:
+        return (channels,)
+    axes = {2: "L", 3: "H,W"}.get(rank, "...")
+    known = f"its first layer takes {channels} channel(s), but " if channels is not None else ""
+    example = f"{channels if channels is not None else 'C'},{axes}"
+    digits = " (the digits data set: --input-shape 1,8,8)" if rank == 3 and channels in (1, None) else ""
+    raise BnfoldError(
+        f"{path}: a bare state_dict does not record the input shape it was trained on; {known}the {arch} weights fit "
+        f"any {'length' if rank == 2 else 'image size'}; give it with --input-shape {example}{digits}"
+    )
 
 
 def _infer_num_classes(path: Path, state: Mapping[str, Any]) -> int:
@@ -235,16 +314,7 @@ def _infer_num_classes(path: Path, state: Mapping[str, Any]) -> int:
 
 def _from_factory(path: Path, spec: str, config: dict[str, Any],
                   stored_shape: tuple[int, ...] | None) -> tuple[nn.Module, tuple[int, ...]]:
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise BnfoldError(f"model factory must look like 'package.module:factory', got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise BnfoldError(f"cannot import {module_name!r} for model factory {spec!r}: {exc}") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise BnfoldError(f"{module_name!r} has no callable {attr!r} (model factory {spec!r})")
+    factory = import_factory(spec)
     cfg = dict(config)
     shape_cfg = cfg.pop("input_shape", None)
     try:
@@ -256,9 +326,59 @@ def _from_factory(path: Path, spec: str, config: dict[str, Any],
     shape = shape_cfg or getattr(model, "input_shape", None) or stored_shape
     if not shape:
         raise BnfoldError(
-            f"model factory {spec!r}: the model has no input_shape attribute; give input_shape in the arch config"
+            f"model factory {spec!r}: the model has no input_shape attribute; give the shape of one sample with "
+            "--input-shape C,H,W (or input_shape in the arch config)"
         )
     return model, tuple(int(d) for d in shape)
+
+
+def import_factory(spec: str) -> Any:
+    """The callable ``spec`` names: ``"package.module:factory"``, imported with the current directory
+    first on the module path (as ``python -m`` has it), or ``"path/to/file.py:factory"``."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise BnfoldError(f"model factory must look like 'package.module:factory' or 'file.py:factory', got {spec!r}")
+    if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
+        module = _import_file(Path(module_name), spec)
+    else:
+        cwd = os.getcwd()
+        added = cwd not in sys.path and "" not in sys.path
+        if added:
+            sys.path.insert(0, cwd)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise BnfoldError(f"cannot import {module_name!r} for model factory {spec!r} (looked in the current "
+                              f"directory {cwd} and on the module path): {exc}") from None
+        finally:
+            if added:
+                sys.path.remove(cwd)
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise BnfoldError(f"{module_name!r} has no callable {attr!r} (model factory {spec!r})")
+    return factory
+
+
+def _import_file(file: Path, spec: str) -> Any:
+    if not file.is_file():
+        raise BnfoldError(f"model factory {spec!r}: {str(file)!r} is not a file")
+    name = f"_bnfold_factory_{file.stem}"
+    loader_spec = importlib.util.spec_from_file_location(name, file)
+    if loader_spec is None or loader_spec.loader is None:
+        raise BnfoldError(f"model factory {spec!r}: cannot import {str(file)!r} as Python source")
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[name] = module  # dataclasses and pickling look the module up by name
+    folder = str(file.resolve().parent)
+    sys.path.insert(0, folder)  # its own imports of modules beside it
+    try:
+        loader_spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        raise BnfoldError(f"model factory {spec!r}: importing {str(file)!r} failed: "
+                          f"{type(exc).__name__}: {exc}") from None
+    finally:
+        sys.path.remove(folder)
+    return module
 
 
 def _load_state(path: Path, model: nn.Module, state: Mapping[str, Any], arch: str) -> None:

@@ -326,16 +326,38 @@ def graph_input(model: onnx.ModelProto) -> tuple[str, list[int | str]]:
     raise BnfoldError("the ONNX graph has no input")
 
 
-def sample_shape(model: onnx.ModelProto) -> list[int]:
-    """The per-sample input shape (without the batch axis); every other axis must be fixed."""
+def sample_shape(model: onnx.ModelProto, given: Sequence[int] | None = None) -> list[int]:
+    """The per-sample input shape (without the batch axis).
+
+    Without ``given`` every axis but the first must be fixed. ``given`` (from ``--input-shape``)
+    must have the graph's rank and agree with every fixed axis; it fills the dynamic ones.
+    """
     name, dims = graph_input(model)
     rest = dims[1:]
+    if given is not None:
+        shape = [int(d) for d in given]
+        clash = len(shape) != len(rest) or any(isinstance(d, int) and d > 0 and d != g
+                                               for d, g in zip(rest, shape, strict=False))
+        if clash or any(d <= 0 for d in shape):
+            raise BnfoldError(
+                f"--input-shape {','.join(map(str, shape))} does not fit ONNX input {name!r} with dimensions "
+                f"{dims} (batch axis first)"
+            )
+        return shape
     if not dims or any(not isinstance(d, int) or d <= 0 for d in rest):
         raise BnfoldError(
-            f"cannot tell the sample shape of ONNX input {name!r} with dimensions {dims}: "
-            "every axis but the first (batch) must be fixed"
+            f"cannot tell the sample shape of ONNX input {name!r} with dimensions {dims}: every axis but the "
+            "first (batch) must be fixed, or give the shape to verify at with --input-shape"
         )
     return [int(d) for d in rest]
+
+
+def output_size(model: onnx.ModelProto) -> int | None:
+    """The last dimension of the first graph output (the number of logits), if the graph fixes it."""
+    dims = model.graph.output[0].type.tensor_type.shape.dim if model.graph.output else []
+    if not dims or not dims[-1].HasField("dim_value") or dims[-1].dim_value <= 0:
+        return None
+    return int(dims[-1].dim_value)
 
 
 def has_dynamic_batch(model: onnx.ModelProto) -> bool:

@@ -73,7 +73,7 @@ def test_file_is_a_plain_dict_for_weights_only_load(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("payload", "arch_config"),
     [
-        pytest.param("bare", {"width": 4, "depth": 1}, id="bare-state-dict"),
+        pytest.param("bare", {"width": 4, "depth": 1, "input_shape": [1, 8, 8]}, id="bare-state-dict"),
         pytest.param("wrapped", {"width": 4, "depth": 1, "input_shape": [1, 8, 8], "num_classes": 4},
                      id="state-dict-wrapper-with-shapes"),
     ],
@@ -92,9 +92,35 @@ def test_state_dict_plus_arch_name(tmp_path: Path, payload: str, arch_config: di
 def test_state_dict_without_bn_infers_norm_none(tmp_path: Path) -> None:
     model = _model(norm="none")
     torch.save(model.state_dict(), tmp_path / "s.pt")
-    loaded = load_model(tmp_path / "s.pt", arch="cnn", arch_config={"width": 4, "depth": 1})
+    loaded = load_model(tmp_path / "s.pt", arch="cnn", arch_config={"width": 4, "depth": 1}, input_shape=(1, 8, 8))
     x = torch.randn(3, 1, 8, 8)
     torch.testing.assert_close(loaded.model(x), model(x), rtol=0, atol=0)
+
+
+def test_a_bare_conv_state_dict_needs_its_input_shape(tmp_path: Path) -> None:
+    """A 3x32x32 CNN's weights fit 3x8x8 inputs too: the size is asked for, never guessed."""
+    model = build_model("cnn", input_shape=(3, 32, 32), num_classes=4, width=4, depth=1)
+    torch.save(model.state_dict(), tmp_path / "s.pt")
+    with pytest.raises(BnfoldError, match=r"s\.pt: a bare state_dict does not record the input shape it was trained "
+                       r"on; its first layer takes 3 channel\(s\), but the cnn weights fit any image size; give it "
+                       r"with --input-shape 3,H,W$"):
+        load_model(tmp_path / "s.pt", arch="cnn", arch_config={"width": 4, "depth": 1})
+    loaded = load_model(tmp_path / "s.pt", arch="cnn", arch_config={"width": 4, "depth": 1}, input_shape=[3, 32, 32])
+    assert loaded.input_shape == (3, 32, 32) and loaded.notes == []
+
+
+def test_a_bare_mlp_state_dict_has_its_input_shape_in_its_weights(tmp_path: Path) -> None:
+    model = build_model("mlp", input_shape=(30,), num_classes=2, width=8, depth=2)
+    torch.save(model.state_dict(), tmp_path / "s.pt")
+    loaded = load_model(tmp_path / "s.pt", arch="mlp", arch_config={"width": 8, "depth": 2})
+    assert loaded.input_shape == (30,)
+
+
+def test_input_shape_overrides_the_checkpoint_and_says_so(tmp_path: Path) -> None:
+    _save(tmp_path / "m.pt", _model())
+    loaded = load_model(tmp_path / "m.pt", input_shape=(1, 16, 16))
+    assert loaded.input_shape == (1, 16, 16)
+    assert loaded.notes == ["input shape 1x16x16 from --input-shape; the checkpoint was trained on 1x8x8"]
 
 
 FACTORY = """
@@ -136,6 +162,29 @@ def test_user_factory_plus_state_dict(tmp_path: Path, factory_module: str) -> No
 
 # ---- bad files ----------------------------------------------------------------------------------
 
+
+
+@pytest.mark.parametrize("spec", [pytest.param("{name}:tiny", id="module-in-the-current-directory"),
+                                  pytest.param("src/{name}.py:tiny", id="relative-file-path"),
+                                  pytest.param("{tmp}/src/{name}.py:tiny", id="absolute-file-path")])
+def test_user_factory_from_the_current_directory_or_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          spec: str) -> None:
+    name = f"cwd_models_{os.getpid()}"
+    folder = tmp_path if spec.startswith("{name}") else tmp_path / "src"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.py").write_text(textwrap.dedent(FACTORY))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 2)).eval()
+    torch.save(model.state_dict(), tmp_path / "u.pt")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])  # as the console script
+    try:
+        loaded = load_model("u.pt", model_factory=spec.format(name=name, tmp=tmp_path))
+    finally:
+        sys.modules.pop(name, None)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(loaded.model(x), model(x), rtol=0, atol=0)
+    assert str(tmp_path) not in sys.path and "" not in sys.path  # the module path is as it was
 
 class _RunsCode:
     """Pickles to a call of os.system that would create a marker file."""
@@ -203,10 +252,11 @@ def _bad(tmp_path: Path, case: str) -> tuple[Path, dict[str, Any]]:
         state["extra.weight"] = torch.zeros(2)
         state["head.2.weight"] = torch.zeros(7, 4)
         torch.save(state, path)
-        return path, {"arch": "cnn", "arch_config": {"width": 4, "depth": 1, "num_classes": 4}}
+        return path, {"arch": "cnn", "arch_config": {"width": 4, "depth": 1, "num_classes": 4},
+                      "input_shape": [1, 8, 8]}
     elif case == "wrong-width":
         torch.save(good, path)
-        return path, {"arch": "cnn", "arch_config": {"width": 8, "depth": 1}}
+        return path, {"arch": "cnn", "arch_config": {"width": 8, "depth": 1}, "input_shape": (1, 8, 8)}
     elif case == "bad-factory":
         torch.save(good, path)
         return path, {"model_factory": "no_such_pkg_xyz.models:make"}
@@ -239,7 +289,8 @@ BAD = [
     pytest.param("wrong-width", r"does not match architecture 'cnn': \d+ shape mismatches \(features\.0\.weight: "
                  r"file \(4, 1, 3, 3\) vs model \(8, 1, 3, 3\), .*, \.\.\.\)", id="wrong-width"),
     pytest.param("bad-factory", r"cannot import 'no_such_pkg_xyz\.models' for model factory", id="bad-factory"),
-    pytest.param("malformed-factory", r"model factory must look like 'package\.module:factory', got 'just_a_name'",
+    pytest.param("malformed-factory", r"model factory must look like 'package\.module:factory' or 'file\.py:factory', "
+                 r"got 'just_a_name'",
                  id="malformed-factory"),
 ]
 
@@ -255,7 +306,8 @@ def test_bad_checkpoint_is_one_line_bnfold_error(tmp_path: Path, case: str, patt
 @pytest.mark.parametrize(
     ("factory", "pattern"),
     [
-        pytest.param("shapeless", r"the model has no input_shape attribute; give input_shape", id="no-input-shape"),
+        pytest.param("shapeless", r"the model has no input_shape attribute; give the shape of one sample with "
+                     r"--input-shape C,H,W", id="no-input-shape"),
         pytest.param("not_a_model", r"returned a int, not a torch\.nn\.Module", id="not-a-module"),
         pytest.param("missing", r"has no callable 'missing'", id="no-such-factory"),
     ],
