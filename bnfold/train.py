@@ -7,6 +7,9 @@ stepped per batch) followed by a validation pass. The state (weights and batch-n
 statistics) of the epoch with the highest validation accuracy is kept (ties: the lower
 validation loss) and is what :func:`train` returns and saves.
 
+Ctrl-C ends training early: the best epoch so far is what :func:`train` returns and saves
+(:attr:`TrainResult.interrupted` says so); an interrupt before the first epoch ends saves nothing.
+
 Reproducibility: with ``device="cpu"`` the same config and seed give the same weights
 (``torch.manual_seed`` for initialization and dropout, a separately seeded ``torch.Generator``
 for the batch order, no data-loader workers). Training uses one CPU thread by default: these
@@ -26,8 +29,10 @@ import torch
 from torch import nn
 
 from bnfold.archs import build_model, get_arch, resolve_config
+from bnfold.atomic import Writes, check_writable
 from bnfold.data import Dataset, load_dataset
 from bnfold.errors import BnfoldError
+from bnfold.files import sha256_file
 from bnfold.layers import InputNorm
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -67,6 +72,8 @@ class TrainResult:
     config: TrainConfig
     input_norm: dict[str, list[float]]  # {"mean": [...], "std": [...]} per input channel
     checkpoint_sha256: str | None = None  # set when saved
+    epochs: int = 0  # epochs planned (len(history) is how many ran)
+    interrupted: bool = False  # Ctrl-C ended training after len(history) epochs
 
     @property
     def dataset_name(self) -> str:
@@ -92,16 +99,18 @@ def train(
 ) -> TrainResult:
     """Train per ``config``; save the best checkpoint to ``output`` and curves to ``plot`` if given.
 
-    Everything that can be wrong with the inputs (data, arch, options, output directory) is checked
-    before training, and files are written atomically at the end, so a failed run writes nothing.
+    Everything that can be wrong with the inputs (data, arch, options, and whether each output can
+    be written) is checked before training, and the files are written together at the end (both
+    or neither), so a failed run writes nothing. Ctrl-C saves the best epoch so far (see the
+    module docstring).
     """
     config = config or TrainConfig()
     plan = _resolve(config)
-    for target in (output, plot):
-        if target is not None and not Path(target).parent.is_dir():
-            raise BnfoldError(f"output directory {str(Path(target).parent)!r} does not exist")
-        if target is not None and Path(target).is_dir():
-            raise BnfoldError(f"output {str(target)!r} is a directory; give a file name")
+    targets = [(what, Path(t)) for what, t in (("checkpoint", output), ("plot", plot)) if t is not None]
+    if len(targets) == 2 and targets[0][1].resolve() == targets[1][1].resolve():
+        raise BnfoldError(f"the checkpoint and the plot are the same file {str(output)!r}")
+    for what, target in targets:
+        check_writable(target, what)
     data = load_dataset(
         plan.dataset if config.data is None else None, path=config.data, seed=config.seed,
         val_fraction=config.val_fraction, label_column=config.label_column, image_size=config.image_size,
@@ -116,10 +125,14 @@ def train(
         result = _fit(config, plan, data, progress)
     finally:
         torch.set_num_threads(previous_threads)
-    if output is not None:
-        result.checkpoint_sha256 = save_result(result, output)
-    if plot is not None:
-        plot_history(result.history, plot, title=f"{config.arch} on {data.name}")
+    with Writes() as writes:
+        if output is not None:
+            tmp = writes.path(output, "checkpoint")
+            torch.save(result_payload(result, output), tmp)
+            result.checkpoint_sha256 = sha256_file(tmp)
+        if plot is not None:
+            _draw(result, writes.path(plot, "plot"), title=f"{config.arch} on {data.name}")
+        writes.commit()
     return result
 
 
@@ -177,44 +190,50 @@ def _fit(config: TrainConfig, plan: _Plan, data: Dataset, progress: bool) -> Tra
     best_epoch = 0
     started = time.perf_counter()
     bar = _ProgressBar(progress, epochs, steps_per_epoch)
+    interrupted = False
     with bar:
-        for epoch in range(1, epochs + 1):
-            t0 = time.perf_counter()
-            model.train()
-            order = torch.randperm(len(x_train), generator=generator).to(device)
-            seen, loss_sum, correct = 0, 0.0, 0
-            bar.start_epoch(epoch)
-            for step in range(steps_per_epoch):
-                idx = order[step * batch_size:(step + 1) * batch_size]
-                if len(idx) < 2 and config.norm == "bn":
-                    continue  # batch norm cannot train on a batch of one
-                xb, yb = x_train[idx], y_train[idx]
-                logits = model(xb)
-                loss = loss_fn(logits, yb)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                seen += len(idx)
-                loss_sum += float(loss.detach()) * len(idx)
-                correct += int((logits.detach().argmax(1) == yb).sum())
-                bar.advance(loss_sum / seen, correct / seen)
-            val_loss, val_acc = evaluate(model, x_val, y_val, batch_size=max(batch_size, 256))
-            row = {
-                "epoch": float(epoch),
-                "train_loss": loss_sum / max(seen, 1),
-                "train_accuracy": correct / max(seen, 1),
-                "val_loss": val_loss,
-                "val_accuracy": val_acc,
-                "lr": float(optimizer.param_groups[0]["lr"]),
-                "seconds": time.perf_counter() - t0,
-            }
-            history.append(row)
-            bar.end_epoch(row)
-            if (val_acc, -val_loss) > (best[0], -best[1]):
-                best = (val_acc, val_loss)
-                best_epoch = epoch
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        try:
+            for epoch in range(1, epochs + 1):
+                t0 = time.perf_counter()
+                model.train()
+                order = torch.randperm(len(x_train), generator=generator).to(device)
+                seen, loss_sum, correct = 0, 0.0, 0
+                bar.start_epoch(epoch)
+                for step in range(steps_per_epoch):
+                    idx = order[step * batch_size:(step + 1) * batch_size]
+                    if len(idx) < 2 and config.norm == "bn":
+                        continue  # batch norm cannot train on a batch of one
+                    xb, yb = x_train[idx], y_train[idx]
+                    logits = model(xb)
+                    loss = loss_fn(logits, yb)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    schedule.step()
+                    seen += len(idx)
+                    loss_sum += float(loss.detach()) * len(idx)
+                    correct += int((logits.detach().argmax(1) == yb).sum())
+                    bar.advance(loss_sum / seen, correct / seen)
+                val_loss, val_acc = evaluate(model, x_val, y_val, batch_size=max(batch_size, 256))
+                row = {
+                    "epoch": float(epoch),
+                    "train_loss": loss_sum / max(seen, 1),
+                    "train_accuracy": correct / max(seen, 1),
+                    "val_loss": val_loss,
+                    "val_accuracy": val_acc,
+                    "lr": float(optimizer.param_groups[0]["lr"]),
+                    "seconds": time.perf_counter() - t0,
+                }
+                improved = (val_acc, -val_loss) > (best[0], -best[1])
+                if improved:  # copy first, then swap in: an interrupt never leaves a half-updated best
+                    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                    best, best_epoch, best_state = (val_acc, val_loss), epoch, state
+                history.append(row)
+                bar.end_epoch(row, best=improved)
+        except KeyboardInterrupt:
+            if best_epoch == 0:
+                raise  # not one epoch finished: nothing worth saving
+            interrupted = True
     seconds = time.perf_counter() - started
 
     model.to("cpu")
@@ -222,8 +241,9 @@ def _fit(config: TrainConfig, plan: _Plan, data: Dataset, progress: bool) -> Tra
     model.eval()
     return TrainResult(
         model=model, arch=config.arch, arch_config={**plan.arch_config, "norm": config.norm}, dataset=data,
-        history=history, best_epoch=best_epoch, best_val_accuracy=best[0], seconds=seconds, config=config,
-        input_norm={"mean": mean, "std": std},
+        history=history, best_epoch=best_epoch, best_val_accuracy=best[0],
+        seconds=seconds, config=config, input_norm={"mean": mean, "std": std}, epochs=epochs,
+        interrupted=interrupted,
     )
 
 
@@ -242,43 +262,74 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
     return loss_sum / len(x), correct / len(x)
 
 
-def save_result(result: TrainResult, output: str | Path) -> str:
-    """Save ``result`` as a bnfold checkpoint (atomically); returns its sha256."""
-    from bnfold.checkpoint import save_checkpoint
+def result_payload(result: TrainResult, output: str | Path) -> dict[str, Any]:
+    """The checkpoint dict of ``result`` (see :mod:`bnfold.checkpoint`), to be saved at ``output``."""
+    from bnfold.checkpoint import checkpoint_payload
 
     cfg = asdict(result.config)
-    return save_checkpoint(
-        output, result.model, arch=result.arch, arch_config=result.arch_config,
+    return checkpoint_payload(
+        result.model, arch=result.arch, arch_config=result.arch_config,
         input_shape=result.dataset.input_shape, class_labels=result.dataset.class_labels,
         dataset=result.dataset.name, seed=result.config.seed, input_norm=result.input_norm,
         metrics={"history": result.history, "best_epoch": result.best_epoch,
-                 "best_val_accuracy": result.best_val_accuracy, "seconds": result.seconds},
+                 "best_val_accuracy": result.best_val_accuracy, "seconds": result.seconds,
+                 "epochs_planned": result.epochs or len(result.history), "interrupted": result.interrupted},
         train_config={k: v for k, v in cfg.items() if v is not None},
+        feature_names=result.dataset.feature_names,
+        data_path=result.config.data, saved_at=output,
     )
 
 
-def plot_history(history: list[dict[str, float]], path: str | Path, *, title: str = "") -> None:
-    """Loss and accuracy curves, train vs validation, as a PNG (matplotlib Agg), written atomically."""
+def save_result(result: TrainResult, output: str | Path) -> str:
+    """Save ``result`` as a bnfold checkpoint (atomically); returns its sha256."""
+    from bnfold.atomic import atomic_path
+
+    with atomic_path(output, "checkpoint") as tmp:
+        torch.save(result_payload(result, output), tmp)
+        return sha256_file(tmp)
+
+
+def plot_history(history: list[dict[str, float]], path: str | Path, *, title: str = "",
+                 best_epoch: int | None = None) -> None:
+    """Loss and accuracy curves, train vs validation, as a PNG (matplotlib Agg), written atomically.
+
+    ``best_epoch`` (1-based) is marked on both panels: it is the epoch a checkpoint keeps.
+    """
+    from bnfold.atomic import atomic_path
+
+    with atomic_path(path, "plot") as tmp:
+        _plot(history, tmp, title=title, best_epoch=best_epoch)
+
+
+def _draw(result: TrainResult, path: Path, *, title: str) -> None:
+    if result.interrupted:
+        title += f" (interrupted after epoch {len(result.history)} of {result.epochs})"
+    _plot(result.history, path, title=title, best_epoch=result.best_epoch)
+
+
+def _plot(history: list[dict[str, float]], path: Path, *, title: str, best_epoch: int | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    from bnfold.atomic import atomic_path
-
     epochs = [int(r["epoch"]) for r in history]
     fig = Figure(figsize=(9, 3.6), layout="constrained")
     for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy"), strict=True):
         ax.plot(epochs, [r[f"train_{metric}"] for r in history], marker="o", label="train")
-        ax.plot(epochs, [r[f"val_{metric}"] for r in history], marker="o", label="validation")
+        val = [r[f"val_{metric}"] for r in history]
+        ax.plot(epochs, val, marker="o", label="validation")
+        if best_epoch is not None and 1 <= best_epoch <= len(history):
+            ax.axvline(best_epoch, color="0.4", linestyle="--", linewidth=1)
+            ax.plot([best_epoch], [val[best_epoch - 1]], marker="*", markersize=16, color="tab:red",
+                    linestyle="none", label=f"saved: epoch {best_epoch}", zorder=3)
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend()
     if title:
         fig.suptitle(title)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    fig.savefig(path, format="png", dpi=100)
 
 
 def _check_options(config: TrainConfig, plan: _Plan) -> None:
@@ -308,23 +359,28 @@ def _optimizer(name: str, model: nn.Module, lr: float, weight_decay: float) -> t
 
 
 class _ProgressBar:
-    """A rich progress bar per epoch on stderr (loss, accuracy), or nothing when disabled."""
+    """Training progress on stderr: one line per finished epoch, and on a terminal a bar for the
+    epoch under way (cleared when training ends). Lines fit 80 columns; nothing when disabled."""
 
     def __init__(self, enabled: bool, epochs: int, steps: int) -> None:
         self.enabled, self.epochs, self.steps = enabled, epochs, steps
         self.progress: Any = None
         self.task: Any = None
+        self.console: Any = None
 
     def __enter__(self) -> _ProgressBar:
         if self.enabled:
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[metrics]}"), TimeElapsedColumn(), console=Console(stderr=True),
-            )
-            self.progress.__enter__()
+            self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+            if self.console.is_terminal:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+                self.progress = Progress(
+                    TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
+                    TextColumn("{task.fields[metrics]}"), TimeElapsedColumn(), console=self.console, transient=True,
+                )
+                self.progress.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -333,16 +389,28 @@ class _ProgressBar:
 
     def start_epoch(self, epoch: int) -> None:
         if self.progress is not None:
+            if self.task is not None:
+                self.progress.remove_task(self.task)
             self.task = self.progress.add_task(f"epoch {epoch}/{self.epochs}", total=self.steps, metrics="")
 
     def advance(self, loss: float, accuracy: float) -> None:
         if self.progress is not None:
             self.progress.update(self.task, advance=1, metrics=f"loss {loss:.4f} acc {accuracy:.3f}")
 
-    def end_epoch(self, row: dict[str, float]) -> None:
+    def end_epoch(self, row: dict[str, float], *, best: bool) -> None:
+        if self.console is None:
+            return
+        line = epoch_line(row, self.epochs, best=best)
         if self.progress is not None:
-            self.progress.update(
-                self.task, completed=self.steps,
-                metrics=f"loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f} | "
-                f"val loss {row['val_loss']:.4f} val acc {row['val_accuracy']:.3f}",
-            )
+            self.progress.console.print(line)
+        else:
+            self.console.print(line)
+            self.console.file.flush()
+
+
+def epoch_line(row: dict[str, float], epochs: int, *, best: bool) -> str:
+    """``epoch  3/12  loss 0.1234 acc 0.970  val loss 0.0812 acc 0.975  0.4s  best`` (at most 80 columns)."""
+    width = len(str(epochs))
+    return (f"epoch {int(row['epoch']):>{width}}/{epochs}  loss {row['train_loss']:.4f} acc "
+            f"{row['train_accuracy']:.3f}  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.3f}  "
+            f"{row['seconds']:.1f}s" + ("  best" if best else ""))

@@ -150,10 +150,47 @@ def test_bad_options_fail_before_writing(tmp_path: Path, config: dict[str, Any],
 
 
 def test_bad_output_path_fails_before_training(tmp_path: Path) -> None:
-    with pytest.raises(BnfoldError, match=r"output directory '.*missing' does not exist"):
+    with pytest.raises(BnfoldError, match=r"checkpoint directory '.*missing' does not exist"):
         train(_small("mlp"), output=tmp_path / "missing" / "m.pt")
-    with pytest.raises(BnfoldError, match=r"output '.*' is a directory; give a file name"):
+    with pytest.raises(BnfoldError, match=r"plot '.*' is a directory, expected a file name"):
         train(_small("mlp"), plot=tmp_path)
+    with pytest.raises(BnfoldError, match=r"plot directory '.*missing' does not exist"):
+        train(_small("mlp"), output=tmp_path / "m.pt", plot=tmp_path / "missing" / "c.png")
+    with pytest.raises(BnfoldError, match=r"the checkpoint and the plot are the same file"):
+        train(_small("mlp"), output=tmp_path / "m.pt", plot=tmp_path / "m.pt")
+    assert list(tmp_path.iterdir()) == []  # not even the checkpoint that could have been written
+
+
+def test_interrupt_keeps_the_best_epoch_so_far(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bnfold.train as train_module
+
+    real, calls = train_module.evaluate, []
+
+    def evaluate_then_interrupt(*args: object, **kwargs: object) -> tuple[float, float]:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C during the third epoch's validation
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate_then_interrupt)
+    result = train(_small("mlp", epochs=10), output=tmp_path / "m.pt", plot=tmp_path / "c.png")
+    assert result.interrupted and len(result.history) == 2 and result.epochs == 10
+    assert result.best_epoch in (1, 2)
+    meta = load_model(tmp_path / "m.pt").meta["metrics"]
+    assert meta["interrupted"] is True and meta["epochs_planned"] == 10 and len(meta["history"]) == 2
+    assert (tmp_path / "c.png").is_file()
+
+
+def test_interrupt_in_the_first_epoch_saves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bnfold.train as train_module
+
+    def interrupt(*args: object, **kwargs: object) -> tuple[float, float]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "evaluate", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(_small("mlp"), output=tmp_path / "m.pt")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_rgb_image_folder_trains_and_folds(tmp_path: Path) -> None:
