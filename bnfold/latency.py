@@ -59,9 +59,24 @@ def interleaved_medians(runners: dict[str, Runner], x: np.ndarray, *, repeats: i
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+@dataclass(frozen=True)
+class Bench:
+    """The latencies, and how many batch norms the fold folded and kept (0 folded: nothing changed)."""
+
+    rows: list[Latency]
+    folded: int
+    kept: int
+
+
 def bench_file(path: str | Path, options: LoadOptions | None = None, *, batches: Sequence[int] = (1, 32),
                repeats: int = 50, warmup: int = 5, seed: int = 0, threads: int = 1) -> list[Latency]:
     """Load ``path`` (checkpoint or ONNX), fold it, and time unfolded vs folded per runtime and batch."""
+    return bench(path, options, batches=batches, repeats=repeats, warmup=warmup, seed=seed, threads=threads).rows
+
+
+def bench(path: str | Path, options: LoadOptions | None = None, *, batches: Sequence[int] = (1, 32),
+          repeats: int = 50, warmup: int = 5, seed: int = 0, threads: int = 1) -> Bench:
+    """:func:`bench_file`, also saying how many batch norms were folded."""
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     source = load_source(path, options)
@@ -78,8 +93,9 @@ def bench_file(path: str | Path, options: LoadOptions | None = None, *, batches:
 
 
 def _bench(source: Source, batches: Sequence[int], repeats: int, warmup: int, seed: int,
-           threads: int) -> list[Latency]:
-    folded = fold_source(source, export.random_inputs(source.input_shape, 2, seed=seed)).model
+           threads: int) -> Bench:
+    fold = fold_source(source, export.random_inputs(source.input_shape, 2, seed=seed))
+    folded = fold.model
     pairs: dict[str, tuple[Runner, Runner]] = {}
     if source.kind == "checkpoint":
         pairs["pytorch eager"] = (runner(source.model), runner(folded))
@@ -100,4 +116,4 @@ def _bench(source: Source, batches: Sequence[int], repeats: int, warmup: int, se
         medians = interleaved_medians(runners, x, repeats=repeats, warmup=warmup)
         for label in pairs:
             rows.append(Latency(label, batch, medians[f"{label}|0"] * 1e3, medians[f"{label}|1"] * 1e3))
-    return rows
+    return Bench(rows, fold.counts["folded"], fold.counts["kept"])

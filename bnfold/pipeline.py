@@ -62,7 +62,8 @@ class LoadOptions:
 
     arch: str | None = None  # a bnfold architecture name, e.g. "cnn"
     arch_config: dict[str, Any] | None = None  # keyword overrides for the architecture
-    model_factory: str | None = None  # "package.module:factory" returning an nn.Module
+    model_factory: str | None = None  # "package.module:factory" or "path/to/file.py:factory"
+    input_shape: tuple[int, ...] | None = None  # per sample, no batch axis; overrides what the file records
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,13 @@ class Source:
     architecture: str
     input_shape: list[int]  # per sample, no batch axis
     class_labels: list[str]
-    dataset: str | None = None
+    dataset: str | None = None  # the training data set: a bundled name, or the data path as given
     data_seed: int = 0  # the seed the checkpoint's train/validation split used
+    num_outputs: int | None = None  # logits per sample, when known
+    feature_names: list[str] = field(default_factory=list)  # tabular inputs: the columns, in input order
+    data_paths: list[str] = field(default_factory=list)  # where a training data file may be, first match wins
+    data_options: dict[str, Any] = field(default_factory=dict)  # label_column, image_size, val_fraction
+    notes: list[str] = field(default_factory=list)  # what loading decided (an --input-shape override)
 
 
 @dataclass
@@ -139,20 +145,11 @@ class Outcome:
         return self.exported.exporter if self.exported is not None else ""
 
     def to_dict(self) -> dict[str, Any]:
-        src = self.source
         return {
             "bnfold_version": __version__,
-            "source": {
-                "path": str(src.path), "sha256": src.sha256, "kind": src.kind, "architecture": src.architecture,
-                "input_shape": src.input_shape, "class_labels": src.class_labels, "dataset": src.dataset,
-            },
-            "fold": {
-                "counts": self.fold.counts,
-                "stages": self.stages,
-                "batchnorms": [{"bn": bn, "status": st, "stage": stage, "detail": detail}
-                               for bn, st, stage, detail in self.fold.staged_rows()],
-                "notes": list(self.fold.notes),
-            },
+            "passed": True,
+            "source": _source_dict(self.source),
+            "fold": _fold_dict(self.fold, self.stages),
             "notes": list(self.notes),
             "checks": {c.key: {"stage": c.stage, **c.report.to_dict()} for c in self.checks},
             "onnx": {
@@ -174,6 +171,24 @@ class Outcome:
         }
 
 
+def _source_dict(src: Source) -> dict[str, Any]:
+    return {
+        "path": str(src.path), "sha256": src.sha256, "kind": src.kind, "architecture": src.architecture,
+        "input_shape": src.input_shape, "class_labels": src.class_labels, "num_outputs": src.num_outputs,
+        "feature_names": src.feature_names, "dataset": src.dataset,
+    }
+
+
+def _fold_dict(fold: FoldResult[Any], stages: dict[str, dict[str, int]]) -> dict[str, Any]:
+    return {
+        "counts": fold.counts,
+        "stages": stages,
+        "batchnorms": [{"bn": bn, "status": st, "stage": stage, "detail": detail}
+                       for bn, st, stage, detail in fold.staged_rows()],
+        "notes": list(fold.notes),
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 
@@ -181,22 +196,58 @@ class Outcome:
 def load_source(path: str | Path, options: LoadOptions | None = None) -> Source:
     """Load a checkpoint/state_dict (``options`` say how to rebuild a bare state_dict) or an ONNX file."""
     p = existing_file(path, "input", "a checkpoint (.pt) or an ONNX file (.onnx)")
+    opts = options or LoadOptions()
     digest = sha256_file(p)
     if export.is_onnx_file(p):
-        model = export.read_onnx(p)
-        meta = {e.key: e.value for e in model.metadata_props}
-        cert = _certificate_or_none(meta)
-        shape = export.sample_shape(model)
-        name = model.graph.name or p.stem
-        return Source(p, digest, "onnx", model, cert.architecture if cert and cert.architecture else f"onnx:{name}",
-                      shape, cert.class_labels if cert else [], None)
+        return _load_onnx(p, digest, opts)
     from bnfold.checkpoint import load_model
 
-    opts = options or LoadOptions()
-    loaded = load_model(p, arch=opts.arch, arch_config=opts.arch_config, model_factory=opts.model_factory)
+    loaded = load_model(p, arch=opts.arch, arch_config=opts.arch_config, model_factory=opts.model_factory,
+                        input_shape=opts.input_shape)
+    train_config = loaded.meta.get("train_config") or {}
+    data_options = {k: train_config[k] for k in ("label_column", "image_size", "val_fraction")
+                    if train_config.get(k) is not None}
+    location = loaded.meta.get("data_location") or {}
+    paths = [str(location["absolute"])] if location.get("absolute") else []
+    if location.get("relative"):
+        paths.append(str(p.parent / location["relative"]))  # the checkpoint and its data moved together
+    if loaded.dataset:
+        paths.append(str(loaded.dataset))  # as given at training time: relative to where it ran
     return Source(p, digest, "checkpoint", loaded.model, str(loaded.arch or type(loaded.model).__name__),
                   [int(d) for d in loaded.input_shape], [str(c) for c in (loaded.class_labels or [])],
-                  loaded.dataset, _int_or(loaded.meta.get("seed"), 0))
+                  loaded.dataset, _int_or(loaded.meta.get("seed"), 0), num_outputs=len(loaded.class_labels or []),
+                  feature_names=[str(f) for f in loaded.meta.get("feature_names") or []],
+                  data_paths=list(dict.fromkeys(paths)), data_options=data_options, notes=list(loaded.notes))
+
+
+def _load_onnx(p: Path, digest: str, opts: LoadOptions) -> Source:
+    model = export.read_onnx(p)
+    meta = {e.key: e.value for e in model.metadata_props}
+    cert = _certificate_or_none(meta)
+    notes: list[str] = []
+    if opts.input_shape is not None:
+        shape = export.sample_shape(model, list(opts.input_shape))
+        if not all(isinstance(d, int) for d in export.graph_input(model)[1][1:]):
+            notes.append(f"verified at the input shape {list(shape)} given with --input-shape; the graph "
+                         "accepts other sizes along its dynamic axes too")
+    else:
+        shape = export.sample_shape(model)
+    name = model.graph.name or p.stem
+    labels = cert.class_labels if cert else []
+    outputs = export.output_size(model)
+    return Source(p, digest, "onnx", model, cert.architecture if cert and cert.architecture else f"onnx:{name}",
+                  shape, labels, None, num_outputs=outputs or (len(labels) or None),
+                  feature_names=_json_list(meta.get(FEATURE_NAMES_KEY)), notes=notes)
+
+
+def _json_list(text: str | None) -> list[str]:
+    if not text:
+        return []
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else []
 
 
 def _int_or(value: Any, default: int) -> int:
@@ -214,18 +265,26 @@ def input_sets(source: Source, config: Config, notes: list[str] | None = None) -
     """The inputs to verify on: random N(0, 1) samples, plus real validation samples if a data set is known.
 
     Data the user named (``config.data``) must load; the checkpoint's own data set is skipped with
-    a note in ``notes`` if it cannot be loaded (e.g. a data path that has moved since training).
+    a note in ``notes`` if it cannot be loaded (a data file that is neither where training read it,
+    nor beside the checkpoint where it was then, nor at the path as given, relative to here).
     """
     sets = [("random", export.random_inputs(source.input_shape, config.n_random, seed=config.seed))]
     if config.data:
         sets.append(_validation_set(config.data, source, config, explicit=True))
     elif config.use_data and source.dataset:
+        from bnfold.data import BUNDLED
+
+        found = source.dataset if source.dataset in BUNDLED else next(
+            (c for c in source.data_paths if Path(c).exists()), None)
         try:
-            sets.append(_validation_set(source.dataset, source, config, explicit=False))
+            if found is None:
+                tried = ", ".join(repr(c) for c in source.data_paths) or repr(source.dataset)
+                raise BnfoldError(f"it is not at {tried}")
+            sets.append(_validation_set(found, source, config, explicit=False))
         except (BnfoldError, OSError) as exc:
             if notes is not None:
                 notes.append(f"verified on random inputs only: the checkpoint's data set {source.dataset!r} "
-                             f"did not load ({' '.join(str(exc).split())})")
+                             f"did not load ({' '.join(str(exc).split())}); pass --data PATH to verify on it")
     return sets
 
 
@@ -239,7 +298,9 @@ def _validation_set(name: str, source: Source, config: Config, *, explicit: bool
         get_arch(arch or "")
     except (ImportError, BnfoldError, KeyError, ValueError):
         arch = None  # a custom model: keep the data set's own sample layout
-    where: dict[str, Any] = {"name": name} if name in BUNDLED else {"path": name}
+    options = dict(source.data_options)  # how training read it: the same split, the same label column
+    where: dict[str, Any] = ({"name": name, **{k: v for k, v in options.items() if k == "val_fraction"}}
+                             if name in BUNDLED else {"path": name, **options})
     data = load_dataset(**where, arch=arch, seed=source.data_seed)
     x = data.X_val[: config.max_data]
     if list(x.shape[1:]) != list(source.input_shape):
@@ -249,7 +310,8 @@ def _validation_set(name: str, source: Source, config: Config, *, explicit: bool
                 f"but the model expects {source.input_shape}"
             )
         x = x.reshape(x.shape[0], *source.input_shape)
-    return f"{data.name} validation", x.astype(np.float32)
+    label = source.dataset if not explicit and source.dataset else data.name
+    return f"{label} validation", x.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,21 +336,62 @@ def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
         timings[step] = timings.get(step, 0.0) + time.perf_counter() - start
 
 
+class FoldFailed(VerificationFailed):
+    """A check of :func:`fold_and_certify` failed; the attributes hold what was measured until then.
+
+    ``fold`` is the fold account as far as it got (None if the fold itself did not finish).
+    """
+
+    def __init__(self, message: str, *, source: Source, checks: list[Check], fold: FoldResult[Any] | None,
+                 notes: list[str], timings: dict[str, float], tolerance: Tolerance) -> None:
+        super().__init__(message)
+        self.source, self.checks, self.fold = source, checks, fold
+        self.notes, self.timings, self.tolerance = notes, timings, tolerance
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON report of a failed run: ``passed: false``, the reason and every measurement."""
+        return {
+            "bnfold_version": __version__,
+            "passed": False,
+            "failure": " ".join(str(self).split()),
+            "source": _source_dict(self.source),
+            "fold": None if self.fold is None else _fold_dict(self.fold, {}),
+            "notes": [*self.source.notes, *self.notes],
+            "checks": {c.key: {"stage": c.stage, **c.report.to_dict()} for c in self.checks},
+            "tolerance": self.tolerance.to_dict(),
+            "timings_s": self.timings,
+        }
+
+
 def fold_and_certify(source: Source, config: Config | None = None, *, status: Status = _quiet) -> Outcome:
     """Fold, verify, export, fold the export, verify it, certify ``source``; raise
-    :class:`VerificationFailed` if any check fails.
+    :class:`FoldFailed` (a :class:`VerificationFailed`) with every measurement so far if a check fails.
 
-    Returns the certified ONNX model without writing it anywhere.
+    Each verification step measures every input set before it fails. Returns the certified ONNX
+    model without writing it anywhere.
     """
     config = config or Config()
     timings: dict[str, float] = {}
     notes: list[str] = []
+    checks: list[Check] = []
+    folds: list[FoldResult[Any]] = []
+    try:
+        return _fold_and_certify(source, config, status, timings, notes, checks, folds)
+    except FoldFailed:
+        raise
+    except VerificationFailed as exc:
+        raise FoldFailed(str(exc), source=source, checks=checks, fold=folds[-1] if folds else None, notes=notes,
+                         timings=timings, tolerance=config.tolerance) from exc
+
+
+def _fold_and_certify(source: Source, config: Config, status: Status, timings: dict[str, float], notes: list[str],
+                      checks: list[Check], folds: list[FoldResult[Any]]) -> Outcome:
     with _timed(timings, "inputs"):
         sets = input_sets(source, config, notes)
     status("folding batch norms")
     with _timed(timings, "fold"):
         first = fold_source(source, sets[0][1][:2])
-    checks: list[Check] = []
+    folds.append(accounting.tag(first, "pytorch" if source.kind == "checkpoint" else "onnx"))
     with _timed(timings, "verify"):
         baselines = [baseline_outputs(source.model, x) for _, x in sets]  # float64, shared by every check
     exported: export.Exported | None = None
@@ -313,6 +416,7 @@ def fold_and_certify(source: Source, config: Config | None = None, *, status: St
         with _timed(timings, "export"):
             export.check(result.model, what="the folded ONNX model")
         stages = {"onnx": first.counts}
+    folds.append(result)
     proto = result.model
     accounting.check_against(result, proto)
     status("verifying the final ONNX graph (onnxruntime)")
@@ -321,20 +425,45 @@ def fold_and_certify(source: Source, config: Config | None = None, *, status: St
         _verify_all(checks, "onnxruntime", source.model, proto, sets, baselines, config, names=names)
     status("writing and checking the certificate")
     with _timed(timings, "certify"):
+        _describe(proto, source)
         cert, selftest = _certify(proto, source, result, checks, sets, config, exported)
         proto = onnx.load_from_string(proto.SerializeToString())  # what gets written
-    return Outcome(source, result, checks, proto, cert, selftest, timings, notes=notes, stages=stages,
-                   exported=exported, requested_opset=config.opset if exported is not None else None)
+    return Outcome(source, result, checks, proto, cert, selftest, timings, notes=[*source.notes, *notes],
+                   stages=stages, exported=exported, requested_opset=config.opset if exported is not None else None)
 
 
 def _verify_all(checks: list[Check], stage: str, original: Any, candidate: Any, sets: list[tuple[str, np.ndarray]],
                 baselines: list[Any], config: Config, *, names: tuple[str, str] = ("original", "folded")) -> None:
-    """Verify ``candidate`` against ``original`` on every input set; raise on the first failure."""
+    """Verify ``candidate`` against ``original`` on every input set, then raise on the first failure."""
+    reports = []
     for (label, x), base in zip(sets, baselines, strict=True):
         rep = verify(original, candidate, x, tolerance=config.tolerance, inputs_label=label, names=names,
                      baseline=base)
         checks.append(Check(stage, rep))
+        reports.append(rep)
+    for rep in reports:
         rep.raise_if_failed()
+
+
+FEATURE_NAMES_KEY = "bnfold.feature_names"  # JSON list: the input features of a tabular model, in order
+CLASS_LABELS_KEY = "bnfold.class_labels"  # JSON list: the label of each output, in order
+INPUT_SHAPE_KEY = "bnfold.input_shape"  # JSON list: one sample's shape, without the batch axis
+
+
+def _describe(proto: onnx.ModelProto, source: Source) -> None:
+    """What a client needs to build a request, as plain metadata entries beside the certificate."""
+    entries: dict[str, list[Any]] = {INPUT_SHAPE_KEY: list(source.input_shape)}
+    if source.class_labels:
+        entries[CLASS_LABELS_KEY] = list(source.class_labels)
+    if source.feature_names:
+        entries[FEATURE_NAMES_KEY] = list(source.feature_names)
+    props = proto.metadata_props
+    for i in reversed(range(len(props))):
+        if props[i].key in (FEATURE_NAMES_KEY, CLASS_LABELS_KEY, INPUT_SHAPE_KEY):
+            del props[i]
+    for key, value in entries.items():
+        entry = props.add()
+        entry.key, entry.value = key, json.dumps(value)
 
 
 def _certify(proto: onnx.ModelProto, source: Source, result: FoldResult[Any], checks: list[Check],
@@ -394,53 +523,96 @@ def _error_summary(rep: VerifyReport) -> dict[str, Any]:
 
 
 def check_destinations(*, output: str | Path | None = None, repository_dir: str | Path | None = None,
-                       name: str | None = None, report: str | Path | None = None) -> None:
-    """Fail early (before any work) on destinations that cannot be written."""
+                       name: str | None = None, report: str | Path | None = None,
+                       inputs: tuple[str | Path, ...] = ()) -> None:
+    """Fail early (before any work) on destinations that cannot be written.
+
+    Each file destination must be in an existing directory that takes a new file (tried by
+    creating and removing a temporary file there), the repository's nearest existing directory
+    likewise; no destination may be one of ``inputs`` or another destination (same file, also
+    through a symlink or another relative path).
+    """
     if output is None and repository_dir is None:
         raise BnfoldError("nothing to write: give an output file (-o OUT.onnx) or --repository DIR --name NAME")
     if (repository_dir is None) != (name is None):
         raise BnfoldError("--repository and --name go together: the model is written to DIR/NAME/<version>/model.onnx")
     if name is not None:
         repository.check_name(name)
-    for label, p in (("output", output), ("report", report)):
-        if p is None:
-            continue
-        p = Path(p)
-        if p.is_dir():
-            raise BnfoldError(f"{label} {p} is a directory, expected a file name")
-        if not p.parent.is_dir():
-            raise BnfoldError(f"{label} directory {p.parent} does not exist")
-    if repository_dir is not None and Path(repository_dir).exists() and not Path(repository_dir).is_dir():
-        raise BnfoldError(f"repository {repository_dir} exists and is not a directory")
+    files = [(label, Path(p)) for label, p in (("output", output), ("report", report)) if p is not None]
+    for label, target in files:
+        for other in inputs:
+            if _same_file(target, Path(other)):
+                raise BnfoldError(f"{label} {str(target)!r} is the input file {str(other)!r}; write to another file")
+    if len(files) == 2 and _same_file(files[0][1], files[1][1]):
+        raise BnfoldError(f"the output and the report are the same file {str(files[0][1])!r}")
+    for label, target in files:
+        atomic.check_writable(target, label)
+    if repository_dir is not None and name is not None:
+        if Path(repository_dir).exists() and not Path(repository_dir).is_dir():
+            raise BnfoldError(f"repository {str(repository_dir)!r} exists and is not a directory")
+        repository.check_writable(repository_dir, name)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return a.samefile(b)
+    return a.resolve() == b.resolve()
 
 
 def write(outcome: Outcome, *, output: str | Path | None = None, repository_dir: str | Path | None = None,
           name: str | None = None, report: str | Path | None = None) -> list[str]:
-    """Write the certified model (file and/or new repository version) and the JSON report, atomically."""
+    """Write the certified model (file and/or new repository version) and the JSON report.
+
+    Every file is staged first and put in place only when all of them were written
+    (:class:`bnfold.atomic.Writes`). The report lists the files written.
+    """
     start = time.perf_counter()
     data = outcome.onnx_model.SerializeToString()
-    if output is not None:
-        atomic.write_bytes(output, data)
-        outcome.written.append(str(output))
-    if repository_dir is not None and name is not None:
-        outcome.written.append(str(repository.publish(repository_dir, name, data)))
-    outcome.timings["write"] = time.perf_counter() - start
-    if report is not None:
-        outcome.written.append(str(report))
-        atomic.write_bytes(report, (json.dumps(outcome.to_dict(), indent=2) + "\n").encode())
+    with atomic.Writes() as writes:
+        expected: list[str] = []
+        if output is not None:
+            writes.bytes(output, data, "output")
+            expected.append(str(output))
+        if repository_dir is not None and name is not None:
+            writes.add(*repository.stage(repository_dir, name, data))
+            expected.append(str(repository.model_path(repository_dir, name,
+                                                      repository.next_version(repository_dir, name))))
+        if report is not None:
+            outcome.written = [*expected, str(report)]
+            outcome.timings["write"] = time.perf_counter() - start
+            writes.bytes(report, _json(outcome.to_dict()), "report")
+        outcome.written = writes.commit()
+    if report is not None and outcome.written[:-1] != expected:  # another writer took the version meanwhile
+        atomic.write_bytes(report, _json(outcome.to_dict()), "report")
+    outcome.timings.setdefault("write", time.perf_counter() - start)
     return outcome.written
+
+
+def _json(body: dict[str, Any]) -> bytes:
+    return (json.dumps(body, indent=2) + "\n").encode()
 
 
 def run(path: str | Path, *, output: str | Path | None = None, repository_dir: str | Path | None = None,
         name: str | None = None, report: str | Path | None = None, options: LoadOptions | None = None,
         config: Config | None = None, status: Status = _quiet) -> Outcome:
-    """``bnfold fold``: load ``path``, fold, verify, export, certify, then write (only if all passed)."""
-    check_destinations(output=output, repository_dir=repository_dir, name=name, report=report)
+    """``bnfold fold``: load ``path``, fold, verify, export, certify, then write (only if all passed).
+
+    If a check fails, nothing but the report is written: it says ``passed: false``, why, and every
+    measurement made (:class:`FoldFailed`, which is then raised).
+    """
+    check_destinations(output=output, repository_dir=repository_dir, name=name, report=report, inputs=(path,))
     status(f"loading {path}")
     start = time.perf_counter()
     source = load_source(path, options)
     load_s = time.perf_counter() - start
-    outcome = fold_and_certify(source, config, status=status)
+    try:
+        outcome = fold_and_certify(source, config, status=status)
+    except FoldFailed as exc:
+        exc.timings = {"load": load_s, **exc.timings}
+        if report is not None:
+            body = {**exc.to_dict(), "written": [str(report)]}
+            atomic.write_bytes(report, _json(body), "report")
+        raise
     outcome.timings = {"load": load_s, **outcome.timings}
     status("writing")
     write(outcome, output=output, repository_dir=repository_dir, name=name, report=report)
@@ -465,10 +637,8 @@ class Inspection:
     batchnorm_nodes: int | None = None  # BatchNormalization nodes of an ONNX file
 
     def to_dict(self) -> dict[str, Any]:
-        src = self.source
         return {
-            "path": str(src.path), "sha256": src.sha256, "kind": src.kind, "architecture": src.architecture,
-            "input_shape": src.input_shape, "class_labels": src.class_labels, "dataset": src.dataset,
+            **_source_dict(self.source),
             "layers": self.layer_counts, "parameters": self.parameters, "opset": self.opset,
             "batchnorm_nodes": self.batchnorm_nodes,
             "fold_plan": [{"bn": bn, "status": s, "detail": d} for bn, s, d in self.fold.rows()],

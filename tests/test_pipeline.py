@@ -102,15 +102,65 @@ def _bad_fold(model: torch.nn.Module, **_: object) -> FoldResult[torch.nn.Module
         pytest.param("zero-tolerance", pipeline.Config(tolerance=Tolerance(0.0, 0.0), n_random=16), id="zero-tol"),
     ],
 )
-def test_verification_failure_writes_nothing(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                             case: str, config: pipeline.Config) -> None:
+def test_verification_failure_writes_only_the_report(checkpoint: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch, case: str,
+                                                     config: pipeline.Config) -> None:
     if case == "bad-fold":
         monkeypatch.setattr(bnfold, "fold", _bad_fold)
     before = _files(tmp_path)
-    with pytest.raises(VerificationFailed, match=r"max abs error .* > allowed"):
+    with pytest.raises(VerificationFailed, match=r"max abs error .* > allowed") as info:
         pipeline.run(checkpoint, output=tmp_path / "out.onnx", repository_dir=tmp_path / "repo", name="m",
                      report=tmp_path / "r.json", config=config)
+    assert isinstance(info.value, pipeline.FoldFailed)
+    assert _files(tmp_path) == before | {"r.json"}
+    body = json.loads((tmp_path / "r.json").read_text())
+    assert body["passed"] is False and body["failure"] == " ".join(str(info.value).split())
+    assert list(body["checks"]) == ["pytorch/random", "pytorch/digits validation"]  # every set, then the failure
+    assert all(not c["passed"] and c["max_abs_error"] > c["allowed"] for c in body["checks"].values())
+    assert body["source"]["sha256"] == pipeline.sha256_file(checkpoint) and body["fold"]["counts"]["folded"] >= 0
+    assert set(body["timings_s"]) >= {"load", "fold", "verify"}
+
+
+def test_a_failure_without_report_writes_nothing(checkpoint: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bnfold, "fold", _bad_fold)
+    before = _files(tmp_path)
+    with pytest.raises(pipeline.FoldFailed):
+        pipeline.run(checkpoint, output=tmp_path / "out.onnx", config=FAST)
     assert _files(tmp_path) == before
+
+
+def test_the_model_describes_its_inputs_and_outputs(checkpoint: Path, tmp_path: Path) -> None:
+    outcome = pipeline.run(checkpoint, output=tmp_path / "m.onnx", config=FAST)
+    meta = {e.key: e.value for e in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert json.loads(meta[pipeline.INPUT_SHAPE_KEY]) == [1, 8, 8]
+    assert json.loads(meta[pipeline.CLASS_LABELS_KEY]) == [str(i) for i in range(10)]
+    assert pipeline.FEATURE_NAMES_KEY not in meta  # images have no feature names
+    assert outcome.to_dict()["passed"] is True
+
+
+def test_an_onnx_file_without_certificate_counts_its_outputs(checkpoint: Path, tmp_path: Path) -> None:
+    model = build_model("cnn", input_shape=(1, 8, 8), num_classes=7, width=4, depth=1).eval()
+    path = tmp_path / "m.onnx"
+    onnx.save(to_onnx(model, (1, 8, 8), keep_batchnorm=True), str(path))
+    source = pipeline.load_source(path)
+    assert source.num_outputs == 7 and source.class_labels == []
+
+
+def test_input_shape_fills_the_dynamic_axes_of_an_onnx_input(tmp_path: Path) -> None:
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("GlobalAveragePool", ["x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3, 1, 1])])
+    path = tmp_path / "dyn.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(path))
+    with pytest.raises(BnfoldError, match=r"every axis but the first .* or give the shape to verify at with "
+                       r"--input-shape"):
+        pipeline.load_source(path)
+    source = pipeline.load_source(path, pipeline.LoadOptions(input_shape=(3, 16, 16)))
+    assert source.input_shape == [3, 16, 16] and "the graph accepts other sizes" in source.notes[0]
+    with pytest.raises(BnfoldError, match=r"--input-shape 4,16,16 does not fit ONNX input 'x'"):
+        pipeline.load_source(path, pipeline.LoadOptions(input_shape=(4, 16, 16)))
 
 
 @pytest.mark.parametrize(
@@ -121,6 +171,11 @@ def test_verification_failure_writes_nothing(checkpoint: Path, tmp_path: Path, m
         pytest.param({"output": "missing-dir/x.onnx"}, "does not exist", id="missing-output-dir"),
         pytest.param({"output": "."}, "is a directory", id="output-is-dir"),
         pytest.param({"repository_dir": "r", "name": "../x"}, "model name must be", id="bad-name"),
+        pytest.param({"output": "cnn.pt"}, "output 'cnn.pt' is the input file", id="output-is-the-input"),
+        pytest.param({"output": "o.onnx", "report": "./o.onnx"}, "the output and the report are the same file",
+                     id="report-is-the-output"),
+        pytest.param({"repository_dir": "cnn.pt", "name": "m"}, "exists and is not a directory",
+                     id="repository-is-a-file"),
     ],
 )
 def test_bad_destinations_fail_before_any_work(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -128,7 +183,7 @@ def test_bad_destinations_fail_before_any_work(checkpoint: Path, tmp_path: Path,
     monkeypatch.chdir(tmp_path)
     before = _files(tmp_path)
     with pytest.raises(ValueError, match=message):
-        pipeline.run(checkpoint, config=FAST, **kwargs)
+        pipeline.run(checkpoint.name, config=FAST, **kwargs)
     assert _files(tmp_path) == before
 
 
