@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 
@@ -24,8 +26,40 @@ from bnfold.errors import BnfoldError
 COMMANDS = ("quickstart", "train", "fold", "inspect", "verify", "bench", "serve")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keep the examples in epilogs as written and show defaults."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keep text laid out by hand (the examples) as written, wrap the rest; show each option's default
+    once, where it has one.
+
+    argparse's ``ArgumentDefaultsHelpFormatter`` appends ``(default: ...)`` to every option, also
+    to those whose help already names the default, to required ones and to ``None``; this one adds
+    it only to an optional option with a real default that its help does not mention.
+    """
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:  # laid out by hand (examples, lists): keep as written
+            return super()._fill_text(text, width, indent)
+        return argparse.HelpFormatter._fill_text(self, text, width, indent)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        skip = (action.required or not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
+                or isinstance(action.default, bool) or "default" in text.lower())
+        return text if skip else f"{text} (default: %(default)s)"
+
+
+_IMPORTED = time.perf_counter()
+
+
+def wall_seconds() -> float:
+    """Seconds since this process started (Linux: from /proc), else since this module was imported."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
 
 
 def common_parser() -> argparse.ArgumentParser:

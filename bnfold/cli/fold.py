@@ -1,36 +1,40 @@
 """``bnfold fold INPUT -o OUT.onnx``: fold, verify, export, certify in one step.
 
-Also holds the options and tables the other model commands (inspect, verify, bench) share.
+Also holds the options the other model commands (inspect, verify, bench) share, and the
+progress display; what is printed is laid out in :mod:`bnfold.cli.views`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from bnfold.cli import HelpFormatter, common_parser
+from bnfold.cli import HelpFormatter, common_parser, views
+from bnfold.cli.layout import console, emit, wrap
 from bnfold.errors import BnfoldError
 
 if TYPE_CHECKING:
     from rich.console import Console
-    from rich.table import Table
 
-    from bnfold.pipeline import Config, LoadOptions, Outcome, Status
-    from bnfold.result import FoldResult
-    from bnfold.verification import VerifyReport
+    from bnfold.pipeline import Config, FoldFailed, LoadOptions, Outcome
 
 EXAMPLES = """\
 examples:
   bnfold fold digits.pt -o digits.onnx
   bnfold fold digits.pt --repository models --name digits --report report.json
-  bnfold fold weights.pt --arch cnn --arch-config '{"width": 16}' -o model.onnx
-  bnfold fold weights.pt --model mypkg.models:build -o model.onnx --data data.npz
-  bnfold fold model.onnx -o folded.onnx          # ONNX in: fold the graph itself
+  bnfold fold weights.pt --arch cnn --input-shape 3,32,32 -o model.onnx
+  bnfold fold w.pt --model mymodels.py:build --input-shape 3,32,32 -o m.onnx
+  bnfold fold model.onnx -o folded.onnx    # ONNX in: fold the graph itself
 
-exit codes: 0 success, 1 verification failed (nothing written), 2 bad input or usage
+A bare state_dict needs its architecture (--arch, or --model for your own
+factory) and, unless its weights fix it, the shape of one input sample
+(--input-shape). Every destination is checked for writability before any work.
+exit codes: 0 success, 1 verification failed (only --report is written),
+2 bad input or usage
 """
 
 
@@ -41,33 +45,40 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Fold every batch norm that can be folded exactly, verify the result against a float64 "
         "reference, export to ONNX, fold what is left in the exported graph, verify that graph in onnxruntime "
         "against the original, and write it with a verification certificate in its metadata. Nothing is "
-        "written unless every check passes.",
+        "written unless every check passes (the report is, with passed: false).",
     )
     p.add_argument("input", metavar="INPUT", help="bnfold checkpoint, state_dict (.pt) or ONNX file (.onnx)")
     p.add_argument("-o", "--output", metavar="OUT.onnx", help="write the certified ONNX model here")
     p.add_argument("--repository", metavar="DIR", help="also/instead write DIR/NAME/<next version>/model.onnx")
     p.add_argument("--name", metavar="NAME", help="model name in the repository")
-    p.add_argument("--report", metavar="REPORT.json", help="write every measurement as JSON")
+    p.add_argument("--report", metavar="REPORT.json",
+                   help="write every measurement as JSON (also when verification fails)")
     add_load_options(p)
     add_verify_options(p)
     p.add_argument("--opset", type=int, default=17,
                    help="ONNX opset (>= 17); the dynamo exporter writes 18 where a graph does not convert down")
     p.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
                    help="torch.onnx exporter: auto tries dynamo, then the deprecated torchscript (see bnfold.export)")
+    add_output_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from bnfold import pipeline
 
-    console = _console()
-    with status(console) as update:
-        outcome = pipeline.run(
-            args.input, output=args.output, repository_dir=args.repository, name=args.name, report=args.report,
-            options=load_options(args), config=config(args, opset=args.opset, exporter=args.exporter),
-            status=update,
-        )
-    show_outcome(console, outcome)
+    out = console()
+    with status(args.quiet) as update:
+        try:
+            outcome = pipeline.run(
+                args.input, output=args.output, repository_dir=args.repository, name=args.name, report=args.report,
+                options=load_options(args), config=config(args, opset=args.opset, exporter=args.exporter),
+                status=update,
+            )
+        except pipeline.FoldFailed as exc:
+            update.stop()
+            show_failure(out, exc, verbose=args.verbose, report=args.report)
+            raise
+    show_outcome(out, outcome, verbose=args.verbose)
     return 0
 
 
@@ -75,12 +86,29 @@ def run(args: argparse.Namespace) -> int:
 # Options shared by the model commands
 
 
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``3,32,32`` (or ``3x32x32``): one input sample's shape, without the batch axis."""
+    parts = text.replace("x", ",").replace("X", ",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 3,32,32 (channels, height, width), got {text!r}") \
+            from None
+    if any(d < 1 for d in shape):
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return shape
+
+
 def add_load_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("loading a bare state_dict")
     g.add_argument("--arch", metavar="NAME", help="bnfold architecture of a bare state_dict (cnn, mlp, resnet, ...)")
+    g.add_argument("--input-shape", metavar="C,H,W", type=parse_shape,
+                   help="shape of one input sample without the batch axis (3,32,32; 64 for tabular); needed for a "
+                   "bare state_dict whose weights do not fix it, overrides what a checkpoint records")
     g.add_argument("--arch-config", metavar="JSON", help='architecture options, e.g. \'{"width": 16, "depth": 2}\'')
-    g.add_argument("--model", metavar="PKG.MODULE:FACTORY", dest="model_factory",
-                   help="your own factory returning the nn.Module the state_dict belongs to")
+    g.add_argument("--model", metavar="MODULE:FACTORY", dest="model_factory",
+                   help="your own factory returning the nn.Module the state_dict belongs to: mymodels:build "
+                   "(imported from the current directory first) or path/to/file.py:build")
 
 
 def add_verify_options(p: argparse.ArgumentParser) -> None:
@@ -90,8 +118,15 @@ def add_verify_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--samples", type=int, default=64, help="random N(0,1) inputs per check")
     g.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     g.add_argument("--data", metavar="NAME|PATH",
-                   help="also verify on this data set's validation split; unset: the checkpoint's own data set")
+                   help="also verify on this data set's validation split (default: the checkpoint's own data set)")
     g.add_argument("--no-data", action="store_true", help="verify on random inputs only")
+
+
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("-v", "--verbose", action="store_true",
+                   help="also show every batch norm and every comparison (the float32 baselines)")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
 
 
 def load_options(args: argparse.Namespace) -> LoadOptions:
@@ -105,7 +140,8 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
             raise BnfoldError(f"--arch-config is not valid JSON ({exc.msg}): {args.arch_config!r}") from None
         if not isinstance(arch_config, dict):
             raise BnfoldError(f"--arch-config must be a JSON object, got {args.arch_config!r}")
-    return LoadOptions(arch=args.arch, arch_config=arch_config, model_factory=args.model_factory)
+    return LoadOptions(arch=args.arch, arch_config=arch_config, model_factory=args.model_factory,
+                       input_shape=args.input_shape)
 
 
 def config(args: argparse.Namespace, **extra: Any) -> Config:
@@ -126,91 +162,62 @@ def config(args: argparse.Namespace, **extra: Any) -> Config:
 # Presentation
 
 
-def _console(stderr: bool = False) -> Console:
-    from rich.console import Console
+class _Progress:
+    """The callable the pipeline reports its steps to; ``stop()`` ends a spinner before other output."""
 
-    console = Console(stderr=stderr, highlight=False)
-    if not console.is_terminal:
-        console.width = max(console.width, 160)  # logs and pipes: do not wrap the tables into slivers
-    return console
+    def __init__(self, show: Callable[[str], None], stop: Callable[[], None] = lambda: None) -> None:
+        self._show, self.stop = show, stop
+
+    def __call__(self, message: str) -> None:
+        self._show(message)
 
 
 @contextmanager
-def status(console: Console) -> Iterator[Status]:
-    """A spinner on stderr whose text the pipeline updates; silent when stderr is not a terminal."""
-    err = _console(stderr=True)
-    if not err.is_terminal:
-        yield lambda _message: None
+def status(quiet: bool = False) -> Iterator[_Progress]:
+    """Progress of the pipeline on stderr: a spinner on a terminal, else one plain line per step
+    (``[  2.1s] exporting to ONNX``, for logs and pipes); nothing with ``quiet``."""
+    from rich.text import Text
+
+    err = console(stderr=True)
+    if quiet:
+        yield _Progress(lambda _message: None)
         return
-    with err.status("starting") as spinner:
-        yield lambda message: spinner.update(message)
+    if not err.is_terminal:
+        start = time.perf_counter()
+
+        def line(message: str) -> None:
+            err.print(Text(f"[{time.perf_counter() - start:5.1f}s] {message}"))
+            err.file.flush()
+
+        yield _Progress(line)
+        return
+    spinner = err.status("starting")
+    spinner.start()
+    try:
+        yield _Progress(lambda message: spinner.update(Text(message)), spinner.stop)
+    finally:
+        spinner.stop()
 
 
-STAGES = {"pytorch": "PyTorch", "onnx": "ONNX", "pytorch+onnx": "PyTorch+ONNX"}
+def show_outcome(out: Console, outcome: Outcome, *, verbose: bool = False) -> None:
+    from bnfold.cli import wall_seconds
+
+    width = out.width
+    lines = [*views.source_line(outcome.source, width), *views.fold_summary(outcome.fold, width, verbose=verbose),
+             *views.notes([*outcome.fold.notes, *outcome.notes], width),
+             *views.verification(views.checks_of(outcome.checks), outcome.certificate.tolerance, width,
+                                 verbose=verbose),
+             *views.artifact(outcome, width, total_s=wall_seconds())]
+    emit(out, lines)
 
 
-def fold_table(result: FoldResult[Any], title: str = "batch norms") -> Table:
-    """One row per batch norm; a ``stage`` column (where it was folded or kept) when rows have one."""
-    from rich.table import Table
-
-    counts = result.counts
-    rows = result.staged_rows()
-    staged = any(stage for _, _, stage, _ in rows)
-    table = Table(title=f"{title}: {counts['folded']} folded, {counts['kept']} kept", title_justify="left")
-    table.add_column("batch norm", overflow="fold")
-    table.add_column("status")
-    if staged:
-        table.add_column("stage")
-    table.add_column("into / why kept", overflow="fold")
-    for bn, state, stage, detail in rows:
-        cells = [bn, f"[green]{state}[/]" if state == "folded" else f"[yellow]{state}[/]"]
-        table.add_row(*cells, *([STAGES.get(stage, stage)] if staged else []), detail)
-    if not rows:
-        table.add_row("(none)", "", "the model has no batch normalization")
-    return table
-
-
-def verify_table(checks: list[tuple[str, VerifyReport]], title: str = "verification") -> Table:
-    """One row per comparison of every report (gating rows first), with the verdict."""
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
-    for col in ("runtime", "inputs", "n", "compared with", "max abs err", "max rel err", "allowed", "top-1",
-                "result"):
-        table.add_column(col, justify="right" if col in ("n", "max abs err", "max rel err", "allowed") else "left")
-    for stage, rep in checks:
-        for row in rep.rows:
-            top1 = "n/a" if row.top1_agreement is None else f"{row.top1_agreement:.2%}"
-            verdict = ("[green]pass[/]" if row.passed else "[red]FAIL[/]") if row.gating else "[dim]baseline[/]"
-            table.add_row(stage, rep.inputs, str(rep.n_samples), f"{row.actual} vs {row.reference}",
-                          f"{row.max_abs_error:.3g}", f"{row.max_rel_error:.3g}", f"{row.allowed:.3g}", top1, verdict)
-    return table
-
-
-def show_outcome(console: Console, outcome: Outcome) -> None:
-    from rich.table import Table
-
-    src = outcome.source
-    console.print(f"[bold]{src.path}[/] ({src.kind}, {src.architecture}, input {src.input_shape}, "
-                  f"{len(src.class_labels)} classes)")
-    console.print(fold_table(outcome.fold))
-    for note in [*outcome.fold.notes, *outcome.notes]:
-        console.print(f"note: {note}")
-    console.print(verify_table([(c.stage, c.report) for c in outcome.checks]))
-    summary = Table(title="artifact", title_justify="left", show_header=False)
-    summary.add_column("key")
-    summary.add_column("value")
-    ops = ", ".join(f"{op} {n}" for op, n in outcome.to_dict()["onnx"]["ops"].items())
-    summary.add_row("ONNX ops", ops)
-    summary.add_row("BatchNormalization nodes", str(outcome.batchnorm_nodes))
-    if outcome.exported is not None:
-        exported = outcome.exported
-        asked = "" if exported.opset == outcome.requested_opset else f" ({outcome.requested_opset} asked for)"
-        summary.add_row("exporter", exported.exporter + (" (fallback, see note)" if exported.fallback else ""))
-        summary.add_row("opset", f"{exported.opset}{asked}")
-    summary.add_row("certificate self-test", f"max abs error {outcome.selftest.max_abs:.3g} "
-                    f"(allowed {outcome.selftest.allowed:.3g}): {'pass' if outcome.selftest.passed else 'FAIL'}")
-    summary.add_row("time", ", ".join(f"{k} {v:.2f}s" for k, v in outcome.timings.items()))
-    for path in outcome.written:
-        summary.add_row("wrote", path)
-    console.print(summary)
+def show_failure(out: Console, exc: FoldFailed, *, verbose: bool, report: str | None) -> None:
+    width = out.width
+    lines = views.source_line(exc.source, width)
+    if exc.fold is not None:
+        lines += views.fold_summary(exc.fold, width, verbose=verbose)
+    lines += views.notes([*exc.source.notes, *exc.notes], width)
+    lines += views.verification(views.checks_of(exc.checks), exc.tolerance, width, verbose=verbose)
+    if report:
+        lines += wrap(f"wrote {report} (passed: false, every measurement); no model was written", width)
+    emit(out, lines)

@@ -5,16 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import textwrap
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from bnfold.cli import HelpFormatter, common_parser
-from bnfold.cli.fold import _console, show_outcome, status
-from bnfold.errors import BnfoldError
+from bnfold.cli.fold import show_outcome, status
+from bnfold.cli.layout import console, emit, wrap
 
 EXAMPLES = """\
 examples:
-  bnfold quickstart                       # train, fold, write models/digits/<v>/model.onnx, serve on :8000
-  bnfold quickstart --no-serve            # stop after writing the model
+  bnfold quickstart            # train, fold, write models/digits/<v>/model.onnx
+                               # and serve it on :8000
+  bnfold quickstart --no-serve # stop after writing the model
   bnfold quickstart --repository /tmp/models --port 9000 --checkpoint digits.pt
 """
 
@@ -41,41 +45,53 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bnfold import pipeline
+    from bnfold import atomic, pipeline
     from bnfold.train import TrainConfig, save_result, train
 
     pipeline.check_destinations(repository_dir=args.repository, name=args.name, report=args.report)
-    if args.checkpoint and not Path(args.checkpoint).parent.is_dir():
-        raise BnfoldError(f"checkpoint directory {Path(args.checkpoint).parent} does not exist")
-    console = _console()
-    console.print(f"[bold]1/3[/] training {args.arch} on digits")
+    if args.checkpoint:
+        atomic.check_writable(args.checkpoint, "checkpoint")
+    out = console()
+    width = out.width
+    emit(out, wrap(f"1/3 training {args.arch} on digits", width, style="bold"))
     result = train(TrainConfig(arch=args.arch, dataset="digits", epochs=args.epochs, seed=args.seed), progress=True)
-    console.print(f"validation accuracy {result.best_val_accuracy:.2%} (epoch {result.best_epoch}, "
-                  f"{result.seconds:.1f}s)")
-    console.print("[bold]2/3[/] folding, verifying, exporting")
+    if result.interrupted:
+        raise KeyboardInterrupt
+    emit(out, wrap(f"validation accuracy {result.best_val_accuracy:.2%} (epoch {result.best_epoch}, "
+                   f"{result.seconds:.1f}s)", width))
+    emit(out, wrap("2/3 folding, verifying, exporting", width, style="bold"))
     with tempfile.TemporaryDirectory(prefix="bnfold-quickstart-") as tmp:
         checkpoint = args.checkpoint or str(Path(tmp) / f"{args.name}.pt")
         save_result(result, checkpoint)
-        with status(console) as update:
+        with status() as update:
             outcome = pipeline.run(checkpoint, repository_dir=args.repository, name=args.name, report=args.report,
                                    status=update)
-    show_outcome(console, outcome)
+    show_outcome(out, outcome)
     model_file = Path(outcome.written[0])
     version = model_file.parent.name
     url = f"http://{args.host}:{args.port}"
     sample = outcome.certificate.selftest_input[:1]
     body = {"inputs": [{"name": outcome.certificate.input_name, "shape": list(sample.shape), "datatype": "FP32",
                         "data": [round(float(v), 4) for v in sample.ravel()]}]}
-    curl = (f"curl -s -X POST {url}/v2/models/{args.name}/versions/{version}/infer "
-            f"-H 'Content-Type: application/json' -d '{json.dumps(body, separators=(',', ':'))}'")
+    curl = _curl(f"{url}/v2/models/{args.name}/versions/{version}/infer", body, width)
     if args.no_serve:
         serve_cmd = f"bnfold serve --model-repository {args.repository}"
-        console.print(f"[bold]3/3[/] wrote {model_file}; serve it with: {serve_cmd}")
-        console.print(f"then try:\n{curl}", soft_wrap=True)
+        emit(out, wrap(f"3/3 wrote {model_file}; serve it with: {serve_cmd}", width, style="bold"))
+        emit(out, ["then try:", *curl])
         return 0
     from service.config import Settings
     from service.main import run as serve
 
-    console.print(f"[bold]3/3[/] serving {args.repository} at {url} (Ctrl-C to stop); try:\n{curl}", soft_wrap=True)
+    emit(out, wrap(f"3/3 serving {args.repository} at {url} (Ctrl-C to stop); try:", width, style="bold"))
+    emit(out, curl)
     serve(Settings(model_repository=Path(args.repository), host=args.host, port=args.port))
     return 0
+
+
+def _curl(url: str, body: Mapping[str, Any], width: int) -> list[str]:
+    """A curl command that fits ``width`` and still pastes: shell line continuations up to the body,
+    then the JSON body broken after commas inside its quotes (JSON allows the newlines)."""
+    head = [f"curl -s -X POST {url} \\", "  -H 'Content-Type: application/json' -d \\"]
+    text = "'" + json.dumps(body, separators=(", ", ":")) + "'"
+    return head + textwrap.wrap(text, max(width - 2, 40), initial_indent="  ", subsequent_indent="  ",
+                                break_long_words=False, break_on_hyphens=False)

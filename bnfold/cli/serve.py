@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 
@@ -12,10 +13,11 @@ def register(sub: Any) -> None:
     parser = sub.add_parser(
         "serve", parents=[common_parser()], formatter_class=HelpFormatter,
         help="serve ONNX models over REST (Open Inference Protocol)",
-        description="Serve every DIR/<name>/<version>/model.onnx with onnxruntime over the Open Inference\n"
-                    "Protocol (KServe v2 / Triton HTTP), a v1 ':predict' endpoint and Prometheus /metrics.\n"
-                    "Certified models serve only after their self-test reproduces in this runtime.\n"
-                    "Unset flags fall back to BNFOLD_* environment variables; the other settings\n"
+        description="Serve every DIR/<name>/<version>/model.onnx with onnxruntime over the Open Inference "
+                    "Protocol (KServe v2 / Triton HTTP), a v1 ':predict' endpoint and Prometheus /metrics. "
+                    "Certified models serve only after their self-test reproduces in this runtime. A missing "
+                    "repository, or one without any model, is refused at start (exit code 2). "
+                    "Unset flags fall back to BNFOLD_* environment variables; the other settings "
                     "(BNFOLD_API_KEY, BNFOLD_MAX_BATCH_SIZE, ...) are listed in service/config.py.",
         epilog="examples:\n"
                "  bnfold serve --model-repository models\n"
@@ -40,5 +42,24 @@ def run(args: argparse.Namespace) -> int:
     from service.main import run as serve
 
     names = ("model_repository", "host", "port", "workers", "log_level")
-    serve(Settings(**{name: getattr(args, name) for name in names if hasattr(args, name)}))
+    settings = Settings(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+    check_repository(settings.model_repository)
+    serve(settings)
     return 0
+
+
+def check_repository(root: Path) -> None:
+    """Refuse (exit 2, one line) a repository that is missing or holds no model, as Triton does by
+    default, instead of a server that runs forever answering 503 on readiness."""
+    from bnfold.errors import BnfoldError
+    from bnfold.repository import MODEL_FILE
+
+    if not root.exists():
+        raise BnfoldError(f"model repository {str(root)!r} does not exist (--model-repository or "
+                          "$BNFOLD_MODEL_REPOSITORY)")
+    if not root.is_dir():
+        raise BnfoldError(f"model repository {str(root)!r} is not a directory")
+    if not any(v.name.isdigit() and (v / MODEL_FILE).is_file()
+               for m in root.iterdir() if m.is_dir() and not m.name.startswith(".") for v in m.iterdir()):
+        raise BnfoldError(f"model repository {str(root)!r} holds no model: expected {root}/<name>/<version>/"
+                          f"{MODEL_FILE} (bnfold fold MODEL --repository {root} --name NAME writes one)")

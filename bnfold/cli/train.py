@@ -11,13 +11,16 @@ from bnfold.errors import BnfoldError
 
 EPILOG = """\
 examples:
-  bnfold train -o digits_cnn.pt                       # cnn on the bundled digits data set
+  bnfold train -o digits_cnn.pt                    # cnn on the bundled digits
   bnfold train --arch resnet --plot curves.png -o resnet.pt
   bnfold train --arch mlp --dataset breast-cancer -o mlp.pt
-  bnfold train --arch cnn --norm none -o no_bn.pt     # the same model without batch norm
+  bnfold train --arch cnn --norm none -o no_bn.pt  # the same without batch norm
   bnfold train --arch mlp --data table.csv --label-column species -o mlp.pt
-  bnfold train --arch cnn --data images/ --image-size 32 -o cnn.pt   # one sub-folder per class
-  bnfold train --arch cnn --width 32 --depth 2 --epochs 20 --lr 1e-3 --optimizer sgd -o cnn.pt
+  bnfold train --arch cnn --data images/ --image-size 32 -o cnn.pt
+                                         # images/: one sub-folder per class
+  bnfold train --width 32 --epochs 20 --lr 1e-3 --optimizer sgd -o cnn.pt
+
+Ctrl-C stops early and saves the best epoch so far.
 """
 
 
@@ -58,11 +61,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--threads", type=int, default=1, metavar="N",
                    help="CPU threads (0: torch's default); these small models train fastest on one")
     p.add_argument("--plot", metavar="PNG", help="write loss/accuracy curves (train vs validation)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output (one line per epoch otherwise)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from bnfold.cli.layout import console, emit, wrap
     from bnfold.train import TrainConfig, train
 
     config = TrainConfig(
@@ -71,15 +77,26 @@ def run(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction, label_column=args.label_column, image_size=args.image_size,
         device=args.device, threads=args.threads or None, arch_config=_arch_config(args),
     )
-    result = train(config, output=args.output, plot=args.plot, progress=not args.quiet)
+    try:
+        result = train(config, output=args.output, plot=args.plot, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print("bnfold: interrupted before the first epoch finished; nothing was saved", file=sys.stderr)
+        return 130
     best = result.history[result.best_epoch - 1]
-    print(
-        f"saved {args.output}: {result.arch} on {result.dataset_name}, best epoch {result.best_epoch}/"
-        f"{len(result.history)}, val accuracy {best['val_accuracy']:.4f}, val loss {best['val_loss']:.4f}, "
-        f"{result.seconds:.1f} s, sha256 {result.checkpoint_sha256}"
-    )
+    out = console()
+    ran = f"{len(result.history)}" + (f" run, {result.epochs} planned" if result.interrupted else "")
+    lines = wrap(
+        f"saved {args.output}: {result.arch} on {result.dataset_name}, best epoch {result.best_epoch} of {ran} "
+        f"(val accuracy {best['val_accuracy']:.4f}, val loss {best['val_loss']:.4f}), {result.seconds:.1f} s",
+        out.width)
+    lines += wrap(f"sha256 {result.checkpoint_sha256}", out.width, indent=2)
     if args.plot:
-        print(f"saved {args.plot}")
+        lines += wrap(f"saved {args.plot} (the saved epoch is marked)", out.width)
+    emit(out, lines)
+    if result.interrupted:
+        print(f"bnfold: interrupted after epoch {len(result.history)} of {result.epochs}; {args.output} holds the "
+              f"best epoch so far ({result.best_epoch})", file=sys.stderr)
+        return 130
     return 0
 
 

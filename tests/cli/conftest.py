@@ -26,15 +26,80 @@ TINY: dict[str, dict[str, int]] = {
 RunBnfold = Callable[..., subprocess.CompletedProcess[str]]
 
 
+def bnfold_command() -> list[str]:
+    """The ``bnfold`` console script beside this Python (what a user runs: the current directory is
+    not on its module path, unlike ``python -m bnfold``), else ``python -m bnfold``."""
+    script = Path(sys.executable).with_name("bnfold")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "bnfold"]
+
+
+@pytest.fixture(scope="session")
+def bnfold_argv() -> list[str]:
+    """:func:`bnfold_command`, for tests that drive the process themselves (signals, pipes)."""
+    return bnfold_command()
+
+
 @pytest.fixture(scope="session")
 def run_bnfold() -> RunBnfold:
-    """``run_bnfold(*args, cwd=None)``: ``python -m bnfold ARGS`` with captured text output."""
+    """``run_bnfold(*args, cwd=None, env=None)``: the ``bnfold`` command with captured text output.
+
+    Output goes to pipes (not a terminal); ``COLUMNS=200`` unless ``env`` says otherwise.
+    """
 
     def run(*args: str | os.PathLike[str], cwd: str | os.PathLike[str] | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "COLUMNS": "200", "PYTHONWARNINGS": "ignore"}
-        return subprocess.run([sys.executable, "-m", "bnfold", *map(str, args)], capture_output=True, text=True,
-                              cwd=cwd, env=env, timeout=timeout, check=False)
+            timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        full_env = {**os.environ, "COLUMNS": "200", "PYTHONWARNINGS": "ignore", **(env or {})}
+        return subprocess.run([*bnfold_command(), *map(str, args)], capture_output=True, text=True,
+                              cwd=cwd, env=full_env, timeout=timeout, check=False)
+
+    return run
+
+
+RunInTerminal = Callable[..., tuple[int, str]]
+
+
+@pytest.fixture(scope="session")
+def run_in_terminal() -> RunInTerminal:
+    """``run_in_terminal(*args, columns=80, cwd=None)``: ``bnfold ARGS`` in a pseudo-terminal of
+    ``columns`` x 40 (stdin, stdout and stderr all the terminal, ``$COLUMNS`` unset, as in a user's
+    shell); returns the exit code and everything the terminal received, escape sequences included."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    import time
+
+    def run(*args: str | os.PathLike[str], columns: int = 80, cwd: str | os.PathLike[str] | None = None,
+            timeout: float = 300) -> tuple[int, str]:
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "NO_COLOR", "TERM")}
+        env.update(TERM="xterm-256color", PYTHONWARNINGS="ignore")
+        proc = subprocess.Popen([*bnfold_command(), *map(str, args)], stdin=slave, stdout=slave, stderr=slave,
+                                cwd=cwd, env=env, start_new_session=True)
+        os.close(slave)
+        chunks: list[bytes] = []
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    raise AssertionError(f"bnfold {args} did not finish in {timeout} s")
+                ready, _, _ = select.select([master], [], [], 0.5)
+                if ready:
+                    try:
+                        data = os.read(master, 65536)
+                    except OSError:  # EIO: the child closed the terminal
+                        data = b""
+                    if not data:
+                        break
+                    chunks.append(data)
+                elif proc.poll() is not None:
+                    break
+        finally:
+            os.close(master)
+        return proc.wait(timeout=60), b"".join(chunks).decode("utf-8", "replace")
 
     return run
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -127,15 +128,21 @@ def _bad_input(kind: str, tmp: Path, trained: dict[str, Path]) -> tuple[Path, li
         extra = ["--arch", "transformer9000"]
     elif kind == "missing-keys":
         torch.save({k: v for k, v in state.items() if not k.startswith("features.1.")}, path)
-        extra = ["--arch", "cnn", "--arch-config", '{"width": 4, "depth": 1}']
+        extra = ["--arch", "cnn", "--input-shape", "1,8,8", "--arch-config", '{"width": 4, "depth": 1}']
     elif kind == "unexpected-keys":
         torch.save({**state, "extra.weight": torch.zeros(3)}, path)
-        extra = ["--arch", "cnn", "--arch-config", '{"width": 4, "depth": 1}']
+        extra = ["--arch", "cnn", "--input-shape", "1,8,8", "--arch-config", '{"width": 4, "depth": 1}']
     elif kind == "shape-mismatch":
         torch.save(state, path)
-        extra = ["--arch", "cnn", "--arch-config", '{"width": 8, "depth": 1}']
+        extra = ["--arch", "cnn", "--input-shape", "1,8,8", "--arch-config", '{"width": 8, "depth": 1}']
     elif kind == "bare-state-dict":
         torch.save(state, path)
+    elif kind == "no-input-shape":
+        torch.save(state, path)
+        extra = ["--arch", "cnn", "--arch-config", '{"width": 4, "depth": 1}']
+    elif kind == "bad-input-shape":
+        torch.save(state, path)
+        extra = ["--arch", "cnn", "--input-shape", "1,8", "--arch-config", '{"width": 4, "depth": 1}']
     elif kind == "bad-arch-config":
         torch.save(state, path)
         extra = ["--arch", "cnn", "--arch-config", "{width: 4"]
@@ -160,6 +167,11 @@ BAD_INPUTS = [
     pytest.param("unexpected-keys", "unexpected key", id="state-dict-unexpected-keys"),
     pytest.param("shape-mismatch", "shape mismatch", id="state-dict-shape-mismatch"),
     pytest.param("bare-state-dict", "--arch", id="bare-state-dict-no-arch"),
+    pytest.param("no-input-shape", "does not record the input shape it was trained on; its first layer takes 1 "
+                 "channel(s), but the cnn weights fit any image size; give it with --input-shape 1,H,W",
+                 id="bare-state-dict-no-input-shape"),
+    pytest.param("bad-input-shape", "cnn expects inputs of shape (channels, height, width), got (1, 8)",
+                 id="input-shape-of-the-wrong-rank"),
     pytest.param("bad-arch-config", "--arch-config is not valid JSON", id="bad-arch-config"),
     pytest.param("pickle-with-code", "refused", id="pickle-with-code"),
 ]
@@ -172,7 +184,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(kind: str, message: str, t
     path, extra = _bad_input(kind, tmp_path, trained)
     before = _files(tmp_path)
     proc = run_bnfold("fold", path, "-o", tmp_path / "out.onnx", "--report", tmp_path / "report.json",
-                      "--repository", tmp_path / "repo", "--name", "m", *extra)
+                      "--repository", tmp_path / "repo", "--name", "m", "--quiet", *extra)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bnfold: error: "), proc.stderr
@@ -189,13 +201,24 @@ def test_debug_shows_the_traceback(run_bnfold, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_verification_failure_exits_1_and_writes_nothing(trained: dict[str, Path], run_bnfold, tmp_path: Path) -> None:
+def test_verification_failure_exits_1_and_writes_only_the_report(trained: dict[str, Path], run_bnfold,
+                                                                  tmp_path: Path) -> None:
     before = _files(tmp_path)
     proc = run_bnfold("fold", trained["cnn"], "-o", tmp_path / "out.onnx", "--report", tmp_path / "r.json",
-                      "--repository", tmp_path / "repo", "--name", "m", "--atol", "0", "--rtol", "0")
+                      "--repository", tmp_path / "repo", "--name", "m", "--atol", "0", "--rtol", "0", "--quiet")
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.startswith("bnfold: error: verification failed") and len(proc.stderr.splitlines()) == 1
-    assert _files(tmp_path) == before
+    assert _files(tmp_path) == before | {"r.json"}  # no model, no repository version
+    body = json.loads((tmp_path / "r.json").read_text())
+    assert body["passed"] is False and body["failure"].startswith("verification failed against original (float64)")
+    checks = body["checks"]
+    assert set(checks) == {"pytorch/random", "pytorch/digits validation"}  # both measured before failing
+    for check in checks.values():
+        assert check["passed"] is False and check["max_abs_error"] > check["allowed"] == 0.0
+        assert len(check["rows"]) == 3  # the full matrix: deciding row and both baselines
+    assert body["fold"]["counts"]["folded"] >= 2 and body["written"] == [str(tmp_path / "r.json")]
+    assert "verification: FAILED, 2 of 2 checks over the allowed error" in proc.stdout
+    assert f"wrote {tmp_path / 'r.json'} (passed: false" in " ".join(proc.stdout.split())
 
 
 @pytest.mark.parametrize(
@@ -222,9 +245,19 @@ def build(width=6):
 '''
 
 
+FACTORY_CASES = [
+    pytest.param(".", "mymodels:build", ["--input-shape", "3,10,10"], id="module-in-the-current-directory"),
+    pytest.param(".", "mymodels:build", ["--arch-config", '{"input_shape": [3, 10, 10]}'], id="shape-in-arch-config"),
+    pytest.param("src", "src/mymodels.py:build", ["--input-shape", "3x10x10"], id="path-to-a-python-file"),
+]
+
+
 @pytest.mark.slow
-def test_fold_state_dict_with_own_model_factory(run_bnfold, tmp_path: Path) -> None:
-    (tmp_path / "mymodels.py").write_text(FACTORY)
+@pytest.mark.parametrize(("folder", "factory", "shape"), FACTORY_CASES)
+def test_fold_state_dict_with_own_model_factory(run_bnfold, tmp_path: Path, folder: str, factory: str,
+                                                shape: list[str]) -> None:
+    (tmp_path / folder).mkdir(exist_ok=True)
+    (tmp_path / folder / "mymodels.py").write_text(FACTORY)
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
@@ -236,9 +269,11 @@ def test_fold_state_dict_with_own_model_factory(run_bnfold, tmp_path: Path) -> N
             bn.running_var.uniform_(0.5, 2)
             bn.weight.uniform_(0.5, 1.5)
     torch.save(model.state_dict(), tmp_path / "weights.pt")
-    proc = run_bnfold("fold", "weights.pt", "--model", "mymodels:build", "--arch-config",
-                      '{"input_shape": [3, 10, 10]}', "-o", "out.onnx", cwd=tmp_path)
+    # the console script, without PYTHONPATH: the current directory is not on its module path by itself
+    proc = run_bnfold("fold", "weights.pt", "--model", factory, *shape, "-o", "out.onnx", cwd=tmp_path,
+                      env={"PYTHONPATH": ""})
     assert proc.returncode == 0, proc.stderr
+    assert "input 3x10x10" in proc.stdout
     exported = onnx.load(str(tmp_path / "out.onnx"))
     assert "BatchNormalization" not in op_counts(exported)
     x = np.random.default_rng(0).standard_normal((8, 3, 10, 10)).astype(np.float32)
@@ -247,7 +282,7 @@ def test_fold_state_dict_with_own_model_factory(run_bnfold, tmp_path: Path) -> N
     assert Tolerance().compare(ort_runner(exported)(x), expected).passed
 
 
-def test_a_bad_fold_exits_1_and_writes_nothing(trained: dict[str, Path], tmp_path: Path,
+def test_a_bad_fold_exits_1_and_writes_only_the_report(trained: dict[str, Path], tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     import copy
@@ -264,11 +299,13 @@ def test_a_bad_fold_exits_1_and_writes_nothing(trained: dict[str, Path], tmp_pat
 
     monkeypatch.setattr(bnfold, "fold", bad_fold)
     before = _files(tmp_path)
-    code = main(["fold", str(trained["cnn"]), "-o", str(tmp_path / "out.onnx"), "--report", str(tmp_path / "r.json")])
+    code = main(["fold", str(trained["cnn"]), "-o", str(tmp_path / "out.onnx"), "--report", str(tmp_path / "r.json"),
+                 "--quiet"])
     assert code == 1
     err = capsys.readouterr().err
     assert err.startswith("bnfold: error: verification failed against original (float64)")
-    assert _files(tmp_path) == before
+    assert _files(tmp_path) == before | {"r.json"}
+    assert json.loads((tmp_path / "r.json").read_text())["passed"] is False
 
 
 SHAPE_CHECKED = '''
@@ -326,12 +363,12 @@ def _shape_checked_state(tmp_path: Path) -> Path:
 def test_fold_table_says_a_batch_norm_was_folded_in_onnx(run_bnfold, tmp_path: Path, exporter: list[str]) -> None:
     _shape_checked_state(tmp_path)
     proc = run_bnfold("fold", "weights.pt", "--model", "shapechecked:build", "-o", "out.onnx", "--report", "r.json",
-                      *exporter, cwd=tmp_path)
+                      "--verbose", *exporter, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    row = next(line for line in proc.stdout.splitlines() if line.startswith("│ bn "))
-    assert [c.strip() for c in row.split("│")[1:-1]] == ["bn", "folded", "ONNX", "in ONNX, into conv (output side)"]
-    assert "batch norms: 1 folded, 0 kept" in proc.stdout
-    assert "BatchNormalization nodes │ 0" in proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("  bn "))
+    assert re.split(r"\s{2,}", row.strip()) == ["bn", "folded", "ONNX", "in ONNX, into conv (output side)"]
+    assert "batch norms: 1 of 1 folded (1 in ONNX), 0 kept" in proc.stdout
+    assert re.search(r"^  BatchNormalization nodes +0$", proc.stdout, flags=re.MULTILINE)
     written = onnx.load(str(tmp_path / "out.onnx"))
     assert "BatchNormalization" not in op_counts(written)
     cert = certificate.read({e.key: e.value for e in written.metadata_props})
@@ -360,4 +397,4 @@ def test_fold_says_when_it_fell_back_to_the_torchscript_exporter(trained: dict[s
     out = " ".join(capsys.readouterr().out.split())
     assert "note: exported with the deprecated TorchScript exporter because ONNX export (dynamo) failed: no " \
            "dynamo today" in out
-    assert "exporter │ torchscript (fallback, see note)" in out
+    assert "exporter torchscript (fallback, see note)" in out

@@ -21,7 +21,8 @@ def test_inspect_checkpoint_lists_every_batch_norm(trained: dict[str, Path], run
     assert proc.returncode == 0, proc.stderr
     plan = pipeline.inspect_file(trained["resnet"]).fold
     assert plan.counts["folded"] >= 5 and plan.counts["kept"] == 0
-    assert f"fold plan: {plan.counts['folded']} folded, 0 kept" in proc.stdout
+    n = plan.counts["folded"]
+    assert f"fold plan: {n} of {n} folded, 0 kept" in proc.stdout
     for bn, _, detail in plan.rows():
         assert bn in proc.stdout and detail in proc.stdout
     assert "input shape" in proc.stdout and "(batch, 1, 8, 8)" in proc.stdout
@@ -57,8 +58,23 @@ def test_inspect_shows_the_certificate_agrees_with_the_file(trained: dict[str, P
     assert _row(proc.stdout, "opset, exporter") == f"{cert.opset}, {cert.exporter}"
 
 
-def _row(table: str, key: str) -> str:
-    """The value cell of the two-column table row whose key is ``key``."""
-    cells = next(c for line in table.splitlines() for c in [[x.strip() for x in line.split("│")[1:-1]]]
-                 if c and c[0] == key)
-    return cells[1]
+def _row(text: str, key: str) -> str:
+    """The value beside ``key`` in an indented ``key  value`` list."""
+    return next(line[2 + len(key):].strip() for line in text.splitlines() if line.startswith(f"  {key}  "))
+
+
+@pytest.mark.slow
+def test_inspect_onnx_without_certificate_counts_its_outputs(trained: dict[str, Path], run_bnfold,
+                                                             tmp_path: Path) -> None:
+    import onnx
+
+    out = tmp_path / "cnn.onnx"
+    pipeline.run(trained["cnn"], output=out, config=pipeline.Config(n_random=8, max_data=32))
+    model = onnx.load(str(out))
+    del model.metadata_props[:]  # an ONNX file from elsewhere: no certificate, no labels
+    bare = tmp_path / "bare.onnx"
+    onnx.save(model, str(bare))
+    proc = run_bnfold("inspect", bare)
+    assert proc.returncode == 0, proc.stderr
+    assert _row(proc.stdout, "outputs") == "10 (no class labels recorded)"
+    assert "0 classes" not in proc.stdout

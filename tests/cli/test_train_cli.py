@@ -21,8 +21,8 @@ def test_train_writes_a_loadable_checkpoint_and_plot(tmp_path: Path, run_bnfold:
     proc = run_bnfold("train", "--epochs", "1", "--width", "4", "--depth", "1", "--plot", "c.png", "-o", "x.pt",
                       cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("saved x.pt: cnn on digits, best epoch 1/1, val accuracy ")
-    assert "epoch 1/1" in proc.stderr  # the progress bar
+    assert proc.stdout.startswith("saved x.pt: cnn on digits, best epoch 1 of 1 (val accuracy ")
+    assert proc.stderr.startswith("epoch 1/1  loss ")  # one plain progress line per epoch in a pipe
     loaded = load_model(tmp_path / "x.pt")
     assert loaded.arch == "cnn" and loaded.arch_config["width"] == 4 and loaded.dataset == "digits"
     assert loaded.meta["seed"] == 0 and len(loaded.meta["metrics"]["history"]) == 1
@@ -85,3 +85,34 @@ def test_help_lists_the_registry_and_has_examples(capsys: pytest.CaptureFixture[
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "examples:" in out and "bnfold train -o digits_cnn.pt" in out
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_the_best_epoch_so_far_and_says_where(tmp_path: Path, bnfold_argv: list[str]) -> None:
+    import os
+    import re
+    import signal
+
+    proc = subprocess.Popen([*bnfold_argv, "train", "--epochs", "500", "--width", "4", "--depth", "1",
+                             "-o", "x.pt", "--plot", "c.png"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:  # blocks until the first epoch ends, however loaded the machine is
+        seen.append(line)
+        if re.match(r"epoch +1/500  loss ", line):
+            break
+    else:
+        raise AssertionError(f"no first epoch line: {seen}")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, (out, err)
+    done = int(re.search(r"interrupted after epoch (\d+) of 500; x.pt holds the best epoch so far \((\d+)\)",
+                         err).group(1))
+    loaded = load_model(tmp_path / "x.pt")
+    metrics = loaded.meta["metrics"]
+    assert metrics["interrupted"] is True and metrics["epochs_planned"] == 500
+    assert len(metrics["history"]) == done and 1 <= metrics["best_epoch"] <= done < 500
+    assert out.startswith(f"saved x.pt: cnn on digits, best epoch {metrics['best_epoch']} of {done} run, 500 planned")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "x.pt"]
