@@ -17,7 +17,12 @@ from service.config import Settings
     pytest.param(["--model-repository", "r", "--host", "0.0.0.0", "--port", "8080", "--workers", "2"],
                  {"model_repository": Path("r"), "host": "0.0.0.0", "port": 8080, "workers": 2}, id="all-flags"),
 ])
-def test_serve_flags(monkeypatch: pytest.MonkeyPatch, argv: list[str], expected: dict[str, object]) -> None:
+def test_serve_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, argv: list[str],
+                     expected: dict[str, object]) -> None:
+    monkeypatch.chdir(tmp_path)
+    for repo in ("repo", "r"):  # bnfold serve refuses a repository without a model before it starts
+        (tmp_path / repo / "m" / "1").mkdir(parents=True)
+        (tmp_path / repo / "m" / "1" / "model.onnx").write_bytes(b"")
     seen: list[Settings] = []
     monkeypatch.setattr(service_main, "run", seen.append)
     monkeypatch.setenv("BNFOLD_PORT", "9100")
