@@ -60,11 +60,18 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)  # TCP port
     workers: int = Field(default=1, ge=1)  # uvicorn worker processes (each loads every model)
     api_key: SecretStr | None = None  # unset = open; set = inference/metadata need "Authorization: Bearer <key>"
-    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)  # larger request bodies get 413
+    # Request limits (413 or 400 naming the setting; README "Limits" has the memory arithmetic behind them).
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)  # request body, also after gzip/deflate; else 413
+    max_json_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)  # JSON part of a request (parsed, up to 40x); 413
+    max_request_rows: int = Field(default=1024, ge=1)  # leading dimension of each input of one request; else 413
+    max_tensor_elements: int = Field(default=4 * 1024 * 1024, ge=1)  # elements of one input tensor; else 413
+    max_tensor_bytes: int = Field(default=16 * 1024 * 1024, ge=1)  # bytes of one input tensor in its datatype; else 413
+    max_inflight_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)  # held by running requests (per worker); 503
     # HTTP limits, enforced by service.protocol below the app (so before the API key check).
     max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)  # request line + headers; else 431
     header_timeout_s: float = Field(default=10.0, gt=0, le=3600)  # for request line + headers to arrive; else 408
     body_timeout_s: float = Field(default=10.0, gt=0, le=3600)  # longest pause while a body arrives; else 408
+    request_timeout_s: float = Field(default=30.0, gt=0, le=3600)  # deadline of one inference request; else 504
     max_connections: int = Field(default=512, ge=1)  # open connections + requests (uvicorn limit_concurrency); 503
     max_batch_size: int = 64  # most rows one coalesced onnxruntime run takes (per-model override)
     max_queue_delay_ms: float = 0.0  # extra wait to fill a batch, at most 10 s; 0 = take what is queued now

@@ -11,6 +11,10 @@ class InvalidInput(ServiceError):
     """The request is malformed or does not fit the model (name, datatype, shape, element count, framing)."""
 
 
+class TooLarge(ServiceError):
+    """The request passes a size limit (rows, elements, bytes, JSON size); the message names the setting."""
+
+
 class ModelNotFound(ServiceError):
     """No model, or no version, by that name in the repository."""
 

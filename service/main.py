@@ -3,6 +3,8 @@
 ``create_app(settings)`` builds an app; the module-level ``app`` (settings from the environment)
 is what ``uvicorn service.main:app`` and worker processes import; :func:`run` starts uvicorn with
 the HTTP limits of :mod:`service.protocol` and uvicorn's own connection limit and keep-alive timeout.
+With an API key set, ``/openapi.json`` needs the key too and the browsable ``/docs`` and ``/redoc``
+are off (a browser cannot send the key to them).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     repository: ModelRepository = app.state.service.repository
     metrics: ServiceMetrics = app.state.service.metrics
     metrics.open()
+    app.endpoints.deadlines.start()  # type: ignore[attr-defined]
     repository.load()
     versions = [v for versions in repository.models.values() for v in versions.values()]
     event(logging.INFO if repository.ready else logging.ERROR, "service started",
@@ -47,6 +50,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await app.endpoints.deadlines.stop()  # type: ignore[attr-defined]
         repository.close()
         metrics.close()
 
@@ -73,7 +77,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """A FastAPI app serving ``settings.model_repository`` (models load when the app starts)."""
     settings = settings or Settings()
     logging.config.dictConfig(log_config(settings.log_level))
-    app = fastpath.ServiceApp(title="bnfold inference service", version=__version__, lifespan=lifespan)
+    keyed = settings.api_key is not None  # then the schema needs the key and the browsable docs are off
+    app = fastpath.ServiceApp(title="bnfold inference service", version=__version__, lifespan=lifespan,
+                              openapi_url=None if keyed else "/openapi.json", docs_url=None if keyed else "/docs",
+                              redoc_url=None if keyed else "/redoc")
     registry = ServiceMetrics()
     app.state.service = Service(settings, ModelRepository(settings, registry), registry)
     # Inference bypasses FastAPI's request machinery (see service.api.fastpath for the measurements);
@@ -87,6 +94,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (models, server, metrics):
         app.include_router(module.router, dependencies=protected)
     app.include_router(health.router)
+    if keyed:
+        async def openapi() -> JSONResponse:
+            return JSONResponse(app.openapi())
+
+        app.add_api_route("/openapi.json", openapi, include_in_schema=False, dependencies=protected)
     return app
 
 

@@ -14,6 +14,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 
 from service.config import Settings
+from service.errors import ModelNotFound
 from service.metrics import ServiceMetrics
 from service.repository import ModelRepository
 
@@ -47,6 +48,18 @@ def check_api_key(settings: Settings, authorization: bytes) -> None:
     if not hmac.compare_digest(authorization, expected):
         raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                             headers={"WWW-Authenticate": "Bearer"})
+
+
+def check_names(repository: ModelRepository, name: str, version: str | None) -> None:
+    """404 (:class:`ModelNotFound`) for an unknown model, or a version that is not a plain integer.
+
+    Before :meth:`ModelRepository.get`, for clients: the message does not list the other models,
+    and a version of thousands of digits never reaches ``int()`` (whose digit limit raises).
+    """
+    if name not in repository.models:
+        raise ModelNotFound(f"unknown model {name!r:.100}")
+    if version is not None and not (version.isascii() and version.isdigit() and len(version) <= 18):
+        raise ModelNotFound(f"model {name!r:.100} has no version {version!r:.40}")
 
 
 async def require_api_key(request: Request, service: ServiceDep) -> None:

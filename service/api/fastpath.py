@@ -15,10 +15,16 @@ Behaviour is that of the FastAPI routes it replaces: the same API-key check
 (:mod:`service.api.body`), ``{"error": ...}`` bodies with the same statuses and headers, the same
 metrics, 500 ``{"error": "internal server error"}`` for a bug. :func:`openapi_paths` documents the
 routes in the OpenAPI schema.
+
+Admission (:mod:`service.api.admission`) costs O(1) per request: the request takes its share of the
+worker's byte budget as it reads and decodes (503 + ``Retry-After`` past ``max_inflight_bytes``),
+and registers for its deadline (504 past ``request_timeout_s``, 408 if the body was still arriving).
+An error answered before the body was read closes the connection, so the rest of it is not read.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -29,10 +35,11 @@ from fastapi import FastAPI, HTTPException
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from service import inference
+from service import codec, inference
+from service.api.admission import TRIM_BYTES, Budget, Deadlines, Share, trim_soon
 from service.api.body import ClientGone, read_body
-from service.api.deps import Service, check_api_key
-from service.api.errors import OUTCOME, http_error
+from service.api.deps import Service, check_api_key, check_names
+from service.api.errors import OUTCOME, STATUS, http_error
 from service.api.schemas import Predictions
 from service.errors import ServiceError
 from service.logs import event
@@ -47,6 +54,7 @@ PREDICT = "/v1/models/{name}:predict"
 PATTERNS = [(re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$"), path)
             for path in (INFER, INFER_VERSION, PREDICT)]
 _JSON = [(b"content-type", b"application/json")]
+_CLOSE = (b"connection", b"close")
 
 
 class InferenceEndpoints:
@@ -54,6 +62,11 @@ class InferenceEndpoints:
 
     def __init__(self, service: Service) -> None:
         self.service = service
+        settings = service.settings
+        self.limits = codec.Limits(settings.max_request_rows, settings.max_tensor_elements, settings.max_tensor_bytes,
+                                   settings.max_json_bytes)
+        self.budget = Budget(settings.max_inflight_bytes)
+        self.deadlines = Deadlines(settings.request_timeout_s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers: dict[bytes, bytes] = {}
@@ -61,47 +74,73 @@ class InferenceEndpoints:
             headers.setdefault(key, value)
         params = scope["path_params"]
         service = self.service
+        task = asyncio.current_task()
+        deadlines = self.deadlines
+        deadlines.add(task, time.monotonic())  # type: ignore[arg-type]
+        share = Share(self.budget)
+        read = False
         try:
             check_api_key(service.settings, headers.get(b"authorization", b""))
-            body = await read_body(receive, headers.get(b"content-length"), headers.get(b"content-encoding"),
-                                   service.settings.max_body_bytes)
+            try:
+                body = await read_body(receive, headers.get(b"content-length"), headers.get(b"content-encoding"),
+                                       service.settings.max_body_bytes, share)
+            except ServiceError as exc:  # the budget is full
+                raise http_error(exc, service.settings.retry_after_s) from None
+            read = True
             payload, extra = await self._run(scope["path"].endswith(":predict"), params["name"],
-                                             params.get("version"), body, headers)
+                                             params.get("version"), body, headers, share)
+            deadlines.remove(task)  # type: ignore[arg-type]
+            await _send(send, 200, payload, extra)
         except HTTPException as exc:
             service.metrics.http_error(exc.status_code)
             await _send(send, exc.status_code, orjson.dumps({"error": str(exc.detail)}),
                         [*_JSON, *((k.lower().encode("latin-1"), v.encode("latin-1"))
-                                   for k, v in (exc.headers or {}).items())])
-            return
+                                   for k, v in (exc.headers or {}).items()), *(() if read else (_CLOSE,))])
         except ClientGone:
-            return
+            pass
+        except asyncio.CancelledError:
+            if not deadlines.missed(task):  # type: ignore[arg-type]
+                raise  # the server is shutting down
+            status = 504 if read else 408
+            service.metrics.http_error(status)
+            what = "did not finish" if read else "body did not arrive"
+            await _send(send, status, orjson.dumps({"error": f"the request {what} within "
+                                                    f"{deadlines.timeout_s:g} s (BNFOLD_REQUEST_TIMEOUT_S)"}),
+                        [*_JSON, _CLOSE])
         except Exception as exc:  # a bug: the same answer and log line as FastAPI's handler for the other routes
             event(logging.ERROR, "internal error", path=scope["path"], error=f"{type(exc).__name__}: {exc}")
             await _send(send, 500, b'{"error":"internal server error"}', _JSON)
-            return
-        await _send(send, 200, payload, extra)
+        finally:
+            deadlines.remove(task)  # type: ignore[arg-type]
+            if share.held >= TRIM_BYTES:  # a large request: its memory goes back to the OS, not just to malloc
+                trim_soon()
+            share.release()
 
     async def _run(self, predict: bool, name: str, version: str | None, body: bytes,
-                   headers: dict[bytes, bytes]) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+                   headers: dict[bytes, bytes], share: Share) -> tuple[bytes, list[tuple[bytes, bytes]]]:
         """Body and extra headers of a successful answer; service errors become :class:`HTTPException`."""
         service = self.service
         start = time.perf_counter()
-        label = name if name in service.repository.models else UNKNOWN_MODEL
+        repository = service.repository
+        label = name if name in repository.models else UNKNOWN_MODEL
         try:
+            check_names(repository, name, version)
             if predict:
-                rows = await inference.predict(service.repository, name, None, body)
+                rows = await inference.predict(repository, name, None, body, self.limits, share.take_decoding)
                 result = (orjson.dumps({"predictions": rows}), _JSON)
             else:
                 length = headers.get(_HEADER_LENGTH_KEY)
-                encoded = await inference.infer(service.repository, name, version, body,
-                                                None if length is None else length.decode("latin-1"))
+                encoded = await inference.infer(repository, name, version, body,
+                                                None if length is None else length.decode("latin-1"),
+                                                self.limits, share.take_decoding)
                 result = (encoded.body, _JSON) if encoded.header_length is None else \
                     (encoded.body, [(b"content-type", b"application/octet-stream"),
                                     (_HEADER_LENGTH_KEY, str(encoded.header_length).encode())])
         except ServiceError as exc:
-            error = http_error(exc, service.settings.retry_after_s)
-            service.metrics.request(label, OUTCOME.get(error.status_code, "error"))
-            raise error from None
+            service.metrics.request(label, OUTCOME.get(STATUS.get(type(exc), 500), "error"))
+            # Raised without a local name: a local holding it would close a reference cycle (exception ->
+            # traceback -> this frame -> exception) that keeps the request's parsed data alive until a GC pass.
+            raise http_error(exc, service.settings.retry_after_s) from None
         service.metrics.request(label, "success", time.perf_counter() - start)
         return result
 
@@ -159,8 +198,10 @@ def openapi_paths(schemas: dict[str, Any]) -> dict[str, Any]:
     errors = {"400": {"description": "malformed request or it does not fit the model", **error},
               "401": {"description": "missing or wrong API key (when one is set)", **error},
               "404": {"description": "unknown model or version", **error},
-              "413": {"description": "request body over the size limit", **error},
-              "503": {"description": "not ready, or overloaded (with Retry-After)", **error}}
+              "408": {"description": "the body did not arrive in time", **error},
+              "413": {"description": "request over a size limit (body, JSON, rows, elements, bytes)", **error},
+              "503": {"description": "not ready, or overloaded (with Retry-After)", **error},
+              "504": {"description": "the request missed its deadline", **error}}
     oip = {"content": {"application/json": {"schema": {"type": "object"}}, "application/octet-stream": {}}}
     name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
     version = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}

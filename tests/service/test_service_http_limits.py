@@ -1,5 +1,5 @@
 """HTTP-level limits of a real ``python -m service`` process (uvicorn + service.protocol): header size,
-and header and body read timeouts. Raw sockets, so nothing in between
+header and body read timeouts, and the server-wide byte budget. Raw sockets, so nothing in between
 (no client library) shapes the bytes; every wait has a generous deadline for a loaded machine.
 """
 
@@ -19,6 +19,7 @@ from server_process import free_port, is_ready, start, stop, wait_until
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = 2  # the test server's header and body timeouts
+BUDGET = 1_000_000  # the test server's max_inflight_bytes
 INFER = b"/v2/models/classifier/infer"
 SMALL = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}).encode()
 
@@ -28,7 +29,8 @@ def server(repository: Path) -> Iterator[tuple[str, int]]:
     port = free_port()
     env = {**os.environ, "BNFOLD_MODEL_REPOSITORY": str(repository), "BNFOLD_PORT": str(port),
            "BNFOLD_HOST": "127.0.0.1", "BNFOLD_INTRA_OP_THREADS": "1", "BNFOLD_LOG_LEVEL": "error",
-           "BNFOLD_HEADER_TIMEOUT_S": str(TIMEOUT_S), "BNFOLD_BODY_TIMEOUT_S": str(TIMEOUT_S)}
+           "BNFOLD_HEADER_TIMEOUT_S": str(TIMEOUT_S), "BNFOLD_BODY_TIMEOUT_S": str(TIMEOUT_S),
+           "BNFOLD_MAX_INFLIGHT_BYTES": str(BUDGET)}
     process = start(env)
     try:
         wait_until(process, lambda: is_ready(f"http://127.0.0.1:{port}"), "readiness")
@@ -167,3 +169,34 @@ def test_a_body_sent_slowly_but_steadily_is_served(server: tuple[str, int]) -> N
             sock.sendall(body[start:start + 20])
         answer = _answer(sock)
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+
+
+# ---- the byte budget ------------------------------------------------------------------------
+
+def test_stalled_uploads_cannot_hold_more_than_the_budget(server: tuple[str, int]) -> None:
+    declared = 600_000  # two of them would pass BUDGET
+    stalled = _connect(server)
+    try:
+        stalled.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n{" % (INFER, declared))
+        time.sleep(0.2)
+        with _connect(server) as sock:  # refused from its Content-Length, before any of it is read
+            sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n{" % (INFER, declared))
+            answer = _answer(sock)
+        assert answer.startswith(b"HTTP/1.1 503 "), answer[:300]
+        assert b"\r\nretry-after: 1\r\n" in answer.lower()
+        assert f"needs {declared}, over BNFOLD_MAX_INFLIGHT_BYTES={BUDGET}; retry later" in _error(answer)
+        with _connect(server) as sock:  # a small request still fits beside the stalled one
+            sock.sendall(_post(INFER, SMALL, b"Connection: close\r\n"))
+            assert _answer(sock).startswith(b"HTTP/1.1 200 ")
+    finally:
+        stalled.close()
+    deadline = time.monotonic() + 30  # the server notices the close, or times the body out, and frees its share
+    while True:
+        with _connect(server) as sock:
+            sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % (
+                INFER, declared) + b" " * declared)
+            answer = _answer(sock)
+        if not answer.startswith(b"HTTP/1.1 503 ") or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]  # admitted (and then an empty JSON document)

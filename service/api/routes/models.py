@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException
 
-from service.api.deps import ServiceDep
-from service.api.errors import http_error
+from service.api.deps import ServiceDep, check_names
+from service.api.errors import http_error, public
 from service.api.schemas import ModelMetadata, ModelReady, TensorMetadata
 from service.errors import ServiceError
 from service.repository import ModelVersion
@@ -15,6 +15,7 @@ router = APIRouter(prefix="/v2/models", tags=["metadata"])
 
 def _metadata(service: ServiceDep, name: str, version: str | None) -> ModelMetadata:
     try:
+        check_names(service.repository, name, version)
         entry = service.repository.get(name, version)
     except ServiceError as exc:
         raise http_error(exc) from None
@@ -23,18 +24,20 @@ def _metadata(service: ServiceDep, name: str, version: str | None) -> ModelMetad
         name=name, versions=[str(v) for v in service.repository.models[name]], platform="onnxruntime_onnx",
         inputs=[TensorMetadata(**s.metadata()) for s in runtime.inputs] if runtime else [],
         outputs=[TensorMetadata(**s.metadata()) for s in runtime.outputs] if runtime else [],
-        version=str(entry.version), ready=entry.ready, reason=entry.reason, certificate=entry.certificate_summary(),
+        version=str(entry.version), ready=entry.ready, reason=entry.reason and public(entry.reason),
+        certificate=entry.certificate_summary(),
         batching=entry.batching_summary(),
     )
 
 
 def _ready(service: ServiceDep, name: str, version: str | None) -> ModelReady:
     try:
+        check_names(service.repository, name, version)
         entry: ModelVersion = service.repository.get(name, version)
     except ServiceError as exc:
         raise http_error(exc) from None
     if not entry.ready:
-        raise HTTPException(503, f"model {name!r} version {entry.version} is not ready: {entry.reason}")
+        raise HTTPException(503, public(f"model {name!r} version {entry.version} is not ready: {entry.reason}"))
     return ModelReady(name=name, version=str(entry.version), ready=True)
 
 
