@@ -18,7 +18,8 @@ Per model:
   optimizations off and on: medians of interleaved calls (:func:`bnfold.latency.interleaved_medians`).
 
 The test tier ``tests/real`` asserts on the same table and helpers. Needs torchvision, timm, onnxslim
-and onnxoptimizer (``pip install -e ".[dev,real]"``)::
+and onnxoptimizer: the environment of the README's "Real architectures" (``pip install -e ".[torch,real]"``
+after torch and its matching torchvision)::
 
     python benchmarks/real_archs.py [--quick | --smoke] [--out DIR]
 
@@ -165,16 +166,15 @@ def example_inputs(arch: Arch, batch: int = 2, seed: int = 1) -> torch.Tensor:
 
 
 def is_batchnorm(module: nn.Module) -> bool:
-    """torch's batch norms (timm's BatchNormAct2d included) and anything that stores BN statistics
+    """torch's batch norms (timm's BatchNormAct2d included) and anything else that stores BN statistics
     (torchvision's FrozenBatchNorm2d keeps weight, bias, running_mean and running_var as buffers)."""
-    return all(isinstance(getattr(module, k, None), _tensor_type()) for k in ("running_mean", "running_var",
-                                                                              "weight", "bias"))
-
-
-def _tensor_type() -> type:
     import torch
+    from torch import nn
 
-    return torch.Tensor
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):  # running statistics, but per sample
+        return False
+    return all(isinstance(getattr(module, k, None), torch.Tensor) for k in ("running_mean", "running_var",
+                                                                            "weight", "bias"))
 
 
 def randomize_batchnorms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -210,19 +210,22 @@ class BatchnormCalls:
 def batchnorm_calls(model: nn.Module, inputs: torch.Tensor) -> BatchnormCalls:
     """Count the batch norms ``model`` applies to ``inputs``: the aten batch-norm ops that run, plus
     calls of modules that hold BN statistics but compute without them (FrozenBatchNorm2d), plus, in
-    torch.fx graphs, reads of a ``running_var`` that feed arithmetic instead of a batch-norm call
-    (such a module traced through)."""
+    torch.fx graphs, batch norms traced through into arithmetic (:func:`_inlined_batchnorms`)."""
     import torch
     from torch import fx
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
-        ops = 0
+        """Counts batch-norm ops; ops that run inside one (its decomposition) do not reach the mode."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops = 0
 
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             name = func.__name__
             if "batch_norm" in name and "backward" not in name:
-                Count.ops += 1
+                self.ops += 1
             return func(*args, **(kwargs or {}))
 
     frozen = 0
@@ -233,13 +236,14 @@ def batchnorm_calls(model: nn.Module, inputs: torch.Tensor) -> BatchnormCalls:
 
     hooks = [m.register_forward_pre_hook(on_call) for m in model.modules()
              if isinstance(m, fx.GraphModule) or (is_batchnorm(m) and not isinstance(m, _batchnorm_base()))]
+    counter = Count()
     try:
-        with torch.inference_mode(), Count():
+        with torch.inference_mode(), counter:
             model(inputs)
     finally:
         for h in hooks:
             h.remove()
-    return BatchnormCalls(aten=Count.ops, frozen=frozen)
+    return BatchnormCalls(aten=counter.ops, frozen=frozen)
 
 
 def _batchnorm_base() -> type:
@@ -249,13 +253,30 @@ def _batchnorm_base() -> type:
 
 
 def _inlined_batchnorms(gm: Any) -> int:
-    """``running_var`` reads in a graph that feed arithmetic rather than a batch-norm call."""
+    """Batch norms a torch.fx graph computes as plain arithmetic (a batch-norm module traced through): a
+    read of a ``running_var`` that feeds arithmetic rather than a batch-norm call, or a per-channel constant
+    (shape ``(1, C, 1, ...)``) multiplying an activation, which is what tracing leaves of a
+    FrozenBatchNorm2d (it computes the scale at trace time)."""
+    import functools
+    import operator
+
+    import torch
+    from torch import fx
+
     n = 0
     for node in gm.graph.nodes:
-        reads = node.op == "get_attr" and str(node.target).endswith("running_var")
-        if reads and node.users and not any(
-                u.op == "call_function" and "batch_norm" in getattr(u.target, "__name__", "") for u in node.users):
-            n += 1
+        if node.op != "get_attr" or not node.users:
+            continue
+        if str(node.target).endswith("running_var"):
+            n += not any(u.op == "call_function" and "batch_norm" in getattr(u.target, "__name__", "")
+                         for u in node.users)
+            continue
+        value = functools.reduce(getattr, str(node.target).split("."), gm)
+        per_channel = (isinstance(value, torch.Tensor) and value.ndim >= 3 and value.shape[0] == 1
+                       and value.shape[1] > 1 and all(d == 1 for d in value.shape[2:]))
+        n += per_channel and any(
+            u.op == "call_function" and u.target in (operator.mul, torch.mul)
+            and any(isinstance(a, fx.Node) and a.op != "get_attr" for a in u.args) for u in node.users)
     return n
 
 
