@@ -12,6 +12,7 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -85,12 +86,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands after which the process has nothing left to do but tear down torch (see main).
+FAST_EXIT = frozenset({"train", "fold", "inspect", "verify", "bench"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; ``argv=None`` (the ``bnfold`` program) reads ``sys.argv``.
+
+    As a program, a model command ends the process with ``os._exit`` once its output is flushed:
+    the interpreter's normal shutdown, tearing down torch and onnxruntime module by module, takes
+    2 s more on 2 shared cores (measured after ``bnfold fold``), and every file the command
+    writes is closed and renamed into place before it returns.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    code = _run(args)
+    if argv is None and args.command in FAST_EXIT:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError):  # a reader that went away (| head)
+                stream.flush()
+        os._exit(code)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
