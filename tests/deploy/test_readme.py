@@ -322,8 +322,64 @@ def test_python_examples_use_the_digits_model(readme_python: list[str]) -> None:
     compile(example, "README.md", "exec")
     assert 'InferInput("input", ' in example and '"FP32"' in example
     assert 'client.infer("digits"' in example and 'InferRequestedOutput("logits")' in example
-    assert "(4, 1, 8, 8)" in example  # the digits model's input shape after the batch dimension
+    # real digit images, as the model was trained on them (raw 0-16 pixels), not noise
+    assert "load_digits()" in example and "random" not in example
+    assert "digits.images[-8:, None].astype(np.float32)" in example  # (8, 1, 8, 8)
+    assert 'print("true:     ", digits.target[-8:])' in example and 'print("predicted:", ' in example
     assert DIGITS["input"][1][1:] == [1, 8, 8]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_tritonclient_example_against_a_real_server(readme: str, readme_python: list[str], tmp_path: Path) -> None:
+    """Run the README's tritonclient example, as written (port substituted), against ``python -m service``
+    serving the digits model this repository ships; it prints what the README says it prints."""
+    import sys
+    import time
+    import urllib.request
+
+    pytest.importorskip("tritonclient.http")
+    (example,) = readme_python
+    models = REPO / "models"
+    if not (models / "digits" / "1" / "model.onnx").is_file():
+        pytest.skip("models/digits/1/model.onnx is not in this checkout")
+    repo = tmp_path / "models"
+    (repo / "digits" / "1").mkdir(parents=True)
+    (repo / "digits" / "1" / "model.onnx").write_bytes((models / "digits" / "1" / "model.onnx").read_bytes())
+    port = _free_port()
+    env = {**os.environ, "BNFOLD_MODEL_REPOSITORY": str(repo), "BNFOLD_PORT": str(port), "BNFOLD_HOST": "127.0.0.1",
+           "BNFOLD_INTRA_OP_THREADS": "1", "BNFOLD_LOG_LEVEL": "warning"}
+    server = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, f"the server exited: {server.communicate()[1][-2000:]}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server was not ready within 180 s"
+            time.sleep(0.5)
+        code = example.replace('"localhost:8000"', repr(f"127.0.0.1:{port}"))
+        assert code != example
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    assert done.returncode == 0, done.stderr
+    shown = re.search(r"```python\n.*?```\n\n.*?```text\n(.*?)```", readme, flags=re.DOTALL)
+    assert shown is not None, "README: no ```text block with the example's output after it"
+    assert done.stdout == shown.group(1)
 
 
 def test_pipeline_figure_is_drawn_by_the_committed_script(tmp_path: Path) -> None:
