@@ -312,5 +312,6 @@ def test_readme_tritonclient_example_runs(server: str, readme_python: list[str])
     assert code != example
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
-    printed = result.stdout.strip()
-    assert re.fullmatch(r"\[\d( \d){3}\]", printed), printed  # one predicted digit per image
+    printed = result.stdout.splitlines()
+    assert len(printed) == 2 and all(re.fullmatch(r"(true|predicted): +\[\d( \d){7}\]", line) for line in printed), \
+        printed  # the true and the predicted digit of each of 8 images
