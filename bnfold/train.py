@@ -308,6 +308,11 @@ def _draw(result: TrainResult, path: Path, *, title: str) -> None:
 
 
 def _plot(history: list[dict[str, float]], path: Path, *, title: str, best_epoch: int | None) -> None:
+    figure(history, title=title, best_epoch=best_epoch).savefig(path, format="png", dpi=100)
+
+
+def figure(history: list[dict[str, float]], *, title: str = "", best_epoch: int | None = None) -> Any:
+    """The matplotlib Figure :func:`plot_history` saves (for tests and notebooks)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -329,7 +334,7 @@ def _plot(history: list[dict[str, float]], path: Path, *, title: str, best_epoch
         ax.legend()
     if title:
         fig.suptitle(title)
-    fig.savefig(path, format="png", dpi=100)
+    return fig
 
 
 def _check_options(config: TrainConfig, plan: _Plan) -> None:

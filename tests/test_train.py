@@ -161,6 +161,19 @@ def test_bad_output_path_fails_before_training(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # not even the checkpoint that could have been written
 
 
+def test_the_plot_marks_the_saved_epoch_on_both_panels() -> None:
+    from bnfold.train import figure
+
+    history = [{"epoch": float(e), "train_loss": 1.0 / e, "val_loss": 1.1 / e, "train_accuracy": 0.5 + e / 20,
+                "val_accuracy": acc} for e, acc in enumerate([0.5, 0.7, 0.9, 0.8], start=1)]
+    fig = figure(history, best_epoch=3)
+    for ax in fig.axes:
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "validation", "saved: epoch 3"]
+        assert [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"] == [3]
+    (star,) = [line for line in fig.axes[1].get_lines() if line.get_marker() == "*"]
+    assert list(star.get_ydata()) == [0.9]
+
+
 def test_interrupt_keeps_the_best_epoch_so_far(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import bnfold.train as train_module
 
