@@ -143,9 +143,9 @@ def matrix(checks: list[tuple[str, VerifyReport]], width: int) -> list[Text]:
     out = wrap("every comparison (baseline rows are shown for scale and decide nothing):", width)
     for stage, rep in checks:
         out += wrap(f"{_model_label(stage, rep)} on {rep.inputs} ({rep.n_samples} samples), allowed "
-                    f"{number(rep.allowed)}", width, indent=INDENT)
+                    f"{number(rep.allowed)}:", width)
         table = Table(Column("compared", wrap=True), Column("max abs", right=True), Column("max rel", right=True),
-                      Column("top-1", right=True), Column("role"), indent=2 * INDENT)
+                      Column("top-1", right=True), Column("role"))
         for row in rep.rows:
             role = (("pass", "green") if row.passed else ("FAIL", "bold red")) if row.gating else ("baseline", "dim")
             table.add_row(f"{row.actual} vs {row.reference}", number(row.max_abs_error), number(row.max_rel_error),
