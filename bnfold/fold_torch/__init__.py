@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 from typing import Any
 
 import torch
@@ -87,9 +88,8 @@ def fold_torch(
 
 def _wrapped(model: nn.Module) -> tuple[str, nn.Module] | None:
     """``(attribute, inner module)`` when ``model`` only wraps another module (torch.compile, DataParallel)."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    if isinstance(model, OptimizedModule):
+    frames = sys.modules.get("torch._dynamo.eval_frame")  # a compiled module means dynamo is loaded: importing
+    if frames is not None and isinstance(model, frames.OptimizedModule):  # it just to check costs ~2 s
         return "_orig_mod", model._orig_mod
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         return "module", model.module
