@@ -8,7 +8,7 @@ onnxruntime ``intra_op_num_threads=1``) so the two variants compete for the same
   round, rotating order; :func:`bnfold.latency.interleaved_medians`);
 * onnxruntime session creation (from the serialized bytes), median of interleaved creations;
 * the ONNX file size and node count: the unfolded baseline is exported with its BatchNormalization
-  nodes kept (:func:`bnfold.export.to_onnx` ``keep_batchnorm=True``); the folded one is exactly what
+  nodes kept (:func:`bnfold.export.to_onnx`: no export fuses them); the folded one is exactly what
   ``bnfold fold`` writes (certificate and self-test vector included).
 
 Every ratio is unfolded / folded, so > 1 means folding helped.
@@ -70,7 +70,7 @@ def bench_model(label: str, path: Path, *, batches: tuple[int, ...], repeats: di
 
     source = load_source(path)
     outcome = fold_and_certify(source)  # fold + verify + export + certificate, as `bnfold fold` does
-    unfolded_onnx = export.to_onnx(source.model, source.input_shape, keep_batchnorm=True)
+    unfolded_onnx = export.to_onnx(source.model, source.input_shape)
     folded_onnx = outcome.onnx_model
     pairs = {"pytorch eager": (runner(source.model), runner(outcome.fold.model))}
     for optimize in (False, True):

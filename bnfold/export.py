@@ -132,14 +132,9 @@ def to_onnx(
     input_name: str = "input",
     output_name: str = "logits",
     exporter: Exporter = "auto",
-    keep_batchnorm: bool = False,
 ) -> onnx.ModelProto:
-    """:func:`export_model`'s ONNX model alone.
-
-    ``keep_batchnorm`` is accepted for callers that export an *unfolded* baseline; it changes
-    nothing any more, since no export fuses batch norms.
-    """
-    del keep_batchnorm  # every export keeps its batch norms now
+    """:func:`export_model`'s ONNX model alone (an unfolded model exports with its batch norms: no
+    exporter fuses them)."""
     return export_model(model, input_shape, opset=opset, input_name=input_name, output_name=output_name,
                         exporter=exporter).model
 

@@ -99,7 +99,7 @@ def _bench(source: Source, batches: Sequence[int], repeats: int, warmup: int, se
     pairs: dict[str, tuple[Runner, Runner]] = {}
     if source.kind == "checkpoint":
         pairs["pytorch eager"] = (runner(source.model), runner(folded))
-        unfolded_onnx = export.to_onnx(source.model, source.input_shape, keep_batchnorm=True)
+        unfolded_onnx = export.to_onnx(source.model, source.input_shape)
         folded_onnx = export.to_onnx(folded, source.input_shape)
     else:
         unfolded_onnx, folded_onnx = source.model, folded

@@ -105,8 +105,8 @@ def test_export_folds_constants_and_fuses_no_batch_norm(exporter: str, fold: boo
     np.testing.assert_allclose(ort_runner(proto)(x), reference, rtol=0, atol=1e-5)
 
 
-def test_keep_batchnorm_exports_an_unfolded_graph_with_constant_weights() -> None:
-    proto = to_onnx(_model(), (3, 8), keep_batchnorm=True)
+def test_unfolded_model_exports_its_batch_norm_with_constant_weights() -> None:
+    proto = to_onnx(_model(), (3, 8))
     assert op_counts(proto)["BatchNormalization"] == 1
     produced = {out for node in proto.graph.node for out in node.output}
     conv = next(n for n in proto.graph.node if n.op_type == "Conv")

@@ -142,7 +142,7 @@ def test_the_model_describes_its_inputs_and_outputs(checkpoint: Path, tmp_path: 
 def test_an_onnx_file_without_certificate_counts_its_outputs(checkpoint: Path, tmp_path: Path) -> None:
     model = build_model("cnn", input_shape=(1, 8, 8), num_classes=7, width=4, depth=1).eval()
     path = tmp_path / "m.onnx"
-    onnx.save(to_onnx(model, (1, 8, 8), keep_batchnorm=True), str(path))
+    onnx.save(to_onnx(model, (1, 8, 8)), str(path))
     source = pipeline.load_source(path)
     assert source.num_outputs == 7 and source.class_labels == []
 
@@ -189,7 +189,7 @@ def test_bad_destinations_fail_before_any_work(checkpoint: Path, tmp_path: Path,
 
 def test_onnx_input_is_folded_with_the_onnx_rewriter(checkpoint: Path, tmp_path: Path) -> None:
     source = pipeline.load_source(checkpoint)
-    unfolded = to_onnx(source.model, source.input_shape, keep_batchnorm=True)
+    unfolded = to_onnx(source.model, source.input_shape)
     assert op_counts(unfolded)["BatchNormalization"] == 2
     path = tmp_path / "unfolded.onnx"
     onnx.save(unfolded, str(path))

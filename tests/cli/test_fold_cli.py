@@ -74,7 +74,7 @@ def test_fold_every_architecture(arch: str, trained: dict[str, Path], run_bnfold
 def test_fold_onnx_input(trained: dict[str, Path], run_bnfold, tmp_path: Path) -> None:
     loaded = load_model(trained["resnet"])
     unfolded = tmp_path / "unfolded.onnx"
-    onnx.save(to_onnx(loaded.model, loaded.input_shape, keep_batchnorm=True), str(unfolded))
+    onnx.save(to_onnx(loaded.model, loaded.input_shape), str(unfolded))
     proc = run_bnfold("fold", unfolded, "-o", tmp_path / "folded.onnx")
     assert proc.returncode == 0, proc.stderr
     folded = onnx.load(str(tmp_path / "folded.onnx"))
