@@ -7,7 +7,7 @@ arrive), then what decoding will hold, estimated from sizes known before parsing
     wire body + inflated body (when compressed) + JSON_PEAK_FACTOR x JSON bytes + binary tensor bytes
 
 ``JSON_PEAK_FACTOR`` is the most memory orjson's parse held per JSON byte in our measurements (peak
-RSS over input size, CPython 3.11, orjson 3.x): 4x for ``0,0,...``, 15x for floats, 23x for short
+RSS over input size, CPython 3.11, orjson 3.x): 13x for ``0,0,...``, 15x for floats, 23x for short
 strings, 30x for ``[],[],...`` and 39x for ``[[[0]]],...``, the worst shape found. Charging the
 worst case keeps the bound true whatever the JSON holds; a typical 1 kB request is charged ~40 kB.
 A request that would take the total past ``max_inflight_bytes`` gets 503 with ``Retry-After``;
@@ -18,6 +18,9 @@ everything. Single-threaded: only the event loop takes and returns shares.
 task wakes a few times per timeout and cancels the requests past their deadline (O(1) per request:
 a dict insert and delete, instead of a timer handle each); the handler turns that cancellation
 into 504, or 408 while the body was still arriving.
+
+:func:`trim_soon` hands freed heap memory back to the OS after a request that held
+:data:`TRIM_BYTES` or more, so RSS returns near its baseline instead of staying at the peak.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
+import time
 from collections.abc import Callable
+from typing import Any
 
 from service.errors import Overloaded
 
@@ -34,13 +38,12 @@ JSON_PEAK_FACTOR = 40  # most bytes held while parsing, per JSON byte (measured 
 TRIM_BYTES = 32 * 1024 * 1024  # after a request that held this much, hand freed heap memory back to the OS
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
+def _malloc_trim() -> Callable[[int], Any] | None:
     """glibc's ``malloc_trim`` (``None`` elsewhere): freed Python objects and arrays below glibc's mmap
     threshold stay in the heap otherwise (+40 MiB RSS after one 6 MB JSON request, measured; +7 MiB with it)."""
-    name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None  # type: ignore[no-any-return]
-    except (OSError, AttributeError):
+        return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return]  # the process's own libc
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
         return None
 
 
@@ -123,7 +126,10 @@ class Deadlines:
         self._due[task] = now + self.timeout_s
 
     def remove(self, task: asyncio.Task[None]) -> None:
+        """Forget ``task`` (it finished, or answered its missed deadline)."""
         self._due.pop(task, None)
+        if self.expired:
+            self.expired.discard(task)
 
     def missed(self, task: asyncio.Task[None]) -> bool:
         """Whether ``task`` was cancelled for its deadline (and forget it); un-cancels it so it may answer."""
@@ -148,11 +154,10 @@ class Deadlines:
             self._sweeper = None
 
     async def _sweep(self) -> None:
-        loop = asyncio.get_running_loop()
         period = min(1.0, max(0.05, self.timeout_s / 10))
         while True:
             await asyncio.sleep(period)
-            self.sweep(loop.time())
+            self.sweep(time.monotonic())  # the clock of add()
 
     def sweep(self, now: float) -> None:
         """Cancel every task whose deadline is before ``now``."""
