@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 
@@ -30,15 +31,26 @@ def free_port() -> int:
 def start(env: Mapping[str, str], preexec_fn: Callable[[], None] | None = None) -> subprocess.Popen[bytes]:
     """``python -m service`` in its own session (so its workers can be stopped together), stdout discarded.
 
-    ``preexec_fn`` runs in the child before it starts (e.g. to set resource limits).
+    Its stderr goes to a temporary file, not a pipe: nobody reads a pipe while the tests run, and a
+    server that logs more than the pipe holds would block. ``preexec_fn`` runs in the child before it
+    starts (e.g. to set resource limits).
     """
-    return subprocess.Popen([sys.executable, "-m", "service"], env=dict(env), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True, preexec_fn=preexec_fn)
+    log = tempfile.TemporaryFile()  # noqa: SIM115  (lives as long as the server; stop() closes it)
+    process = subprocess.Popen([sys.executable, "-m", "service"], env=dict(env), stdout=subprocess.DEVNULL,
+                               stderr=log, start_new_session=True, preexec_fn=preexec_fn)
+    process.log = log  # type: ignore[attr-defined]
+    return process
+
+
+def log_text(process: subprocess.Popen[bytes]) -> str:
+    """What the server wrote to stderr so far."""
+    log = process.log  # type: ignore[attr-defined]
+    log.seek(0)
+    return log.read().decode(errors="replace")
 
 
 def _exited(process: subprocess.Popen[bytes]) -> str:
-    stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
-    return f"the server exited with {process.returncode}:\n{stderr[-4000:]}"
+    return f"the server exited with {process.returncode}:\n{log_text(process)[-4000:]}"
 
 
 def wait_until(process: subprocess.Popen[bytes], ready: Callable[[], bool], what: str,
@@ -74,3 +86,4 @@ def stop(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    process.log.close()  # type: ignore[attr-defined]
