@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.cpu import usable_cpus
@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"  # also accepts upper case
     access_log: bool = False  # one JSON line per request (costs throughput)
     require_certificate: bool = False  # true = a model version without a bnfold certificate is not ready
+    # Model control (README "Model control"): none = the repository as found at start-up; explicit = the
+    # /v2/repository load and unload calls (one worker only); poll = follow the repository, each worker itself.
+    model_control: Literal["none", "explicit", "poll"] = "none"
+    repository_poll_s: float = Field(default=5.0, ge=0.05, le=3600)  # poll mode: seconds between scans
 
     @field_validator(*BOUNDS, mode="after")
     @classmethod
@@ -100,6 +104,15 @@ class Settings(BaseSettings):
             raise ValueError(f"{ENV_PREFIX}INTRA_OP_THREADS must be from 0 (share the CPUs) to the {cpus} usable "
                              f"CPUs, got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _one_worker_for_explicit(self) -> Settings:
+        if self.model_control == "explicit" and self.workers > 1:
+            raise ValueError(f"{ENV_PREFIX}MODEL_CONTROL=explicit needs {ENV_PREFIX}WORKERS=1, got "
+                             f"{ENV_PREFIX}WORKERS={self.workers}: a load or unload call reaches one worker "
+                             f"only, so the workers would serve different models; use "
+                             f"{ENV_PREFIX}MODEL_CONTROL=poll (every worker follows the repository) or one worker")
+        return self
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -25,3 +25,11 @@ class ModelNotReady(ServiceError):
 
 class Overloaded(ServiceError):
     """The model's request queue is full; the client should retry later."""
+
+
+class ControlDisabled(ServiceError):
+    """A repository load or unload while ``BNFOLD_MODEL_CONTROL`` does not allow it (not ``explicit``)."""
+
+
+class LoadFailed(ServiceError):
+    """An explicit load found the model, but a version of it did not load or failed its self-test."""

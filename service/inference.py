@@ -39,56 +39,57 @@ async def infer(repository: ModelRepository, name: str, version: str | None, bod
                 reserve: Reserve | None = None) -> Encoded:
     """Run an Open Inference Protocol request. Raises :class:`~service.errors.ServiceError` subclasses."""
     entry = repository.get(name, version)
-    runtime, batcher = entry.serving()
-    length = codec.parse_header_length(header_length, len(body))
-    json_length = len(body) if length is None else length
-    limits.check_json(json_length)
-    if reserve is not None:
-        reserve(len(body), json_length)
-    if json_length > OFFLOAD_BYTES:
-        request = await asyncio.get_running_loop().run_in_executor(
-            None, codec.decode_infer_request, body, length, runtime.inputs, runtime.outputs, limits)
-    else:
-        request = codec.decode_infer_request(body, length, runtime.inputs, runtime.outputs, limits)
-    feeds = request.inputs
-    if len(feeds) > 1:  # the session's input order, so equal requests get equal batching keys
-        feeds = {spec.name: feeds[spec.name] for spec in runtime.inputs}
-    outputs = await batcher.submit(feeds)
-    named = dict(zip(runtime.output_names, outputs, strict=True))
-    payload, length = codec.encode_infer_response(name, str(entry.version), request, named, runtime.outputs)
-    return Encoded(payload, length)
+    with entry.lease() as (runtime, batcher):  # the version is not freed before this ends
+        length = codec.parse_header_length(header_length, len(body))
+        json_length = len(body) if length is None else length
+        limits.check_json(json_length)
+        if reserve is not None:
+            reserve(len(body), json_length)
+        if json_length > OFFLOAD_BYTES:
+            request = await asyncio.get_running_loop().run_in_executor(
+                None, codec.decode_infer_request, body, length, runtime.inputs, runtime.outputs, limits)
+        else:
+            request = codec.decode_infer_request(body, length, runtime.inputs, runtime.outputs, limits)
+        feeds = request.inputs
+        if len(feeds) > 1:  # the session's input order, so equal requests get equal batching keys
+            feeds = {spec.name: feeds[spec.name] for spec in runtime.inputs}
+        outputs = await batcher.submit(feeds)
+        named = dict(zip(runtime.output_names, outputs, strict=True))
+        payload, length = codec.encode_infer_response(name, str(entry.version), request, named, runtime.outputs)
+        return Encoded(payload, length)
 
 
 async def predict(repository: ModelRepository, name: str, version: str | None, body: bytes,
                   limits: codec.Limits = codec.NO_LIMITS, reserve: Reserve | None = None) -> list[dict[str, Any]]:
     """Classify ``{"instances": [...]}``: label, class index and probabilities per instance."""
     entry = repository.get(name, version)
-    runtime, batcher = entry.serving()
-    if len(runtime.inputs) != 1:
-        raise InvalidInput(f"':predict' needs a model with one input; {name!r} has "
-                           f"{[s.name for s in runtime.inputs]}: use /v2/models/{name}/infer")
-    limits.check_json(len(body))
-    if reserve is not None:
-        reserve(len(body), len(body))
-    spec = runtime.inputs[0]
-    if len(body) > OFFLOAD_BYTES:
-        batch = await asyncio.get_running_loop().run_in_executor(None, _decode_instances, body, spec, limits)
-    else:
-        batch = _decode_instances(body, spec, limits)
-    outputs = await batcher.submit({spec.name: batch})
-    cert = entry.certificate
-    index = runtime.output_names.index(cert.output_name) if cert and cert.output_name in runtime.output_names else 0
-    logits = np.asarray(outputs[index], dtype=np.float64)
-    if logits.ndim != 2 or logits.shape[0] != len(batch):
-        raise InvalidInput(f"':predict' needs logits shaped [instances, classes]; output "
-                           f"{runtime.output_names[index]!r} has shape {list(logits.shape)}")
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probabilities = shifted / shifted.sum(axis=1, keepdims=True)
-    labels = cert.class_labels if cert and len(cert.class_labels) == logits.shape[1] else \
-        [str(k) for k in range(logits.shape[1])]
-    best = probabilities.argmax(axis=1)
-    return [{"label": labels[k], "class_index": int(k), "probabilities": dict(zip(labels, row.tolist(), strict=True))}
-            for k, row in zip(best.tolist(), probabilities, strict=True)]
+    with entry.lease() as (runtime, batcher):  # the version is not freed before this ends
+        if len(runtime.inputs) != 1:
+            raise InvalidInput(f"':predict' needs a model with one input; {name!r} has "
+                               f"{[s.name for s in runtime.inputs]}: use /v2/models/{name}/infer")
+        limits.check_json(len(body))
+        if reserve is not None:
+            reserve(len(body), len(body))
+        spec = runtime.inputs[0]
+        if len(body) > OFFLOAD_BYTES:
+            batch = await asyncio.get_running_loop().run_in_executor(None, _decode_instances, body, spec, limits)
+        else:
+            batch = _decode_instances(body, spec, limits)
+        outputs = await batcher.submit({spec.name: batch})
+        cert = entry.certificate
+        index = runtime.output_names.index(cert.output_name) if cert and cert.output_name in runtime.output_names else 0
+        logits = np.asarray(outputs[index], dtype=np.float64)
+        if logits.ndim != 2 or logits.shape[0] != len(batch):
+            raise InvalidInput(f"':predict' needs logits shaped [instances, classes]; output "
+                               f"{runtime.output_names[index]!r} has shape {list(logits.shape)}")
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+        labels = cert.class_labels if cert and len(cert.class_labels) == logits.shape[1] else \
+            [str(k) for k in range(logits.shape[1])]
+        best = probabilities.argmax(axis=1)
+        return [{"label": labels[k], "class_index": int(k),
+                 "probabilities": dict(zip(labels, row.tolist(), strict=True))}
+                for k, row in zip(best.tolist(), probabilities, strict=True)]
 
 
 def _decode_instances(body: bytes, spec: codec.TensorSpec, limits: codec.Limits) -> np.ndarray:

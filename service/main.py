@@ -24,8 +24,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from bnfold._version import __version__
 from service.api import fastpath
 from service.api.deps import Service, require_api_key
-from service.api.routes import health, metrics, models, server
+from service.api.routes import health, metrics, models, repository, server
 from service.config import Settings
+from service.control import ModelControl
 from service.cpu import usable_cpus
 from service.logs import event, log_config
 from service.metrics import ServiceMetrics, shared_directory
@@ -42,14 +43,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics.open()
     app.endpoints.deadlines.start()  # type: ignore[attr-defined]
     repository.load()
+    control: ModelControl = app.state.service.control
+    control.start()
     versions = [v for versions in repository.models.values() for v in versions.values()]
     event(logging.INFO if repository.ready else logging.ERROR, "service started",
           repository=str(repository.settings.model_repository), usable_cpus=usable_cpus(),
           workers=repository.settings.workers, versions=len(versions), ready=sum(v.ready for v in versions),
-          api_key=repository.settings.api_key is not None)
+          api_key=repository.settings.api_key is not None, model_control=control.mode)
     try:
         yield
     finally:
+        await control.stop()
         await app.endpoints.deadlines.stop()  # type: ignore[attr-defined]
         repository.close()
         metrics.close()
@@ -82,7 +86,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               openapi_url=None if keyed else "/openapi.json", docs_url=None if keyed else "/docs",
                               redoc_url=None if keyed else "/redoc")
     registry = ServiceMetrics()
-    app.state.service = Service(settings, ModelRepository(settings, registry), registry)
+    model_repository = ModelRepository(settings, registry)
+    app.state.service = Service(settings, model_repository, registry, ModelControl(model_repository))
     # Inference bypasses FastAPI's request machinery (see service.api.fastpath for the measurements);
     # its raw routes lead the router so that other methods on those paths get 405, not 404.
     app.endpoints = fastpath.InferenceEndpoints(app.state.service)
@@ -91,7 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _internal_error)
     protected = [Depends(require_api_key)]
-    for module in (models, server, metrics):
+    for module in (models, server, metrics, repository):
         app.include_router(module.router, dependencies=protected)
     app.include_router(health.router)
     if keyed:

@@ -1,8 +1,18 @@
-"""The model repository: ``DIR/<name>/<version>/model.onnx`` loaded at start-up.
+"""The model repository: ``DIR/<name>/<version>/model.onnx``, loaded at start-up, changed at run time.
 
-Versions are integer directory names; the newest is served when a request names none, and every
-version is addressable. An optional ``DIR/<name>/config.json`` overrides batching and threading
-for all versions of that model and may pin their files' digests (keys: :class:`ModelConfig`).
+Versions are integer directory names; a request naming none gets the newest *ready* version, and
+every loaded version is addressable. An optional ``DIR/<name>/config.json`` overrides batching and
+threading for all versions of that model, may pin their files' digests, and may choose which
+versions serve (``version_policy``, :mod:`service.policy`) (keys: :class:`ModelConfig`).
+
+Changes at run time (:mod:`service.control` decides when): :meth:`ModelRepository.plan` builds
+what a model should serve off the event loop (new sessions, self-tests, batchers), reusing the
+versions whose files did not change; :meth:`~ModelRepository.commit` swaps it in on the event loop
+in one assignment, so every request sees either the old set or the new one; and
+:meth:`~ModelRepository.retire` drains what left: a request holds its version through
+:meth:`ModelVersion.lease`, and a version's batcher and onnxruntime session are freed only once
+no lease is left (or ``request_timeout_s`` later, when every request has missed its deadline).
+A changed version whose new files fail keeps serving its old files, with the failure noted.
 
 Isolation: a version that fails in any way while it loads (unreadable file, digest not the pinned
 one, malformed certificate, failed self-test, bad ``config.json``, any exception at all) stays
@@ -16,13 +26,16 @@ when its ``config.json`` says ``"dynamic_batching": true``; ``false`` always tur
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import math
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, fields
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +49,11 @@ from service.errors import ModelNotFound, ModelNotReady
 from service.independence import Decision
 from service.logs import event
 from service.metrics import ServiceMetrics
+from service.policy import ALL, VersionPolicy
+from service.polling import CONFIG_FILE, MODEL_FILE, Signature, scan_model
 from service.runtime import ModelRuntime
 
-MODEL_FILE = "model.onnx"
-CONFIG_FILE = "config.json"
+DRAIN_MARGIN_S = 5.0  # after request_timeout_s every request of a retired version has ended; this is slack
 MAX_CONFIG_BYTES = 64 * 1024  # a config.json is a few keys; a larger one is a mistake or an attack
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -73,6 +87,7 @@ class ModelConfig:
     intra_op_threads: int | None = None  # onnxruntime threads per version; more than the usable CPUs are clamped
     dynamic_batching: bool | None = None  # None = batch if the probe shows rows independent; true/false = operator
     sha256: str | dict[str, str] | None = None  # pinned digest of model.onnx: one for every version, or per version
+    version_policy: VersionPolicy = ALL  # which versions serve: all (default), latest N ready, or specific ones
 
     @classmethod
     def load(cls, path: Path) -> ModelConfig:
@@ -117,6 +132,11 @@ class ModelConfig:
             if not isinstance(digest, str) or not _SHA256.fullmatch(digest.lower()):
                 raise ValueError(f"{CONFIG_FILE}: sha256 for {version} must be 64 hexadecimal digits, got "
                                  f"{_brief(repr(digest), 80)}")
+        if "version_policy" in body:
+            try:
+                body["version_policy"] = VersionPolicy.parse(body["version_policy"])
+            except ValueError as exc:
+                raise ValueError(f"{CONFIG_FILE}: {exc}") from None
         return cls(**body)
 
     def pin(self, version: int) -> str | None:
@@ -149,6 +169,11 @@ class ModelVersion:
     certificate: Certificate | None = None
     selftest: Comparison | None = None
     batching: Decision | None = None  # whether requests share runs, and why
+    signature: Signature | None = None  # the files this entry was loaded from (None: not known)
+    stale: str | None = None  # the files changed, the new ones did not load, and this entry serves on: why
+    rejected: Signature | None = None  # the signature of those new files, so they are not retried every poll
+    inflight: int = field(default=0, compare=False)  # requests holding a lease (event-loop thread only)
+    retiring: bool = False  # no longer in the repository; freed once the leases are returned
 
     @property
     def file(self) -> str:
@@ -160,6 +185,20 @@ class ModelVersion:
         if not self.ready or self.runtime is None or self.batcher is None:
             raise ModelNotReady(f"model {self.name!r} version {self.version} is not ready: {self.reason}")
         return self.runtime, self.batcher
+
+    @contextmanager
+    def lease(self) -> Iterator[tuple[ModelRuntime, Batcher]]:
+        """:meth:`serving`, held for the ``with`` block: a retired version is not freed while a lease is out.
+
+        Take it on the event loop, right after :meth:`ModelRepository.get` (no ``await`` between),
+        and hold it until the outputs are encoded.
+        """
+        runtime, batcher = self.serving()
+        self.inflight += 1
+        try:
+            yield runtime, batcher
+        finally:
+            self.inflight -= 1
 
     def certificate_summary(self) -> dict[str, Any] | None:
         cert = self.certificate
@@ -185,14 +224,35 @@ class ModelVersion:
                 "max_queue_delay_ms": self.batcher.max_queue_delay_s * 1000.0}
 
 
+@dataclass
+class Plan:
+    """What one model should serve after a change, and the entries that leave (to :meth:`ModelRepository.retire`)."""
+
+    name: str
+    versions: dict[int, ModelVersion]
+    retire: list[ModelVersion]
+    built: list[ModelVersion]  # entries loaded for this plan (ready or not)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.retire or self.built)
+
+
 class ModelRepository:
-    """All model versions under ``settings.model_repository``; :meth:`load` once, :meth:`close` at shutdown."""
+    """All model versions under ``settings.model_repository``; :meth:`load` once, :meth:`close` at shutdown.
+
+    ``models`` maps each loaded model to its versions (ready or not, oldest first). Only the event loop
+    changes it (:meth:`commit`, :meth:`remove`), each time by one assignment, so a request reading it
+    sees a consistent set.
+    """
 
     def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
         self.models: dict[str, dict[int, ModelVersion]] = {}
+        self.retiring: list[ModelVersion] = []  # left the repository, draining their requests
         self.loaded = False
+        self._default_threads = 1
 
     @property
     def ready(self) -> bool:
@@ -200,66 +260,172 @@ class ModelRepository:
         return self.loaded and any(v.ready for versions in self.models.values() for v in versions.values())
 
     def load(self) -> None:
-        """Find and load every version; one that fails is not ready with a reason, never an exception here."""
+        """Find and load every model directory (blocking, at start-up); a version that fails is not ready
+        with a reason, never an exception here."""
         root = self.settings.model_repository
         try:
-            model_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+            model_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         except OSError as exc:
             event(logging.ERROR, "model repository not found", path=str(root), error=_brief(exc))
             self.loaded = True
             return
-        configs: dict[str, ModelConfig | str] = {}
+        found: dict[str, dict[int, Signature]] = {}
         for model_dir in model_dirs:
             try:
-                versions = self._versions(model_dir)
+                found[model_dir.name] = self._present(model_dir)
             except OSError as exc:
                 event(logging.ERROR, "model directory not readable", path=str(model_dir), error=_brief(exc))
-                continue
-            if not versions:
-                continue
-            self.models[model_dir.name] = versions
-            try:
-                configs[model_dir.name] = ModelConfig.load(model_dir / CONFIG_FILE)
-            except ValueError as exc:
-                configs[model_dir.name] = str(exc)
-            except Exception as exc:  # a bug in the checks must not take the other models down
-                configs[model_dir.name] = f"{CONFIG_FILE} could not be read: {type(exc).__name__}: {_brief(exc)}"
-        sessions = sum(len(v) for v in self.models.values())
-        default_threads = self.settings.intra_op_threads or threads_per_session(self.settings.workers, sessions)
-        for name, versions in self.models.items():
-            for entry in versions.values():
-                config = configs[name]
-                if isinstance(config, str):
-                    entry.reason = config
-                else:
-                    try:
-                        self._load_version(entry, config, self._threads(name, config, default_threads))
-                    except Exception as exc:  # whatever one version raises, the others still load
-                        self._unload(entry)
-                        entry.reason = f"failed to load: {type(exc).__name__}: {self._public(exc)}"
-                        event(logging.ERROR, "model load raised", model=name, version=entry.version,
-                              path=str(entry.path), error=f"{type(exc).__name__}: {_brief(exc)}")
-                self.metrics.model_ready.labels(name, str(entry.version)).set(1 if entry.ready else 0)
-                fields_ = {"model": name, "version": entry.version, "ready": entry.ready, "path": str(entry.path)}
-                if entry.ready:
-                    event(logging.INFO, "model ready", **fields_, threads=entry.runtime.threads if entry.runtime else 0,
-                          batching=bool(entry.batcher and entry.batcher.batches),
-                          batching_reason=entry.batching.reason if entry.batching else None,
-                          certified=entry.certificate is not None)
-                else:
-                    event(logging.ERROR, "model not ready", **fields_, reason=entry.reason)
+        sessions = sum(len(v) for v in found.values())
+        self._default_threads = self.settings.intra_op_threads or threads_per_session(self.settings.workers,
+                                                                                      max(sessions, 1))
+        for name, versions in found.items():
+            if versions:
+                plan = self.plan(name, versions)
+                if plan.versions:
+                    self.models[name] = plan.versions
         self.loaded = True
 
     @staticmethod
-    def _versions(model_dir: Path) -> dict[int, ModelVersion]:
+    def _present(model_dir: Path) -> dict[int, Signature]:
+        """:func:`~service.polling.scan_model`, warning about version directories that are not integers."""
+        for path in model_dir.iterdir():
+            if path.is_dir() and not (path.name.isascii() and path.name.isdigit()) and not path.name.startswith("."):
+                event(logging.WARNING, "ignored non-integer version directory", path=str(path))
+        return scan_model(model_dir)
+
+    def scan(self, name: str) -> dict[int, Signature]:
+        """The versions of model ``name`` on disk now. Raises :class:`ModelNotFound` when it has no directory."""
+        root = self.settings.model_repository
+        try:
+            listed = name in {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+            if listed:
+                return self._present(root / name)
+        except OSError as exc:
+            event(logging.ERROR, "model directory not readable", path=str(root / name), error=_brief(exc))
+        raise ModelNotFound(f"model {name!r:.100} is not in the model repository (expected a directory "
+                            f"<repository>/{name:.100}/<version>/{MODEL_FILE})")
+
+    def _config(self, name: str) -> ModelConfig | str:
+        """``name``'s config.json, or why it is not usable (a reason for every version)."""
+        try:
+            return ModelConfig.load(self.settings.model_repository / name / CONFIG_FILE)
+        except ValueError as exc:
+            return str(exc)
+        except Exception as exc:  # a bug in the checks must not take the other models down
+            return f"{CONFIG_FILE} could not be read: {type(exc).__name__}: {_brief(exc)}"
+
+    def threads(self, name: str, config: ModelConfig) -> int:
+        """Intra-op threads of a new session of ``name``."""
+        default = self._default_threads
+        if self.loaded and not self.settings.intra_op_threads:  # at run time: share by the sessions then loaded
+            sessions = 1 + sum(len(v) for v in self.models.values())
+            default = threads_per_session(self.settings.workers, sessions)
+        return self._threads(name, config, default)
+
+    def plan(self, name: str, present: dict[int, Signature], retry: bool = False) -> Plan:
+        """What ``name`` should serve given the versions ``present`` on disk (blocking: call it off the event loop).
+
+        Walks the version policy's candidates newest first: a version whose signature is that of its
+        current entry keeps it (unless ``retry`` and it is not ready); any other is loaded anew. A changed
+        version whose new files do not serve while its current entry does keeps the current entry (noted
+        in :attr:`ModelVersion.stale`).
+        ``latest N`` stops after N ready versions. Never raises; failures are versions' reasons.
+        """
+        current = self.models.get(name, {})
+        config = self._config(name)
+        policy = config.version_policy if isinstance(config, ModelConfig) else ALL
         versions: dict[int, ModelVersion] = {}
-        for version_dir in model_dir.iterdir():
-            if version_dir.is_dir() and version_dir.name.isascii() and version_dir.name.isdigit():
-                number = int(version_dir.name)
-                versions[number] = ModelVersion(model_dir.name, number, version_dir / MODEL_FILE)
-            elif version_dir.is_dir():
-                event(logging.WARNING, "ignored non-integer version directory", path=str(version_dir))
-        return dict(sorted(versions.items()))
+        built: list[ModelVersion] = []
+        retire: list[ModelVersion] = []
+        ready, wanted = 0, policy.wanted()
+        for number in policy.candidates(present):
+            if wanted is not None and ready >= wanted:
+                break
+            signature = present[number]
+            old = current.get(number)
+            if old is not None and (old.signature == signature or old.rejected == signature) and \
+                    not (retry and not old.ready):
+                entry = old
+            else:
+                entry = self._build(name, number, config, signature)
+                built.append(entry)
+                if old is not None and old.ready and not entry.ready:
+                    old.stale = (f"{old.file} or {CONFIG_FILE} changed, and the new files do not serve "
+                                 f"({entry.reason}); the previous files keep serving")
+                    old.rejected = signature
+                    event(logging.ERROR, "changed model version not served", model=name, version=number,
+                          reason=entry.reason)
+                    entry = old
+                elif old is not None:
+                    retire.append(old)
+            versions[number] = entry
+            ready += entry.ready
+        retire += [old for number, old in current.items() if versions.get(number) is not old and old not in retire]
+        return Plan(name, dict(sorted(versions.items())), retire, built)
+
+    def _build(self, name: str, number: int, config: ModelConfig | str, signature: Signature) -> ModelVersion:
+        """A new entry for ``name/number``, loaded (ready) or with the reason it is not (blocking)."""
+        entry = ModelVersion(name, number, self.settings.model_repository / name / str(number) / MODEL_FILE,
+                             signature=signature)
+        if isinstance(config, str):
+            entry.reason = config
+        else:
+            try:
+                self._load_version(entry, config, self.threads(name, config))
+            except Exception as exc:  # whatever one version raises, the others still load
+                self._unload(entry)
+                entry.reason = f"failed to load: {type(exc).__name__}: {self._public(exc)}"
+                event(logging.ERROR, "model load raised", model=name, version=entry.version,
+                      path=str(entry.path), error=f"{type(exc).__name__}: {_brief(exc)}")
+        self.metrics.model_ready.labels(name, str(entry.version)).set(1 if entry.ready else 0)
+        fields_ = {"model": name, "version": entry.version, "ready": entry.ready, "path": str(entry.path)}
+        if entry.ready:
+            event(logging.INFO, "model ready", **fields_, threads=entry.runtime.threads if entry.runtime else 0,
+                  batching=bool(entry.batcher and entry.batcher.batches),
+                  batching_reason=entry.batching.reason if entry.batching else None,
+                  certified=entry.certificate is not None)
+        else:
+            event(logging.ERROR, "model not ready", **fields_, reason=entry.reason)
+        return entry
+
+    def commit(self, plan: Plan) -> None:
+        """Serve ``plan`` (event loop only): one assignment, so each request sees the old versions or the new."""
+        for entry in plan.retire:
+            entry.retiring = True
+        self.retiring += plan.retire
+        if plan.versions:
+            self.models[plan.name] = plan.versions
+        else:
+            self.models.pop(plan.name, None)
+
+    def remove(self, name: str) -> list[ModelVersion]:
+        """Stop serving model ``name`` (event loop only); returns its entries, to :meth:`retire`."""
+        entries = list(self.models.pop(name, {}).values())
+        for entry in entries:
+            entry.retiring = True
+        self.retiring += entries
+        return entries
+
+    async def retire(self, entries: list[ModelVersion]) -> None:
+        """Free ``entries`` once their leases are returned, at most ``request_timeout_s`` + a margin from now.
+
+        The batcher answers what is queued before it stops, then the session goes with the last reference.
+        """
+        deadline = time.monotonic() + self.settings.request_timeout_s + DRAIN_MARGIN_S
+        for entry in entries:
+            while entry.inflight and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            if entry.inflight:
+                event(logging.WARNING, "model version freed with requests still holding it", model=entry.name,
+                      version=entry.version, requests=entry.inflight)
+            await asyncio.to_thread(self._unload, entry)
+            if entry in self.retiring:
+                self.retiring.remove(entry)
+            served = self.models.get(entry.name, {}).get(entry.version)
+            if served is None:
+                self.metrics.model_ready.labels(entry.name, str(entry.version)).set(0)
+            event(logging.INFO, "model version unloaded", model=entry.name, version=entry.version,
+                  replaced=served is not None)
 
     @staticmethod
     def _threads(name: str, config: ModelConfig, default: int) -> int:
@@ -368,15 +534,15 @@ class ModelRepository:
         versions = self.models.get(name)
         if versions is None:
             raise ModelNotFound(f"unknown model {name!r:.100}; this server has {sorted(self.models)}")
-        if version is None:
-            return versions[max(versions)]
+        if version is None:  # the newest that serves; else the newest, whose reason the caller reports
+            ready = [number for number, entry in versions.items() if entry.ready]
+            return versions[max(ready or versions)]
         number = int(version) if version.isascii() and version.isdigit() else None
         if number is None or number not in versions:
             raise ModelNotFound(f"model {name!r} has no version {version!r:.40}; it has {list(versions)}")
         return versions[number]
 
     def close(self) -> None:
-        for versions in self.models.values():
-            for entry in versions.values():
-                if entry.batcher is not None:
-                    entry.batcher.close()
+        for entry in [*(e for versions in self.models.values() for e in versions.values()), *self.retiring]:
+            if entry.batcher is not None:
+                entry.batcher.close()

@@ -14,6 +14,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 
 from service.config import Settings
+from service.control import ModelControl
 from service.errors import ModelNotFound
 from service.metrics import ServiceMetrics
 from service.repository import ModelRepository
@@ -26,6 +27,7 @@ class Service:
     settings: Settings
     repository: ModelRepository
     metrics: ServiceMetrics
+    control: ModelControl  # index, load, unload, polling (service.control)
 
 
 async def get_service(request: Request) -> Service:

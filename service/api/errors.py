@@ -13,11 +13,20 @@ import re
 
 from fastapi import HTTPException
 
-from service.errors import InvalidInput, ModelNotFound, ModelNotReady, Overloaded, ServiceError, TooLarge
+from service.errors import (
+    ControlDisabled,
+    InvalidInput,
+    LoadFailed,
+    ModelNotFound,
+    ModelNotReady,
+    Overloaded,
+    ServiceError,
+    TooLarge,
+)
 from service.logs import event
 
 STATUS: dict[type[ServiceError], int] = {InvalidInput: 400, TooLarge: 413, ModelNotFound: 404, ModelNotReady: 503,
-                                         Overloaded: 503}
+                                         Overloaded: 503, ControlDisabled: 403, LoadFailed: 400}
 OUTCOME: dict[int, str] = {400: "invalid_input", 404: "not_found", 408: "timeout", 413: "too_large",
                            503: "unavailable", 504: "timeout"}
 
