@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     model_repository: Path = Path("models")  # DIR/<name>/<version>/model.onnx (+ optional DIR/<name>/config.json)
     host: str = "127.0.0.1"  # bind address; the container sets 0.0.0.0
     port: int = Field(default=8000, ge=0, le=65535)  # TCP port
+    grpc_port: int | None = Field(default=None, ge=0, le=65535)  # gRPC (Open Inference Protocol) port; unset = off
     workers: int = Field(default=1, ge=1)  # uvicorn worker processes (each loads every model)
     api_key: SecretStr | None = None  # unset = open; set = inference/metadata need "Authorization: Bearer <key>"
     # Request limits (413 or 400 naming the setting; README "Limits" has the memory arithmetic behind them).

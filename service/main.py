@@ -14,6 +14,7 @@ import logging.config
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
@@ -50,13 +51,31 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
           repository=str(repository.settings.model_repository), usable_cpus=usable_cpus(),
           workers=repository.settings.workers, versions=len(versions), ready=sum(v.ready for v in versions),
           api_key=repository.settings.api_key is not None, model_control=control.mode)
+    grpc_server = await _start_grpc(app)
     try:
         yield
     finally:
         await control.stop()
+        if grpc_server is not None:
+            await grpc_server.stop()  # in-flight RPCs finish before the batchers close
         await app.endpoints.deadlines.stop()  # type: ignore[attr-defined]
         repository.close()
         metrics.close()
+
+
+async def _start_grpc(app: FastAPI) -> Any:
+    """The gRPC server (:mod:`service.grpc`) on ``BNFOLD_GRPC_PORT``, started; ``None`` when that is unset."""
+    service: Service = app.state.service
+    if service.settings.grpc_port is None:
+        return None
+    try:
+        from service.grpc.server import GrpcServer  # the grpc extra: imported only when asked for
+    except (ImportError, RuntimeError) as exc:  # tritonclient.grpc raises RuntimeError without grpcio
+        raise RuntimeError(f"BNFOLD_GRPC_PORT is set, but gRPC support is not installed ({exc}): "
+                           "pip install 'bnfold[grpc]'") from None
+    server = GrpcServer(service, app.endpoints.budget)  # type: ignore[attr-defined]  # one budget for both
+    await server.start()
+    return server
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
