@@ -18,6 +18,21 @@ normalization exported as Mul/Add). ``opset`` is the default-domain opset writte
 ``exporter`` the torch.onnx exporter that wrote the graph ("" for an ONNX input). Certificates
 written before these three fields existed read them as ``None`` / ``""``.
 
+``kind`` says what the file is: ``"float"`` (a folded float model; certificates written before
+the field existed read as float) or ``"int8"`` (that folded model, statically quantized, see
+:mod:`bnfold.quantize`). An int8 certificate carries a ``quantization`` object (a float one
+none)::
+
+    {"method": "minmax", "samples": 256, "calibration_data": "digits train",
+     "agreement": 0.9944, "agreement_samples": 359, "agreement_inputs": "digits validation",
+     "float_accuracy": 0.9889, "int8_accuracy": 0.9889, "min_agreement": 0.99,
+     "max_accuracy_drop": 0.005, "kept_float": ["node_conv2d"], "output_scale": 0.05,
+     "float_model_sha256": "...", "float_certificate_sha256": "..."}
+
+The accuracies are ``null`` when no labelled data was measured. Its ``errors`` and counts are
+those of the float model it was quantized from; its self-test vector and tolerance are the int8
+model's own.
+
 The self-test vector is an input batch and the output the verified model produced for it, so
 any runtime can re-check the artifact: run ``input`` and compare with ``output`` under
 ``tolerance`` (see :mod:`bnfold.tolerance`). Arrays are ``.npy`` bytes (dtype and shape
@@ -55,6 +70,10 @@ MAX_ARRAY_BYTES = 64 * 1024 * 1024  # one self-test array's .npy bytes, decompre
 MAX_DEPTH = 16  # JSON nesting (the certificate itself uses 3 levels)
 MAX_ITEMS = 1_000_000  # JSON values, counted by their commas: parsed, [0.5,0.5,...] takes ~8x its text
 MAX_COUNT = 1_000_000  # folded, kept, batchnorm_nodes, opset, input_shape entries
+KINDS = ("float", "int8")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+MAX_NAME_CHARS = 512  # one layer name or data description in the quantization block
+MAX_KEPT_FLOAT = 10_000  # layer names in quantization.kept_float
 
 
 def encode_array(array: np.ndarray) -> str:
@@ -103,6 +122,8 @@ class Certificate:
     batchnorm_nodes: int | None = None  # BatchNormalization nodes in the certified graph
     opset: int | None = None
     exporter: str = ""
+    kind: str = "float"  # one of KINDS
+    quantization: dict[str, Any] | None = None  # int8 only: how it was calibrated and what was measured
 
     def to_json(self) -> str:
         body: dict[str, Any] = {"format": FORMAT, "version": VERSION}
@@ -138,6 +159,10 @@ class Certificate:
         try:
             tol = body["tolerance"]
             selftest = body["selftest"]
+            kind = body.get("kind", "float")
+            if kind not in KINDS:
+                raise ValueError(f"certificate kind must be one of {', '.join(KINDS)}, got {str(kind)[:40]}")
+            quantization = _quantization(body.get("quantization"), kind)
             return cls(
                 input_name=str(body["input_name"]),
                 output_name=str(body["output_name"]),
@@ -155,6 +180,8 @@ class Certificate:
                 batchnorm_nodes=_count_or_none(body.get("batchnorm_nodes"), "batchnorm_nodes"),
                 opset=_count_or_none(body.get("opset"), "opset"),
                 exporter=str(body.get("exporter", "")),
+                kind=kind,
+                quantization=quantization,
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"certificate is missing or has a malformed field: {exc}") from exc
@@ -186,6 +213,56 @@ def _count(value: Any, name: str) -> int:
 
 def _count_or_none(value: Any, name: str) -> int | None:
     return None if value is None else _count(value, name)
+
+
+_QUANTIZATION_TEXT = ("calibration_data", "agreement_inputs", "float_model_sha256", "float_certificate_sha256")
+_QUANTIZATION_FRACTIONS = ("agreement", "min_agreement", "max_accuracy_drop")
+_QUANTIZATION_ACCURACIES = ("float_accuracy", "int8_accuracy")
+
+
+def _quantization(value: Any, kind: str) -> dict[str, Any] | None:
+    """The ``quantization`` block: required and checked for ``int8``, absent for ``float``."""
+    if kind == "float":
+        if value is not None:
+            raise ValueError("a float certificate carries no quantization block")
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"an {kind} certificate needs a quantization object, got {type(value).__name__}")
+    method = value.get("method")
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"certificate quantization method must be one of {', '.join(CALIBRATION_METHODS)}, "
+                         f"got {str(method)[:40]}")
+    out: dict[str, Any] = {"method": method}
+    for key in ("samples", "agreement_samples"):
+        out[key] = _count(value.get(key), f"quantization {key}")
+    for key in _QUANTIZATION_TEXT:
+        text = value.get(key, "")
+        if not isinstance(text, str) or len(text) > MAX_NAME_CHARS:
+            raise ValueError(f"certificate quantization {key} must be a string of at most {MAX_NAME_CHARS} "
+                             f"characters, got {str(text)[:40]}")
+        out[key] = text
+    for key in _QUANTIZATION_FRACTIONS:
+        out[key] = _fraction(value.get(key), f"quantization {key}")
+    for key in _QUANTIZATION_ACCURACIES:
+        out[key] = None if value.get(key) is None else _fraction(value.get(key), f"quantization {key}")
+    kept = value.get("kept_float", [])
+    if not isinstance(kept, list) or len(kept) > MAX_KEPT_FLOAT or \
+            not all(isinstance(k, str) and len(k) <= MAX_NAME_CHARS for k in kept):
+        raise ValueError(f"certificate quantization kept_float must be a list of at most {MAX_KEPT_FLOAT} layer "
+                         f"names of at most {MAX_NAME_CHARS} characters")
+    out["kept_float"] = list(kept)
+    scale: Any = value.get("output_scale")
+    if type(scale) not in (int, float) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"certificate quantization output_scale must be a finite number > 0, got {str(scale)[:40]}")
+    out["output_scale"] = float(scale)
+    return out
+
+
+def _fraction(value: Any, name: str) -> float:
+    """A JSON number from 0 to 1 (an agreement, an accuracy, a drop in accuracy as a fraction)."""
+    if type(value) not in (int, float) or not math.isfinite(value) or not 0 <= value <= 1:
+        raise ValueError(f"certificate {name} must be a number from 0 to 1, got {str(value)[:40]}")
+    return float(value)
 
 
 def _finite(tolerance: Any, key: str) -> float:

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import onnx
@@ -47,6 +47,10 @@ from bnfold.files import existing_file, sha256_file
 from bnfold.result import FoldResult
 from bnfold.tolerance import Comparison, Tolerance
 from bnfold.verification import VerifyReport, baseline_outputs, ort_runner, verify
+
+if TYPE_CHECKING:
+    from bnfold.data import Dataset
+    from bnfold.quantize import QuantizeOptions
 
 Status = Callable[[str], None]
 Kind = Literal["checkpoint", "onnx"]
@@ -272,10 +276,7 @@ def input_sets(source: Source, config: Config, notes: list[str] | None = None) -
     if config.data:
         sets.append(_validation_set(config.data, source, config, explicit=True))
     elif config.use_data and source.dataset:
-        from bnfold.data import BUNDLED
-
-        found = source.dataset if source.dataset in BUNDLED else next(
-            (c for c in source.data_paths if Path(c).exists()), None)
+        found = own_data(source)
         try:
             if found is None:
                 tried = ", ".join(repr(c) for c in source.data_paths) or repr(source.dataset)
@@ -288,7 +289,29 @@ def input_sets(source: Source, config: Config, notes: list[str] | None = None) -
     return sets
 
 
+def own_data(source: Source) -> str | None:
+    """The checkpoint's own data set: its bundled name, or the first of its recorded paths that exists."""
+    from bnfold.data import BUNDLED
+
+    if not source.dataset:
+        return None
+    if source.dataset in BUNDLED:
+        return source.dataset
+    return next((c for c in source.data_paths if Path(c).exists()), None)
+
+
 def _validation_set(name: str, source: Source, config: Config, *, explicit: bool) -> tuple[str, np.ndarray]:
+    data = load_split(name, source, explicit=explicit)
+    label = source.dataset if not explicit and source.dataset else data.name
+    return f"{label} validation", data.X_val[: config.max_data]
+
+
+def load_split(name: str, source: Source, *, explicit: bool) -> Dataset:
+    """Data set ``name`` (bundled, or a path) split as training split it, samples in the model's input shape.
+
+    Raises :class:`BnfoldError` if it does not load or its samples do not fit the model (a data set
+    the user named must have the model's sample shape; the checkpoint's own may differ by a reshape).
+    """
     from bnfold.data import BUNDLED, load_dataset
 
     arch = source.architecture if source.kind == "checkpoint" else None
@@ -302,16 +325,17 @@ def _validation_set(name: str, source: Source, config: Config, *, explicit: bool
     where: dict[str, Any] = ({"name": name, **{k: v for k, v in options.items() if k == "val_fraction"}}
                              if name in BUNDLED else {"path": name, **options})
     data = load_dataset(**where, arch=arch, seed=source.data_seed)
-    x = data.X_val[: config.max_data]
+    x = data.X_val
     if list(x.shape[1:]) != list(source.input_shape):
         if explicit or x[0].size != int(np.prod(source.input_shape)):
             raise BnfoldError(
                 f"validation samples of {data.name} have shape {list(x.shape[1:])} "
                 f"but the model expects {source.input_shape}"
             )
-        x = x.reshape(x.shape[0], *source.input_shape)
-    label = source.dataset if not explicit and source.dataset else data.name
-    return f"{label} validation", x.astype(np.float32)
+        data.X_train = data.X_train.reshape(data.X_train.shape[0], *source.input_shape)
+        data.X_val = x.reshape(x.shape[0], *source.input_shape)
+    data.X_train, data.X_val = data.X_train.astype(np.float32), data.X_val.astype(np.float32)
+    return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -594,19 +618,28 @@ def _json(body: dict[str, Any]) -> bytes:
 
 def run(path: str | Path, *, output: str | Path | None = None, repository_dir: str | Path | None = None,
         name: str | None = None, report: str | Path | None = None, options: LoadOptions | None = None,
-        config: Config | None = None, status: Status = _quiet) -> Outcome:
+        config: Config | None = None, quantize: QuantizeOptions | None = None, status: Status = _quiet) -> Outcome:
     """``bnfold fold``: load ``path``, fold, verify, export, certify, then write (only if all passed).
 
-    If a check fails, nothing but the report is written: it says ``passed: false``, why, and every
-    measurement made (:class:`FoldFailed`, which is then raised).
+    With ``quantize``, the certified float model is then quantized and checked against its own
+    contract (:mod:`bnfold.quantize`), and the int8 model is what is written; its calibration data
+    is loaded and checked before any folding. If a check fails, nothing but the report is written:
+    it says ``passed: false``, why, and every measurement made (:class:`FoldFailed`, which is then raised).
     """
     check_destinations(output=output, repository_dir=repository_dir, name=name, report=report, inputs=(path,))
     status(f"loading {path}")
     start = time.perf_counter()
     source = load_source(path, options)
+    calibration = None
+    if quantize is not None:
+        from bnfold.quantize import calibration_for, quantize_outcome
+
+        calibration = calibration_for(source, config or Config(), quantize)
     load_s = time.perf_counter() - start
     try:
         outcome = fold_and_certify(source, config, status=status)
+        if quantize is not None and calibration is not None:
+            outcome = quantize_outcome(outcome, calibration, quantize, status=status)
     except FoldFailed as exc:
         exc.timings = {"load": load_s, **exc.timings}
         if report is not None:

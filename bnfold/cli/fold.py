@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from bnfold.pipeline import Config, FoldFailed, LoadOptions, Outcome
+    from bnfold.quantize import QuantizeOptions, Report
 
 EXAMPLES = """\
 examples:
@@ -29,10 +30,16 @@ examples:
   bnfold fold weights.pt --arch cnn --input-shape 3,32,32 -o model.onnx
   bnfold fold w.pt --model mymodels.py:build --input-shape 3,32,32 -o m.onnx
   bnfold fold model.onnx -o folded.onnx    # ONNX in: fold the graph itself
+  bnfold fold digits.pt --quantize int8 -o digits-int8.onnx
+  bnfold fold digits.pt --quantize int8 --keep-float auto --repository models \
+      --name digits                         # int8 next to the float versions
 
 A bare state_dict needs its architecture (--arch, or --model for your own
 factory) and, unless its weights fix it, the shape of one input sample
 (--input-shape). Every destination is checked for writability before any work.
+--quantize int8 quantizes the verified float model and writes the int8 one
+only if it keeps >= --min-agreement top-1 agreement with the float model and
+loses <= --max-accuracy-drop points of accuracy on the validation split.
 exit codes: 0 success, 1 verification failed (only --report is written),
 2 bad input or usage
 """
@@ -59,6 +66,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="ONNX opset (>= 17); the dynamo exporter writes 18 where a graph does not convert down")
     p.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
                    help="torch.onnx exporter: auto tries dynamo, then the deprecated torchscript (see bnfold.export)")
+    add_quantize_options(p)
     add_output_options(p)
     p.set_defaults(func=run)
 
@@ -72,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             outcome = pipeline.run(
                 args.input, output=args.output, repository_dir=args.repository, name=args.name, report=args.report,
                 options=load_options(args), config=config(args, opset=args.opset, exporter=args.exporter),
-                status=update,
+                quantize=quantize_options(args), status=update,
             )
         except pipeline.FoldFailed as exc:
             update.stop()
@@ -127,6 +135,50 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("-v", "--verbose", action="store_true",
                    help="also show every batch norm and every comparison (the float32 baselines)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def add_quantize_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("int8 quantization (--quantize int8)")
+    g.add_argument("--quantize", choices=("int8",),
+                   help="quantize the verified float model (QDQ, per-channel weights) and write the int8 model")
+    g.add_argument("--calibration-data", metavar="NAME|PATH",
+                   help="calibrate on this data set's training split (default: the checkpoint's own data set; "
+                   "needed for an ONNX input); the formats of bnfold train --data")
+    g.add_argument("--calibration-samples", type=int, default=256, metavar="N",
+                   help="calibrate on at most N training samples (16 to 10000)")
+    g.add_argument("--calibration-method", choices=("minmax", "entropy", "percentile"), default="minmax",
+                   help="how activation ranges are chosen from the calibration samples")
+    g.add_argument("--keep-float", metavar="auto|LAYER,...",
+                   help="keep these layers in float; auto: the most sensitive ones, until the bounds hold")
+    g.add_argument("--min-agreement", type=float, default=99.0, metavar="PERCENT",
+                   help="least top-1 agreement with the float model on held-out samples, in percent")
+    g.add_argument("--max-accuracy-drop", type=float, default=0.5, metavar="POINTS",
+                   help="largest validation accuracy drop from the float model, in percentage points")
+
+
+def quantize_options(args: argparse.Namespace) -> QuantizeOptions | None:
+    """The quantization asked for, or ``None``; quantization options without ``--quantize`` are an error."""
+    from bnfold.quantize import Bounds, QuantizeOptions
+
+    given = [flag for flag, default in (("calibration_data", None), ("keep_float", None),
+                                        ("calibration_samples", 256), ("calibration_method", "minmax"),
+                                        ("min_agreement", 99.0), ("max_accuracy_drop", 0.5))
+             if getattr(args, flag, default) != default]
+    if getattr(args, "quantize", None) is None:
+        if given:
+            raise BnfoldError(f"--{given[0].replace('_', '-')} is an option of --quantize int8; add --quantize int8")
+        return None
+    if not 0 <= args.min_agreement <= 100:
+        raise BnfoldError(f"--min-agreement is a percentage from 0 to 100, got {args.min_agreement}")
+    if not 0 <= args.max_accuracy_drop <= 100:
+        raise BnfoldError(f"--max-accuracy-drop is in percentage points from 0 to 100, got {args.max_accuracy_drop}")
+    keep: tuple[str, ...] | str = ()
+    if args.keep_float:
+        keep = "auto" if args.keep_float == "auto" else tuple(n for n in args.keep_float.split(",") if n)
+    return QuantizeOptions(method=args.calibration_method, samples=args.calibration_samples,
+                           calibration_data=args.calibration_data, keep_float=keep,  # type: ignore[arg-type]
+                           bounds=Bounds(min_agreement=args.min_agreement / 100,
+                                         max_accuracy_drop=args.max_accuracy_drop / 100))
 
 
 def load_options(args: argparse.Namespace) -> LoadOptions:
@@ -205,10 +257,60 @@ def show_outcome(out: Console, outcome: Outcome, *, verbose: bool = False) -> No
     width = out.width
     lines = [*views.source_line(outcome.source, width), *views.fold_summary(outcome.fold, width, verbose=verbose),
              *views.notes([*outcome.fold.notes, *outcome.notes], width),
-             *views.verification(views.checks_of(outcome.checks), outcome.certificate.tolerance, width,
+             *views.verification(views.checks_of(outcome.checks), _float_tolerance(outcome), width,
                                  verbose=verbose),
              *views.artifact(outcome, width, total_s=wall_seconds())]
+    report = getattr(outcome, "quantization", None)
+    if report is not None:
+        at = _artifact_start(lines)
+        lines = [*lines[:at], *quantization(report, width), *lines[at:]]
     emit(out, lines)
+
+
+def _float_tolerance(outcome: Outcome) -> Any:
+    """The float checks' tolerance (an int8 outcome's certificate carries the int8 self-test's)."""
+    float_certificate = getattr(outcome, "float_certificate", None)
+    return (float_certificate or outcome.certificate).tolerance
+
+
+def _artifact_start(lines: list[Any]) -> int:
+    return next((i for i, line in enumerate(lines) if str(line) == "artifact:"), len(lines))
+
+
+def quantization(report: Report, width: int) -> list[Any]:
+    """The int8 contract: a verdict, the measured numbers, the layers kept in float and, on a miss, sensitivity."""
+    from bnfold.cli.layout import Column, Table, key_values, number, percent
+
+    final, bounds = report.final, report.options.bounds
+    m = final.measured
+    verdict = "passed" if final.passed else "FAILED"
+    lines = wrap(f"int8: {verdict}, {report.options.method} calibration on {report.calibration}", width,
+                 style="bold green" if final.passed else "bold red")
+    drop = m.accuracy_drop
+    rows: list[tuple[str, Any]] = [
+        ("top-1 agreement", f"{m.agreement:.2%} with the float model on {m.samples} {m.inputs} samples "
+                            f"(at least {bounds.min_agreement:.2%})"),
+        ("accuracy", "not measured (no labels that mean the outputs): agreement only" if drop is None else
+         f"{m.float_accuracy:.2%} float, {m.int8_accuracy:.2%} int8: drop {drop * 100:.2f} points "
+         f"(at most {bounds.max_accuracy_drop * 100:g})"),
+        ("kept in float", ", ".join(final.kept_float) or "none"),
+    ]
+    for path, comparison in report.selftests.items():
+        rows.append((f"self-test, {path}", f"max abs error {number(comparison.max_abs)} (allowed "
+                                           f"{number(comparison.allowed)}: 4 output quantization steps)"))
+    lines += key_values(rows, width)
+    if report.sensitivity:
+        lines += wrap("sensitivity: each layer alone kept in float, most sensitive first", width)
+        table = Table(Column("layer", wrap=True), Column("op"), Column("top-1", right=True),
+                      Column("accuracy", right=True), Column("error", right=True))
+        for row in report.sensitivity[:12]:
+            table.add_row(row.name, row.op, percent(row.measured.agreement), percent(row.measured.int8_accuracy),
+                          number(row.measured.mean_abs_error))
+        lines += table.render(width)
+        lines += wrap(f"error: mean |int8 - float| output; {len(report.sensitivity)} layers measured"
+                      + ("" if report.options.keep_float == "auto" else "; --keep-float auto keeps the most "
+                         "sensitive ones in float until the bounds hold"), width, indent=2)
+    return lines
 
 
 def show_failure(out: Console, exc: FoldFailed, *, verbose: bool, report: str | None) -> None:
@@ -218,6 +320,10 @@ def show_failure(out: Console, exc: FoldFailed, *, verbose: bool, report: str | 
         lines += views.fold_summary(exc.fold, width, verbose=verbose)
     lines += views.notes([*exc.source.notes, *exc.notes], width)
     lines += views.verification(views.checks_of(exc.checks), exc.tolerance, width, verbose=verbose)
+    quantized = getattr(exc, "report", None)
+    if quantized is not None:
+        lines += quantization(quantized, width)
+        lines += wrap(f"int8: {exc}", width, style="red")
     if report:
         lines += wrap(f"wrote {report} (passed: false, every measurement); no model was written", width)
     emit(out, lines)

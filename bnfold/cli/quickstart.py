@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bnfold.cli import HelpFormatter, common_parser
-from bnfold.cli.fold import show_outcome, status
+from bnfold.cli.fold import add_quantize_options, quantize_options, show_outcome, status
 from bnfold.cli.layout import console, emit, wrap
 
 EXAMPLES = """\
@@ -20,6 +20,7 @@ examples:
                                # and serve it on :8000
   bnfold quickstart --no-serve # stop after writing the model
   bnfold quickstart --repository /tmp/models --port 9000 --checkpoint digits.pt
+  bnfold quickstart --quantize int8  # the next version is the int8 model
 """
 
 
@@ -41,6 +42,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--no-serve", action="store_true", help="do not start the service")
     p.add_argument("--host", default="127.0.0.1", help="service bind address")
     p.add_argument("--port", type=int, default=8000, help="service port")
+    add_quantize_options(p)
     p.set_defaults(func=run)
 
 
@@ -49,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from bnfold.train import TrainConfig, save_result, train
 
     pipeline.check_destinations(repository_dir=args.repository, name=args.name, report=args.report)
+    quantize = quantize_options(args)
     if args.checkpoint:
         atomic.check_writable(args.checkpoint, "checkpoint")
     out = console()
@@ -59,13 +62,14 @@ def run(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
     emit(out, wrap(f"validation accuracy {result.best_val_accuracy:.2%} (epoch {result.best_epoch}, "
                    f"{result.seconds:.1f}s)", width))
-    emit(out, wrap("2/3 folding, verifying, exporting", width, style="bold"))
+    emit(out, wrap("2/3 folding, verifying, exporting" + (", quantizing to int8" if quantize else ""), width,
+                   style="bold"))
     with tempfile.TemporaryDirectory(prefix="bnfold-quickstart-") as tmp:
         checkpoint = args.checkpoint or str(Path(tmp) / f"{args.name}.pt")
         save_result(result, checkpoint)
         with status() as update:
             outcome = pipeline.run(checkpoint, repository_dir=args.repository, name=args.name, report=args.report,
-                                   status=update)
+                                   quantize=quantize, status=update)
     show_outcome(out, outcome)
     model_file = Path(outcome.written[0])
     version = model_file.parent.name

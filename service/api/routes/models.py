@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, HTTPException
 
 from service.api.deps import ServiceDep, check_names
@@ -24,10 +26,22 @@ def _metadata(service: ServiceDep, name: str, version: str | None) -> ModelMetad
         name=name, versions=[str(v) for v in service.repository.models[name]], platform="onnxruntime_onnx",
         inputs=[TensorMetadata(**s.metadata()) for s in runtime.inputs] if runtime else [],
         outputs=[TensorMetadata(**s.metadata()) for s in runtime.outputs] if runtime else [],
-        version=str(entry.version), ready=entry.ready, reason=entry.reason and public(entry.reason),
-        certificate=entry.certificate_summary(),
+        version=str(entry.version), ready=entry.ready,
+        reason=public(entry.stale if entry.ready else entry.reason or "") or None,  # stale: see ModelVersion
+        certificate=_certificate(entry),
         batching=entry.batching_summary(),
     )
+
+
+def _certificate(entry: ModelVersion) -> dict[str, Any] | None:
+    """The certificate summary, with what the file is: ``kind`` "float" or "int8" (and how it was quantized)."""
+    summary = entry.certificate_summary()
+    if summary is not None and entry.certificate is not None:
+        summary["kind"] = entry.certificate.kind
+        summary["quantized"] = entry.certificate.kind != "float"
+        if entry.certificate.quantization is not None:
+            summary["quantization"] = dict(entry.certificate.quantization)
+    return summary
 
 
 def _ready(service: ServiceDep, name: str, version: str | None) -> ModelReady:
