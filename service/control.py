@@ -108,8 +108,9 @@ class ModelControl:
             on_disk = model_names(repository.settings.model_repository)
         except OSError:
             on_disk = []
+        draining = {version.name for version in repository.retiring}
         for name in on_disk:
-            if name not in repository.models:
+            if name not in repository.models and name not in draining:
                 state = LOADING if name == self._loading else UNAVAILABLE
                 reason = "loading" if state == LOADING else "unloaded" if name in self.unloaded else "not loaded"
                 entries.append(IndexEntry(name, "", state, reason))

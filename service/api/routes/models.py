@@ -27,7 +27,7 @@ def _metadata(service: ServiceDep, name: str, version: str | None) -> ModelMetad
         inputs=[TensorMetadata(**s.metadata()) for s in runtime.inputs] if runtime else [],
         outputs=[TensorMetadata(**s.metadata()) for s in runtime.outputs] if runtime else [],
         version=str(entry.version), ready=entry.ready,
-        reason=public(entry.stale if entry.ready else entry.reason or "") or None,  # stale: see ModelVersion
+        reason=public((entry.stale if entry.ready else entry.reason) or "") or None,  # stale: see ModelVersion
         certificate=_certificate(entry),
         batching=entry.batching_summary(),
     )

@@ -9,7 +9,8 @@ from service.api.schemas import ServerMetadata
 
 router = APIRouter(tags=["metadata"])
 
-EXTENSIONS = ["binary_tensor_data", "model_repository_versions", "kserve_v1_predict", "prometheus_metrics"]
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_repository_versions", "kserve_v1_predict",
+              "prometheus_metrics"]
 
 
 @router.get("/v2")

@@ -1,0 +1,183 @@
+"""Model control against a real ``python -m service`` process, driven by tritonclient.http and a load generator.
+
+Poll mode: a version published while clients run goes live with no failed request, answers switch
+from the old version to the new at one point, and a broken newer version is reported not ready
+while the current one serves. Explicit mode: tritonclient's index/load/unload calls work unchanged,
+and an unload under load lets in-flight requests finish (every answer is a 200 from the model or a
+404 "unknown model", never an error or a dropped connection).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+from server_process import free_port, is_ready, start, stop, wait_until
+from service_models import certified, gemm_model, gemm_reference
+from tritonclient.utils import InferenceServerException
+
+from bnfold.repository import publish
+
+pytestmark = pytest.mark.slow
+DEADLINE_S = 120.0  # for a change to go live on a loaded 2-core machine; an idle one takes about a second
+X = np.array([[0.5, -1.0, 2.0, 0.25]], dtype=np.float32)
+BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": X.ravel().tolist()}]}
+
+
+def _model(seed: int, tamper: float = 0.0) -> bytes:
+    return certified(gemm_model(seed), seed, tamper=tamper).SerializeToString()
+
+
+def _version_of(body: dict[str, Any]) -> int:
+    """The answering version, after checking the logits are that version's (float64 reference)."""
+    version = int(body["model_version"])
+    got = np.array(body["outputs"][0]["data"], dtype=np.float64)
+    want = gemm_reference(version, X).ravel()
+    assert np.max(np.abs(got - want)) <= 1e-5 + 1e-4 * np.max(np.abs(want)), (version, got, want)
+    return version
+
+
+@dataclass
+class Answer:
+    started: int  # time.monotonic_ns() before the request was sent
+    finished: int  # ... and after its answer arrived
+    status: int
+    version: int | None
+
+
+class LoadGenerator:
+    """``lanes`` threads sending inference requests without a version until :meth:`stop`."""
+
+    def __init__(self, url: str, lanes: int = 4) -> None:
+        self.url = url
+        self.answers: list[Answer] = []
+        self.failures: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._lane, daemon=True) for _ in range(lanes)]
+        for thread in self._threads:
+            thread.start()
+
+    def _lane(self) -> None:
+        with httpx.Client(base_url=f"http://{self.url}", timeout=60) as client:
+            while not self._stop.is_set():
+                started = time.monotonic_ns()
+                try:
+                    response = client.post("/v2/models/m/infer", json=BODY)
+                except httpx.HTTPError as exc:
+                    with self._lock:
+                        self.failures.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                finished = time.monotonic_ns()
+                version = _version_of(response.json()) if response.status_code == 200 else None
+                with self._lock:
+                    self.answers.append(Answer(started, finished, response.status_code, version))
+                    if response.status_code not in (200, 404):
+                        self.failures.append(f"{response.status_code} {response.text}")
+
+    def count(self, version: int) -> int:
+        with self._lock:
+            return sum(a.version == version for a in self.answers)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+
+def _until(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not check():
+        assert time.monotonic() < deadline, f"{what} did not happen within {DEADLINE_S:.0f} s"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    mode = request.param
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    (tmp_path / "m" / "1" / "model.onnx").write_bytes(_model(1))
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"version_policy": {"latest": {"num_versions": 1}}}))
+    port = free_port()
+    env = {**os.environ, "BNFOLD_MODEL_REPOSITORY": str(tmp_path), "BNFOLD_PORT": str(port),
+           "BNFOLD_HOST": "127.0.0.1", "BNFOLD_INTRA_OP_THREADS": "1", "BNFOLD_MODEL_CONTROL": mode,
+           "BNFOLD_REPOSITORY_POLL_S": "0.2"}
+    process = start(env)
+    try:
+        wait_until(process, lambda: is_ready(f"http://127.0.0.1:{port}"), "readiness")
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop(process)
+
+
+@pytest.mark.parametrize("server", ["poll"], indirect=True)
+def test_poll_new_version_goes_live_under_load(server: str, tmp_path: Path) -> None:
+    triton = httpclient.InferenceServerClient(server)
+    load = LoadGenerator(server)
+    try:
+        _until(lambda: load.count(1) >= 20, "answers from version 1")
+        publish(tmp_path, "m", _model(2))  # as bnfold fold --repository does: renamed into place when complete
+        _until(lambda: load.count(2) >= 50, "answers from version 2")
+        publish(tmp_path, "m", _model(3, tamper=0.5))  # a broken newer version
+
+        def reported() -> bool:
+            return any(e.get("version") == "3" for e in triton.get_model_repository_index())
+
+        _until(reported, "version 3 to be reported")
+        served = load.count(2)
+        _until(lambda: load.count(2) >= served + 50, "more answers after version 3 was reported")
+    finally:
+        load.stop()
+    assert load.failures == []
+    assert {a.status for a in load.answers} == {200}
+    old = [a for a in load.answers if a.version == 1]
+    new = [a for a in load.answers if a.version == 2]
+    assert len(old) + len(new) == len(load.answers)  # version 3 never answered
+    # One switch point: no request sent after a version-2 answer arrived was answered by version 1.
+    assert max(a.started for a in old) < min(a.finished for a in new)
+    index = triton.get_model_repository_index()
+    assert index[0] == {"name": "m", "version": "2", "state": "READY"}
+    assert index[1]["version"] == "3" and index[1]["state"] == "UNAVAILABLE"
+    assert index[1]["reason"].startswith("self-test output differs from the certificate")
+    assert triton.is_model_ready("m") and not triton.is_model_ready("m", "3")
+    with pytest.raises(InferenceServerException) as caught:
+        triton.load_model("m")
+    assert caught.value.status() == "403"
+    assert "needs BNFOLD_MODEL_CONTROL=explicit, got BNFOLD_MODEL_CONTROL=poll" in caught.value.message()
+
+
+@pytest.mark.parametrize("server", ["explicit"], indirect=True)
+def test_explicit_unload_under_load_drains_and_load_restores(server: str, tmp_path: Path) -> None:
+    triton = httpclient.InferenceServerClient(server)
+    assert triton.get_model_repository_index() == [{"name": "m", "version": "1", "state": "READY"}]
+    load = LoadGenerator(server)
+    try:
+        _until(lambda: load.count(1) >= 20, "answers from version 1")
+        triton.unload_model("m")  # returns once the requests in flight have finished
+        assert not triton.is_model_ready("m")
+        assert triton.get_model_repository_index() == [{"name": "m", "state": "UNAVAILABLE", "reason": "unloaded"}]
+        _until(lambda: sum(a.status == 404 for a in load.answers) >= 10, "requests refused while unloaded")
+        publish(tmp_path, "m", _model(2))
+        triton.load_model("m")
+        assert triton.is_model_ready("m")
+        _until(lambda: load.count(2) >= 20, "answers from version 2")
+    finally:
+        load.stop()
+    assert load.failures == []
+    statuses = [a.status for a in sorted(load.answers, key=lambda a: a.started)]
+    assert set(statuses) == {200, 404}
+    for answer in load.answers:
+        assert (answer.status == 200) == (answer.version is not None)
+    with pytest.raises(InferenceServerException) as caught:
+        triton.load_model("absent")
+    assert caught.value.status() == "404"
