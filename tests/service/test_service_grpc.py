@@ -420,3 +420,17 @@ def test_metrics_count_grpc_requests(client: Any, server: tuple[str, str]) -> No
     after = counts()
     assert after[0] - before[0] == 3
     assert after[1] - before[1] == 1
+
+
+def test_repository_control_off(client: Any, server: tuple[str, str]) -> None:
+    """With BNFOLD_MODEL_CONTROL unset the index answers and load/unload are refused as over HTTP."""
+    index = client.get_model_repository_index(headers=AUTH)
+    assert ("classifier", "2", "READY") in {(m.name, m.version, m.state) for m in index.models}
+    for method in ("load", "unload"):
+        with pytest.raises(tritonclient_grpc.InferenceServerException) as caught:
+            getattr(client, f"{method}_model")("classifier", headers=AUTH)
+        http = httpx.post(f"{server[0]}/v2/repository/models/classifier/{method}", headers=AUTH, timeout=30)
+        assert (_code(caught.value), caught.value.message()) == ("PERMISSION_DENIED", http.json()["error"])
+    with pytest.raises(tritonclient_grpc.InferenceServerException) as caught:
+        client.get_model_repository_index()  # no key
+    assert _code(caught.value) == "UNAUTHENTICATED"
