@@ -11,10 +11,20 @@ A bnfold checkpoint is a plain dict (no pickled code)::
      "dataset": "digits", "seed": 0, "train_config": {...},
      "feature_names": ["f1", ...],       # tabular data: the input columns, in order (else absent/None)
      "data_location": {"absolute": "/data/t.csv", "relative": "../data/t.csv"},  # user data only
+     "resume": {"epoch": 7, "optimizer": {...}, "scheduler": {...}, "scaler": None, "rng": tensor},
      "bnfold_version": "...", "torch_version": "..."}
 
 ``data_location`` says where the training data was: its absolute path, and its path relative to
 the checkpoint's directory (for a checkpoint moved together with its data).
+
+``resume`` (written by ``bnfold train``) is the training state of the saved epoch: the optimizer's
+and the learning-rate schedule's ``state_dict``, the gradient scaler's under ``--amp``, and the
+torch random generator of rank 0. :func:`read_resume` reads it back for ``bnfold train --resume``
+after checking that the checkpoint was trained with the architecture, data split and optimizer
+of the run resuming it. The weights are always a plain model's: a ``DistributedDataParallel``
+wrapper is unwrapped and synchronized batch norms are converted back to the batch-norm class
+they replaced (:func:`bnfold.sync_batchnorm.revert`; their parameters and buffers are the same), so
+a checkpoint trained on several processes folds like any other.
 
 :func:`load_model` rebuilds the model from such a file, from a plain ``state_dict`` plus an
 architecture name (and config), or from a ``state_dict`` plus the user's own factory
@@ -30,6 +40,7 @@ first layer). Convolutional state_dicts fix only the channels: any spatial size 
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import os
@@ -53,6 +64,26 @@ from bnfold.files import existing_file, sha256_file
 FORMAT = "bnfold.checkpoint"
 FORMAT_VERSION = 1
 _SHOW = 3  # how many offending keys an error message lists
+
+
+@dataclass
+class ResumeState:
+    """The training state of a checkpoint's saved epoch (see the module docstring)."""
+
+    state_dict: dict[str, torch.Tensor]
+    epoch: int  # the saved epoch (1-based); training resumes with the next one
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any] | None
+    rng: torch.Tensor
+    history: list[dict[str, float]]  # the epochs up to and including the saved one
+    best: tuple[float, float]  # (val accuracy, val loss) of the saved epoch
+    seconds: float  # training time so far
+
+    def as_payload(self) -> dict[str, Any]:
+        """The checkpoint's ``resume`` entry this state was read from."""
+        return {"epoch": self.epoch, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                "scaler": self.scaler, "rng": self.rng}
 
 
 @dataclass
@@ -116,9 +147,12 @@ def checkpoint_payload(
     feature_names: list[str] | None = None,
     data_path: str | Path | None = None,
     saved_at: str | Path,
+    resume: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The dict :func:`save_checkpoint` writes (for writers that stage several files at once);
-    ``saved_at`` is the checkpoint's final path, which ``data_location.relative`` is relative to."""
+    ``saved_at`` is the checkpoint's final path, which ``data_location.relative`` is relative to.
+    ``resume``: the training state to continue from (see the module docstring)."""
+    model = plain_model(model)
     location = None
     if data_path is not None:
         absolute = Path(data_path).resolve()
@@ -139,10 +173,95 @@ def checkpoint_payload(
         "train_config": dict(train_config or {}),
         "feature_names": [str(f) for f in feature_names] if feature_names else None,
         "data_location": location,
+        "resume": dict(resume) if resume is not None else None,
         "bnfold_version": __version__,
         "torch_version": str(torch.__version__),  # TorchVersion is a str subclass weights_only refuses
     }
-    return {k: (v if k == "state_dict" else _plain(v, k)) for k, v in payload.items()}
+    return {k: (v if k in ("state_dict", "resume") else _plain(v, k)) for k, v in payload.items()}
+
+
+def plain_model(model: nn.Module) -> nn.Module:
+    """``model`` as a single process would have it: out of its ``DistributedDataParallel`` wrapper,
+    synchronized batch norms converted back to plain ones (a copy; ``model`` is left as it is)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from bnfold import sync_batchnorm
+
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    if sync_batchnorm.is_synced(model):
+        model = sync_batchnorm.revert(copy.deepcopy(model))
+    return model
+
+
+_RESUME_KEYS = ("arch", "arch_config", "dataset", "input_shape", "class_labels")
+_RESUME_OPTIONS = ("optimizer", "seed", "val_fraction")  # from train_config
+
+
+def read_resume(
+    path: str | Path,
+    *,
+    arch: str,
+    arch_config: Mapping[str, Any],
+    dataset: str,
+    input_shape: tuple[int, ...],
+    class_labels: list[str],
+    optimizer: str,
+    seed: int,
+    val_fraction: float,
+    epochs: int,
+) -> ResumeState:
+    """The training state in the bnfold checkpoint ``path``, for a run with these settings.
+
+    Raises :class:`BnfoldError` if the file is not a bnfold checkpoint with training state, if it
+    was trained with another architecture (config), data set, input shape, classes, optimizer,
+    seed or validation split (a different split would train on validation samples), or if it
+    already holds ``epochs`` epochs or more. The weights are checked against the architecture
+    when they are loaded (:func:`load_matching_state`).
+    """
+    path = existing_file(path, "checkpoint")
+    obj = read_checkpoint(path)
+    if not isinstance(obj, Mapping) or obj.get("format") != FORMAT:
+        raise BnfoldError(f"{str(path)!r} is not a bnfold checkpoint, so it holds no training state to resume from; "
+                          "train it with bnfold train")
+    resume = obj.get("resume")
+    if not isinstance(resume, Mapping):
+        raise BnfoldError(f"{str(path)!r} holds no training state (optimizer, schedule): it was saved by an older "
+                          "bnfold or by save_checkpoint; it folds, but cannot be resumed")
+    stored_options = dict(obj.get("train_config") or {})
+    here = {"arch": arch, "arch_config": dict(arch_config), "dataset": dataset, "input_shape": list(input_shape),
+            "class_labels": list(class_labels), "optimizer": optimizer, "seed": seed, "val_fraction": val_fraction}
+    there = {**{k: obj.get(k) for k in _RESUME_KEYS},
+             **{k: stored_options.get(k, TRAIN_DEFAULTS.get(k)) for k in _RESUME_OPTIONS}}
+    different = [f"{k} {there[k]!r} there, {here[k]!r} here" for k in here if _plain(here[k], k) != there[k]]
+    if different:
+        raise BnfoldError(f"{str(path)!r} was trained with other settings than this run: {'; '.join(different)}; "
+                          "resume with the options it was trained with")
+    epoch = resume.get("epoch")
+    metrics = dict(obj.get("metrics") or {})
+    history = list(metrics.get("history") or [])
+    if not isinstance(epoch, int) or not 1 <= epoch <= len(history):
+        raise BnfoldError(f"{str(path)!r}: its training state names epoch {epoch!r} of {len(history)} recorded")
+    if epoch >= epochs:
+        raise BnfoldError(f"{str(path)!r} already holds epoch {epoch}; give --epochs above {epoch} to train on")
+    row = history[epoch - 1]
+    state = obj.get("state_dict")
+    if not isinstance(state, Mapping) or not _is_state_dict(state):
+        raise BnfoldError(f"{str(path)!r}: its state_dict is not a mapping of names to tensors")
+    return ResumeState(
+        state_dict=dict(state), epoch=epoch, optimizer=dict(resume["optimizer"]), scheduler=dict(resume["scheduler"]),
+        scaler=resume.get("scaler"), rng=resume["rng"], history=history[:epoch],
+        best=(float(row["val_accuracy"]), float(row["val_loss"])), seconds=float(metrics.get("seconds") or 0.0),
+    )
+
+
+# TrainConfig defaults of the options read_resume compares (a checkpoint's train_config omits None values).
+TRAIN_DEFAULTS: dict[str, Any] = {"optimizer": "adamw", "seed": 0, "val_fraction": 0.2}
+
+
+def load_matching_state(path: Path, model: nn.Module, state: Mapping[str, Any], arch: str) -> None:
+    """Load ``state`` into ``model`` after checking every key and shape (errors name them and ``path``)."""
+    _load_state(path, model, state, arch)
 
 
 def load_model(

@@ -11,14 +11,32 @@ Ctrl-C ends training early: the best epoch so far is what :func:`train` returns 
 (:attr:`TrainResult.interrupted` says so); an interrupt before the first epoch ends saves nothing.
 
 Reproducibility: with ``device="cpu"`` the same config and seed give the same weights
-(``torch.manual_seed`` for initialization and dropout, a separately seeded ``torch.Generator``
-for the batch order, no data-loader workers). Training uses one CPU thread by default: these
-models are small, and extra intra-op threads slow down badly when other processes share the cores.
+(``torch.manual_seed`` for initialization and dropout; the batch order of epoch ``e`` is the
+permutation :class:`~torch.utils.data.DistributedSampler` draws from ``seed + e``; no data-loader
+workers). Training uses one CPU thread by default: these models are small, and extra intra-op
+threads slow down badly when other processes share the cores.
+
+Data-parallel runs (``torchrun --nproc-per-node N -m bnfold train``, see :mod:`bnfold.distributed`):
+the model is wrapped in :class:`~torch.nn.parallel.DistributedDataParallel` and ``batch_size`` is
+the *global* batch: each of the ``W`` processes takes ``batch_size / W`` samples of every step
+(``W`` must divide it), so a step sees the same samples as one process running the same config,
+and the learning rate and schedule mean the same for any ``W``. The sampler pads the epoch to a
+multiple of ``W`` by repeating its first samples (at most ``W - 1`` of them). With ``sync_bn`` (on
+by default when ``W > 1``) batch norm normalizes with, and accumulates running statistics from,
+the global batch (:mod:`bnfold.sync_batchnorm`); the saved checkpoint has plain batch norms.
+Train and validation metrics are sums and counts reduced over the ranks; each rank validates on
+every ``W``-th validation sample. Only rank 0 prints and writes.
+
+Resume (``resume=CHECKPOINT``): the checkpoint holds the state of its saved (best) epoch: weights,
+optimizer, learning-rate schedule, the epoch and the torch random generator; training continues
+from that epoch to ``epochs`` (the cosine schedule is stretched to the new total if it changed).
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,10 +45,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler, TensorDataset
 
+from bnfold import distributed, sync_batchnorm
 from bnfold.archs import build_model, get_arch, resolve_config
 from bnfold.atomic import Writes, check_writable
 from bnfold.data import Dataset, load_dataset
+from bnfold.distributed import Context
 from bnfold.errors import BnfoldError
 from bnfold.files import sha256_file
 from bnfold.layers import InputNorm
@@ -57,6 +79,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = 1  # CPU threads during training (None: torch's default); see train()
     arch_config: dict[str, Any] = field(default_factory=dict)  # width, depth, ... (see bnfold.archs)
+    sync_bn: bool | None = None  # synchronized batch norm; None: on when the world size is > 1
+    amp: bool = False  # CUDA mixed precision (float16 autocast + gradient scaling)
+    resume: str | Path | None = None  # continue from this checkpoint's saved epoch
+    dist_timeout_s: float = distributed.DEFAULT_TIMEOUT_S  # longest wait in a collective before failing
 
 
 @dataclass
@@ -74,6 +100,11 @@ class TrainResult:
     checkpoint_sha256: str | None = None  # set when saved
     epochs: int = 0  # epochs planned (len(history) is how many ran)
     interrupted: bool = False  # Ctrl-C ended training after len(history) epochs
+    world_size: int = 1  # processes that trained it
+    backend: str = ""  # gloo | nccl | "" (one process)
+    sync_bn: bool = False  # batch norm synchronized over the processes
+    resume_state: dict[str, Any] | None = None  # the saved epoch's optimizer/schedule/RNG state (rank 0)
+    rank: int = 0  # this process's rank (only rank 0 saves)
 
     @property
     def dataset_name(self) -> str:
@@ -102,38 +133,77 @@ def train(
     Everything that can be wrong with the inputs (data, arch, options, and whether each output can
     be written) is checked before training, and the files are written together at the end (both
     or neither), so a failed run writes nothing. Ctrl-C saves the best epoch so far (see the
-    module docstring).
+    module docstring). Under torchrun this joins the process group first and leaves it at the end;
+    every rank returns the result, rank 0 alone writes the files.
     """
     config = config or TrainConfig()
     plan = _resolve(config)
+    context = distributed.setup(plan.device, timeout_s=config.dist_timeout_s)
+    try:
+        return _train(config, plan, context, output, plot, progress)
+    finally:
+        distributed.teardown(context)
+
+
+def _train(config: TrainConfig, plan: _Plan, context: Context, output: str | Path | None,
+           plot: str | Path | None, progress: bool) -> TrainResult:
+    if plan.batch_size % context.world_size:
+        raise BnfoldError(f"batch size {plan.batch_size} is the global batch and must divide evenly among the "
+                          f"{context.world_size} processes; give a multiple of {context.world_size}")
     targets = [(what, Path(t)) for what, t in (("checkpoint", output), ("plot", plot)) if t is not None]
     if len(targets) == 2 and targets[0][1].resolve() == targets[1][1].resolve():
         raise BnfoldError(f"the checkpoint and the plot are the same file {str(output)!r}")
-    for what, target in targets:
-        check_writable(target, what)
-    data = load_dataset(
+
+    def check_destinations() -> None:
+        if context.is_main:  # only rank 0 writes
+            for what, target in targets:
+                check_writable(target, what)
+
+    _together(context, check_destinations)
+    data = _together(context, lambda: load_dataset(
         plan.dataset if config.data is None else None, path=config.data, seed=config.seed,
         val_fraction=config.val_fraction, label_column=config.label_column, image_size=config.image_size,
         arch=config.arch,
-    )
+    ))
+    resume = None
+    if config.resume is not None:
+        from bnfold.checkpoint import read_resume
+
+        resume = _together(context, lambda: read_resume(
+            config.resume, arch=config.arch, arch_config={**plan.arch_config, "norm": config.norm},
+            dataset=data.name, input_shape=data.input_shape, class_labels=data.class_labels,
+            optimizer=config.optimizer, seed=config.seed, val_fraction=config.val_fraction, epochs=plan.epochs))
     previous_threads = torch.get_num_threads()
     if config.threads is not None:
         # These models are small: extra intra-op threads gain little and collapse when other
         # processes compete for the cores (measured on 2 shared cores: 4 s with 1 thread, 52 s with 2).
         torch.set_num_threads(config.threads)
     try:
-        result = _fit(config, plan, data, progress)
+        result = _fit(config, plan, data, progress and context.is_main, context, resume)
     finally:
         torch.set_num_threads(previous_threads)
-    with Writes() as writes:
-        if output is not None:
-            tmp = writes.path(output, "checkpoint")
-            torch.save(result_payload(result, output), tmp)
-            result.checkpoint_sha256 = sha256_file(tmp)
-        if plot is not None:
-            _draw(result, writes.path(plot, "plot"), title=f"{config.arch} on {data.name}")
-        writes.commit()
+    if context.is_main:
+        with Writes() as writes:
+            if output is not None:
+                tmp = writes.path(output, "checkpoint")
+                torch.save(result_payload(result, output), tmp)
+                result.checkpoint_sha256 = sha256_file(tmp)
+            if plot is not None:
+                _draw(result, writes.path(plot, "plot"), title=f"{config.arch} on {data.name}")
+            writes.commit()
+    context.barrier()  # the other ranks end only once rank 0 has written (or failed to)
     return result
+
+
+def _together(context: Context, work: Any) -> Any:
+    """``work()`` on every rank; if it raised a :class:`BnfoldError` on any rank, raise on all of them."""
+    value, error = None, None
+    try:
+        value = work()
+    except BnfoldError as exc:
+        error = exc
+    context.agree(error)
+    return value
 
 
 @dataclass(frozen=True)
@@ -162,63 +232,109 @@ def _resolve(config: TrainConfig) -> _Plan:
         dataset=config.dataset if config.dataset or config.data else spec.reference_dataset,
     )
     _check_options(config, plan)
+    if config.amp and plan.device.type != "cuda":
+        raise BnfoldError(f"--amp (mixed precision) needs --device cuda; this run trains on {plan.device.type}")
     return plan
 
 
-def _fit(config: TrainConfig, plan: _Plan, data: Dataset, progress: bool) -> TrainResult:
-    epochs, batch_size, device = plan.epochs, plan.batch_size, plan.device
+def _fit(config: TrainConfig, plan: _Plan, data: Dataset, progress: bool, context: Context,
+         resume: Any = None) -> TrainResult:
+    epochs, device, world = plan.epochs, context.device, context.world_size
+    batch_size = plan.batch_size // world  # per process; plan.batch_size is the global batch
     torch.manual_seed(config.seed)
     model = build_model(config.arch, input_shape=data.input_shape, num_classes=data.num_classes,
                         norm=config.norm, **plan.arch_config)
     mean, std = data.channel_stats()
     fitted = InputNorm.from_stats(mean, std)  # fixed normalization, part of the model
     model.get_submodule("input_norm").load_state_dict(fitted.state_dict())
+    if resume is not None:
+        from bnfold.checkpoint import load_matching_state
+
+        load_matching_state(Path(config.resume or ""), model, resume.state_dict, config.arch)
+    sync_bn = (context.distributed if config.sync_bn is None else config.sync_bn) and context.distributed
+    if sync_bn:
+        model = sync_batchnorm.convert(model, device)
     model.to(device)
 
     # C-contiguous copies: torch 2.13's CPU training kernels corrupt the heap on channels-last strided input
     x_train, y_train = (torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in (data.X_train, data.y_train))
-    x_val, y_val = (torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in (data.X_val, data.y_val))
-    steps_per_epoch = math.ceil(len(x_train) / batch_size)
+    x_val, y_val = (torch.from_numpy(np.ascontiguousarray(a)).to(device)[context.rank::world]
+                    for a in (data.X_val, data.y_val))
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        TensorDataset(torch.arange(len(x_train))), num_replicas=world, rank=context.rank, shuffle=True,
+        seed=config.seed, drop_last=False)
+    steps_per_epoch = math.ceil(sampler.num_samples / batch_size)
     optimizer = _optimizer(config.optimizer, model, plan.lr, plan.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    generator = torch.Generator().manual_seed(config.seed)
+    scaler = torch.amp.GradScaler("cuda") if config.amp else None
     loss_fn = nn.CrossEntropyLoss()
+    trainer: nn.Module = model
+    if context.distributed:
+        trainer = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    smallest = 1 if config.norm == "none" or sync_bn else 2  # a plain batch norm cannot train on one sample
 
     history: list[dict[str, float]] = []
     best: tuple[float, float] = (-1.0, math.inf)  # (val accuracy, val loss) of the best epoch so far
     best_state: dict[str, torch.Tensor] = {}
-    best_epoch = 0
+    best_epoch, first_epoch = 0, 1
+    resume_state: dict[str, Any] | None = None
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        schedule.load_state_dict(resume.scheduler)
+        schedule.T_max = epochs * steps_per_epoch  # the planned total may have grown
+        if scaler is not None and resume.scaler:
+            scaler.load_state_dict(resume.scaler)
+        torch.set_rng_state(resume.rng)
+        history, best_epoch, best = list(resume.history), resume.epoch, resume.best
+        best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        first_epoch = resume.epoch + 1
+    if progress and world > 1:
+        _say(f"training: {context.describe()}, global batch {plan.batch_size}"
+             + (f" ({batch_size} per process), sync-bn {'on' if sync_bn else 'off'}" if world > 1 else "")
+             + (f", resumed after epoch {resume.epoch}" if resume is not None else ""))
     started = time.perf_counter()
     bar = _ProgressBar(progress, epochs, steps_per_epoch)
     interrupted = False
     with bar:
         try:
-            for epoch in range(1, epochs + 1):
+            for epoch in range(first_epoch, epochs + 1):
                 t0 = time.perf_counter()
-                model.train()
-                order = torch.randperm(len(x_train), generator=generator).to(device)
+                trainer.train()
+                sampler.set_epoch(epoch)
+                order = torch.tensor(list(sampler), dtype=torch.long, device=device)
                 seen, loss_sum, correct = 0, 0.0, 0
                 bar.start_epoch(epoch)
                 for step in range(steps_per_epoch):
                     idx = order[step * batch_size:(step + 1) * batch_size]
-                    if len(idx) < 2 and config.norm == "bn":
-                        continue  # batch norm cannot train on a batch of one
+                    if len(idx) < smallest:
+                        continue  # the same on every rank: the sampler gives each as many samples
                     xb, yb = x_train[idx], y_train[idx]
-                    logits = model(xb)
-                    loss = loss_fn(logits, yb)
+                    with torch.autocast(device.type, dtype=torch.float16, enabled=config.amp):
+                        logits = trainer(xb)
+                        loss = loss_fn(logits, yb)
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                    if scaler is None:
+                        loss.backward()
+                        optimizer.step()
+                    else:
+                        scaler.scale(loss).backward()
+                        scaler.step(optimizer)
+                        scaler.update()
                     schedule.step()
                     seen += len(idx)
                     loss_sum += float(loss.detach()) * len(idx)
                     correct += int((logits.detach().argmax(1) == yb).sum())
                     bar.advance(loss_sum / seen, correct / seen)
-                val_loss, val_acc = evaluate(model, x_val, y_val, batch_size=max(batch_size, 256))
+                # a rank may hold no validation sample when there are fewer than ranks
+                val_loss, val_acc = evaluate(model, x_val, y_val, batch_size=max(batch_size, 256)) \
+                    if len(x_val) else (0.0, 0.0)
+                seen_all, loss_all, correct_all, n_val, val_loss_all, val_correct_all = context.sum(
+                    [seen, loss_sum, correct, len(x_val), val_loss * len(x_val), round(val_acc * len(x_val))])
+                val_loss, val_acc = val_loss_all / n_val, val_correct_all / n_val
                 row = {
                     "epoch": float(epoch),
-                    "train_loss": loss_sum / max(seen, 1),
-                    "train_accuracy": correct / max(seen, 1),
+                    "train_loss": loss_all / max(seen_all, 1),
+                    "train_accuracy": correct_all / max(seen_all, 1),
                     "val_loss": val_loss,
                     "val_accuracy": val_acc,
                     "lr": float(optimizer.param_groups[0]["lr"]),
@@ -227,15 +343,29 @@ def _fit(config: TrainConfig, plan: _Plan, data: Dataset, progress: bool) -> Tra
                 improved = (val_acc, -val_loss) > (best[0], -best[1])
                 if improved:  # copy first, then swap in: an interrupt never leaves a half-updated best
                     state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                    best, best_epoch, best_state = (val_acc, val_loss), epoch, state
+                    saved = _resume_state(epoch, optimizer, schedule, scaler) if context.is_main else None
+                    best, best_epoch, best_state, resume_state = (val_acc, val_loss), epoch, state, saved
                 history.append(row)
                 bar.end_epoch(row, best=improved)
         except KeyboardInterrupt:
             if best_epoch == 0:
                 raise  # not one epoch finished: nothing worth saving
             interrupted = True
+        except RuntimeError as exc:
+            if not (context.distributed and distributed.collective_failure(exc)):
+                raise
+            raise BnfoldError(
+                f"rank {context.rank}: training stopped in epoch {len(history) + 1}: a collective with the other "
+                f"ranks failed, so another rank died or stopped answering (timeout {config.dist_timeout_s:g} s): "
+                + " ".join(str(exc).split())[:200]) from None
     seconds = time.perf_counter() - started
+    if resume is not None:
+        seconds += resume.seconds
+        if resume_state is None and context.is_main:  # no epoch beat the resumed one: keep its state
+            resume_state = resume.as_payload()
 
+    if sync_bn:
+        model = sync_batchnorm.revert(model)
     model.to("cpu")
     model.load_state_dict(best_state)
     model.eval()
@@ -243,8 +373,34 @@ def _fit(config: TrainConfig, plan: _Plan, data: Dataset, progress: bool) -> Tra
         model=model, arch=config.arch, arch_config={**plan.arch_config, "norm": config.norm}, dataset=data,
         history=history, best_epoch=best_epoch, best_val_accuracy=best[0],
         seconds=seconds, config=config, input_norm={"mean": mean, "std": std}, epochs=epochs,
-        interrupted=interrupted,
+        interrupted=interrupted, world_size=world, backend=context.backend, sync_bn=sync_bn,
+        resume_state=resume_state, rank=context.rank,
     )
+
+
+def _resume_state(epoch: int, optimizer: torch.optim.Optimizer, schedule: Any, scaler: Any) -> dict[str, Any]:
+    """What :func:`bnfold.checkpoint.read_resume` needs to continue after ``epoch`` (CPU copies)."""
+    return {
+        "epoch": epoch,
+        "optimizer": _cpu_copy(optimizer.state_dict()),
+        "scheduler": _cpu_copy(schedule.state_dict()),
+        "scaler": _cpu_copy(scaler.state_dict()) if scaler is not None else None,
+        "rng": torch.get_rng_state(),
+    }
+
+
+def _cpu_copy(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 @torch.no_grad()
@@ -273,10 +429,11 @@ def result_payload(result: TrainResult, output: str | Path) -> dict[str, Any]:
         dataset=result.dataset.name, seed=result.config.seed, input_norm=result.input_norm,
         metrics={"history": result.history, "best_epoch": result.best_epoch,
                  "best_val_accuracy": result.best_val_accuracy, "seconds": result.seconds,
-                 "epochs_planned": result.epochs or len(result.history), "interrupted": result.interrupted},
+                 "epochs_planned": result.epochs or len(result.history), "interrupted": result.interrupted,
+                 "world_size": result.world_size, "backend": result.backend, "sync_bn": result.sync_bn},
         train_config={k: v for k, v in cfg.items() if v is not None},
         feature_names=result.dataset.feature_names,
-        data_path=result.config.data, saved_at=output,
+        data_path=result.config.data, saved_at=output, resume=result.resume_state,
     )
 
 

@@ -1,0 +1,183 @@
+"""Data-parallel runs: the process group, who writes, metric reduction, and the launcher.
+
+bnfold uses PyTorch's distributed engine as it is: ``torchrun`` (``torch.distributed.run``)
+starts the processes and sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+``MASTER_PORT``; :func:`setup` joins the process group they describe (gloo on the CPU, nccl on
+GPUs) with a bounded ``timeout``, so a rank that stops answering makes the others fail after that
+many seconds instead of waiting forever. Without those variables a run is one process, world size 1,
+and nothing here touches ``torch.distributed``.
+
+Only rank 0 writes files and prints progress (:attr:`Context.is_main`). Metrics are reduced as
+sums and counts (:func:`Context.sum`), never as averages of per-rank averages: a mean over ranks
+of unequal shards would weigh their samples unequally. Checks that may fail on one rank only
+(rank 0 checking its destinations) are agreed on with :func:`Context.agree`, so that every rank
+raises the same error instead of the others waiting in the next collective.
+
+:func:`launch` is the ``--nproc N`` convenience: it runs ``torch.distributed.run`` in this
+process (standalone rendezvous on a free local port) for ``python -m bnfold ARGS`` and turns a
+failed rank into one line naming the rank and how it ended.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from bnfold.errors import BnfoldError
+
+DEFAULT_TIMEOUT_S = 300.0  # a collective waiting longer than this fails (torch's default is 30 minutes)
+_LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process stands in the run; ``world_size == 1`` means a plain single-process run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str = ""  # "gloo" | "nccl" | "" (not distributed)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes files, prints progress and reports."""
+        return self.rank == 0
+
+    def describe(self) -> str:
+        """``world size 2, backend gloo, device cpu`` (the line a run starts with)."""
+        if not self.distributed:
+            return f"world size 1 (one process), device {self.device}"
+        return f"world size {self.world_size}, backend {self.backend}, device {self.device.type}"
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """``values`` summed element-wise over all ranks (float64 ``all_reduce``; identity in one process)."""
+        if not self.distributed:
+            return [float(v) for v in values]
+        tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self._collective_device())
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        return [float(v) for v in tensor.cpu()]
+
+    def agree(self, error: BaseException | None) -> None:
+        """Raise on every rank if any rank had ``error`` (the lowest failing rank's message).
+
+        Every rank must call it at the same point; in one process it re-raises ``error``.
+        """
+        if not self.distributed:
+            if error is not None:
+                raise error
+            return
+        messages: list[str | None] = [None] * self.world_size
+        torch.distributed.all_gather_object(messages, None if error is None else str(error))
+        if error is not None:
+            raise error
+        for rank, message in enumerate(messages):
+            if message is not None:
+                raise BnfoldError(f"rank {rank}: {message}")
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def _collective_device(self) -> torch.device:
+        return self.device if self.backend == "nccl" else torch.device("cpu")
+
+
+_COLLECTIVE_MARKERS = ("gloo", "nccl", "Timed out", "Connection closed", "Connection reset", "DistBackendError")
+
+
+def collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed collective: a lost or silent peer. gloo raises a plain ``RuntimeError``
+    (``[.../gloo/...] Timed out waiting 3000ms for recv``), nccl a :class:`torch.distributed.DistError`."""
+    if isinstance(exc, torch.distributed.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _COLLECTIVE_MARKERS)
+
+
+def launched() -> bool:
+    """Whether torchrun (or another launcher setting its variables) started this process."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def setup(device: torch.device, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Context:
+    """Join the process group torchrun describes, or return the one-process context.
+
+    ``device`` is the resolved training device: ``cuda`` picks nccl and this rank's GPU
+    ``cuda:LOCAL_RANK``; ``cpu`` picks gloo. ``timeout_s`` bounds every collective.
+    """
+    if not launched():
+        return Context(device=device)
+    missing = [v for v in _LAUNCH_VARIABLES if v not in os.environ]
+    if missing:
+        raise BnfoldError(f"a distributed run needs the environment variables {', '.join(missing)}; start it "
+                          "with torchrun (or bnfold train --nproc N)")
+    try:
+        rank, world, local = (int(os.environ[v]) for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    except ValueError:
+        raise BnfoldError("RANK, WORLD_SIZE and LOCAL_RANK must be integers, got "
+                          f"{[os.environ[v] for v in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')]}") from None
+    if not (timeout_s > 0 and timeout_s < 1e7):
+        raise BnfoldError(f"the distributed timeout must be a positive number of seconds, got {timeout_s!r}")
+    if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise BnfoldError(f"rank {rank} has LOCAL_RANK {local} but this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s); start at most that many per node")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    if not torch.distributed.is_available():
+        raise BnfoldError("this torch build has no torch.distributed; install one that has")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if backend == "nccl":
+        torch.distributed.init_process_group(backend=backend, timeout=timeout, device_id=device)
+    else:
+        torch.distributed.init_process_group(backend=backend, timeout=timeout)
+    return Context(rank=rank, world_size=world, local_rank=local, backend=backend, device=device)
+
+
+def teardown(context: Context) -> None:
+    """Leave the process group (no-op for a one-process context)."""
+    if context.backend and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def launch(nproc: int, args: Sequence[str], *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Run ``python -m bnfold ARGS`` in ``nproc`` processes on this machine via ``torch.distributed.run``.
+
+    Returns when all of them succeeded; raises :class:`BnfoldError` naming the first rank that failed
+    (its exit code, or the signal that killed it). The elastic agent stops the other ranks as soon
+    as one fails (``--max-restarts 0``).
+    """
+    if not isinstance(nproc, int) or nproc < 1:
+        raise BnfoldError(f"--nproc must be a positive integer, got {nproc!r}")
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun would set, without its warning
+    parsed = get_args_parser().parse_args([
+        "--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "--max-restarts", "0",
+        "--monitor-interval", "0.5", "--module", "bnfold", *args,
+    ])
+    try:
+        run(parsed)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
+               else f"exited with code {failure.exitcode}")
+        error = BnfoldError(f"rank {rank} of {nproc} {how}; the other ranks were stopped"
+                            + ("" if failure.exitcode < 0 else " (its error is above)"))
+        error.exit_code = failure.exitcode if failure.exitcode > 0 else 1
+        raise error from None
+    finally:
+        sys.stdout.flush()
