@@ -14,7 +14,8 @@ def register(sub: Any) -> None:
         "serve", parents=[common_parser()], formatter_class=HelpFormatter,
         help="serve ONNX models over REST (Open Inference Protocol)",
         description="Serve every DIR/<name>/<version>/model.onnx with onnxruntime over the Open Inference "
-                    "Protocol (KServe v2 / Triton HTTP), a v1 ':predict' endpoint and Prometheus /metrics. "
+                    "Protocol (KServe v2 / Triton HTTP; gRPC too with --grpc-port), a v1 ':predict' endpoint and "
+                    "Prometheus /metrics. "
                     "Certified models serve only after their self-test reproduces in this runtime. A missing "
                     "repository, or one without any model, is refused at start (exit code 2). "
                     "Unset flags fall back to BNFOLD_* environment variables; the other settings "
@@ -22,6 +23,7 @@ def register(sub: Any) -> None:
         epilog="examples:\n"
                "  bnfold serve --model-repository models\n"
                "  bnfold serve --model-repository models --host 0.0.0.0 --port 8080 --workers 2\n"
+               "  bnfold serve --model-repository models --grpc-port 8001\n"
                "  BNFOLD_API_KEY=secret bnfold serve --model-repository models\n"
                "  curl localhost:8000/v2/health/ready",
     )
@@ -30,6 +32,9 @@ def register(sub: Any) -> None:
                         help="model repository (default: $BNFOLD_MODEL_REPOSITORY or ./models)")
     parser.add_argument("--host", default=unset, help="bind address (default: $BNFOLD_HOST or 127.0.0.1)")
     parser.add_argument("--port", type=int, default=unset, help="TCP port (default: $BNFOLD_PORT or 8000)")
+    parser.add_argument("--grpc-port", type=int, metavar="PORT", default=unset,
+                        help="also serve the Open Inference Protocol over gRPC on this port (needs the grpc "
+                             "extra; default: $BNFOLD_GRPC_PORT, unset = no gRPC)")
     parser.add_argument("--workers", type=int, default=unset,
                         help="worker processes, each loading every model (default: $BNFOLD_WORKERS or 1)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=unset,
@@ -41,9 +46,11 @@ def run(args: argparse.Namespace) -> int:
     from service.config import Settings
     from service.main import run as serve
 
-    names = ("model_repository", "host", "port", "workers", "log_level")
+    names = ("model_repository", "host", "port", "grpc_port", "workers", "log_level")
     settings = Settings(**{name: getattr(args, name) for name in names if hasattr(args, name)})
     check_repository(settings.model_repository)
+    if settings.grpc_port is not None:
+        check_grpc()
     serve(settings)
     return 0
 
@@ -63,3 +70,15 @@ def check_repository(root: Path) -> None:
                for m in root.iterdir() if m.is_dir() and not m.name.startswith(".") for v in m.iterdir()):
         raise BnfoldError(f"model repository {str(root)!r} holds no model: expected {root}/<name>/<version>/"
                           f"{MODEL_FILE} (bnfold fold MODEL --repository {root} --name NAME writes one)")
+
+
+def check_grpc() -> None:
+    """Refuse (exit 2, one line) a gRPC port when the grpc extra is not installed, before anything loads."""
+    from bnfold.errors import BnfoldError
+
+    try:
+        import grpc  # noqa: F401
+        from tritonclient.grpc import service_pb2_grpc  # noqa: F401
+    except (ImportError, RuntimeError) as exc:  # tritonclient.grpc raises RuntimeError without grpcio
+        raise BnfoldError(f"--grpc-port (or $BNFOLD_GRPC_PORT) needs gRPC support, which is not installed "
+                          f"({exc}): pip install 'bnfold[grpc]'") from None
