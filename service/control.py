@@ -79,7 +79,7 @@ class ModelControl:
         """In poll mode, start polling (after :meth:`ModelRepository.load`, on the running event loop)."""
         if self.mode == "poll" and self._task is None:
             with contextlib.suppress(OSError):
-                self._settled.update(self._scan())  # what start-up loaded is the first scan
+                self._settled.update(self._scan()[0])  # what start-up loaded is the first scan
             self._task = asyncio.get_running_loop().create_task(self._poll_forever(), name="bnfold-poll")
 
     async def stop(self) -> None:
@@ -166,15 +166,16 @@ class ModelControl:
     async def poll(self) -> None:
         """One scan: load, reload or unload what changed and stopped changing since the previous scan.
 
-        A repository that cannot be read (an unmounted volume) changes nothing: what is loaded keeps serving.
+        A repository or model directory that cannot be read (an unmounted volume, a permission error) changes
+        nothing there: what is loaded keeps serving.
         """
         async with self._lock:
             try:
-                found = await asyncio.to_thread(self._scan)
+                found, unreadable = await asyncio.to_thread(self._scan)
             except OSError:
                 return
             settled = self._settled.update(found)
-            for name in sorted(set(found) | set(self.repository.models)):
+            for name in sorted((set(found) | set(self.repository.models)) - unreadable):
                 current = self.repository.models.get(name, {})
                 present: dict[int, Signature] = {}
                 for number, signature in found.get(name, {}).items():
@@ -213,12 +214,16 @@ class ModelControl:
         raise ControlDisabled(f"model {what} needs BNFOLD_MODEL_CONTROL=explicit, got "
                               f"BNFOLD_MODEL_CONTROL={self.mode} ({why})")
 
-    def _scan(self) -> dict[str, dict[int, Signature]]:
+    def _scan(self) -> tuple[dict[str, dict[int, Signature]], set[str]]:
+        """The repository on disk; a model directory that cannot be read is left as it is served."""
         try:
-            return scan(self.repository.settings.model_repository)
+            found, unreadable = scan(self.repository.settings.model_repository)
         except OSError as exc:
             event(logging.ERROR, "model repository not readable", error=str(exc))
             raise
+        for name in sorted(unreadable):
+            event(logging.ERROR, "model directory not readable; it serves on as loaded", model=name)
+        return found, unreadable
 
     async def _apply(self, name: str, present: dict[int, Signature], retry: bool = False) -> Plan:
         """Plan ``name`` off the event loop, swap it in, and free what left (under the lock)."""

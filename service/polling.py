@@ -60,16 +60,19 @@ def scan_model(model_dir: Path) -> dict[int, Signature]:
     return dict(sorted(versions.items()))
 
 
-def scan(root: Path) -> dict[str, dict[int, Signature]]:
-    """:func:`scan_model` of every model directory; one that cannot be read is left out. Raises ``OSError``
-    when ``root`` itself cannot be read."""
+def scan(root: Path) -> tuple[dict[str, dict[int, Signature]], set[str]]:
+    """:func:`scan_model` of every model directory, and the names of those that could not be read (a
+    permission or I/O error: not the same as removed). Raises ``OSError`` when ``root`` cannot be read."""
     found: dict[str, dict[int, Signature]] = {}
+    unreadable: set[str] = set()
     for name in model_names(root):
         try:
             found[name] = scan_model(root / name)
-        except OSError:  # removed between the listing and the scan, or unreadable: as if absent
+        except FileNotFoundError:  # removed between the listing and the scan
             continue
-    return found
+        except OSError:
+            unreadable.add(name)
+    return found, unreadable
 
 
 class Settled:

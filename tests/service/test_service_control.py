@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from service_models import certified, gemm_model, gemm_reference
 
 from bnfold.repository import publish
+from service import polling
 from service.config import Settings
 from service.control import ModelControl
 from service.main import create_app, lifespan
@@ -487,5 +488,32 @@ def test_unload_drains_in_flight_requests(tmp_path: Path) -> None:
             assert all(_check_answer(r.json()) == 1 for r in responses)
             assert (await unload).status_code == 200
             assert entry.runtime is None and entry.batcher is None and entry.inflight == 0
+
+    asyncio.run(run())
+
+
+def test_poll_keeps_serving_what_it_cannot_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "models"
+    _write(root, "m", 1, _model(1))
+    _write(root, "other", 1, _model(2))
+
+    async def run() -> None:
+        async with serving(root, model_control="poll", repository_poll_s=3600) as (client, app):
+            control = _control(app)
+            scan_model = polling.scan_model
+
+            def unreadable(model_dir: Path) -> dict[int, Signature]:
+                if model_dir.name == "m":
+                    raise PermissionError(13, "Permission denied", str(model_dir))
+                return scan_model(model_dir)
+
+            monkeypatch.setattr(polling, "scan_model", unreadable)
+            await control.poll()  # m cannot be read: not the same as removed
+            assert [e["name"] for e in await _index(client, ready=True)] == ["m", "other"]
+            monkeypatch.undo()
+            root.rename(tmp_path / "unmounted")  # the whole repository goes away (an unmounted volume)
+            await control.poll()
+            assert _check_answer((await _infer(client)).json()) == 1
+            assert (await _infer(client, name="other")).status_code == 200
 
     asyncio.run(run())
