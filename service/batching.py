@@ -7,6 +7,14 @@ waits), concatenates inputs along axis 0, runs once, and hands each caller the s
 rows it sent. Under load, requests pile up while a batch runs, so batches grow with concurrency.
 If a coalesced run fails, its requests are retried one by one so one bad input fails only itself.
 
+*Inline runs.* With ``max_queue_delay`` 0, when the worker is idle and the last run's time per row
+says the batch will take at most ``inline_s``, the batch runs on the caller's event loop instead:
+requests that arrive in the same loop iteration are collected (``loop.call_soon``), then run as one
+batch in that loop's thread, with no hand-off to the worker and back (two thread wake-ups, GIL
+hand-overs and a self-pipe write per batch; at low load, most of the latency a request adds, measured in
+``benchmarks/results/serving_profile.md``). The loop is blocked for at most about ``inline_s``; anything
+longer, the first run of a model (no estimate yet), or a queue the worker is busy with, goes to the worker.
+
 The worker survives any exception while it collects or runs a batch (the batch's callers get the
 error). Should it stop anyway, or be closed, the batcher *fails*: every request it holds or has
 queued, and every later one, gets :class:`~service.errors.ModelNotReady` (503) instead of waiting
@@ -30,6 +38,8 @@ import numpy as np
 from service.errors import InvalidInput, ModelNotReady, Overloaded
 
 RunFn = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+Results = list[tuple["_Item", list[np.ndarray] | BaseException]]
+INLINE_S = 0.005  # a batch expected to run this long at most runs on the event loop (see the module docstring)
 
 
 class BatchObserver(Protocol):
@@ -64,6 +74,12 @@ def _resolve_all(pairs: list[tuple[asyncio.Future[list[np.ndarray]], list[np.nda
         _resolve(future, result)
 
 
+def _deliver_here(results: list[tuple[_Item, list[np.ndarray] | BaseException]]) -> None:
+    """Resolve the futures of a batch run inline, in their own loop's thread."""
+    for item, result in results:
+        _resolve(item.future, result)
+
+
 def _deliver(item: _Item, result: list[np.ndarray] | BaseException) -> None:
     """Hand ``result`` to the caller's event loop (thread-safe); a closed loop means the caller is gone."""
     _deliver_all([(item, result)])
@@ -89,7 +105,8 @@ class Batcher:
 
     def __init__(self, name: str, run: RunFn, *, batches: bool, max_batch_size: int, max_queue_delay_s: float,
                  max_queue_size: int, max_queue_bytes: int | None = None,
-                 observer: BatchObserver | None = None, on_failure: Callable[[str], None] | None = None) -> None:
+                 observer: BatchObserver | None = None, on_failure: Callable[[str], None] | None = None,
+                 inline_s: float = INLINE_S) -> None:
         for key, value in (("max_batch_size", max_batch_size), ("max_queue_size", max_queue_size)):
             if type(value) is not int or value < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
@@ -109,6 +126,10 @@ class Batcher:
         self._on_failure = on_failure
         self.failure: str | None = None  # why this batcher no longer serves; set once, under _bytes_lock
         self._held: list[_Item] = []  # taken off the queue by the worker and not yet answered
+        self.inline_s = inline_s if max_queue_delay_s == 0 else 0.0
+        self._row_seconds: float | None = None  # run time per row of the last run: whether a batch may run inline
+        self._pending: list[_Item] = []  # collected on one loop for an inline run at the end of its iteration
+        self._pending_loop: asyncio.AbstractEventLoop | None = None
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=f"bnfold-batcher-{name}", daemon=True)
         self._thread.start()
@@ -124,7 +145,7 @@ class Batcher:
         """
         if self.failure is not None:
             raise self._not_ready()
-        if self._queue.qsize() >= self.max_queue_size:
+        if self._queue.qsize() + len(self._pending) >= self.max_queue_size:
             raise Overloaded(f"model {self.name!r} already has {self.max_queue_size} requests queued "
                              "(max_queue_size); retry later")
         nbytes = sum(a.nbytes for a in feeds.values())
@@ -141,8 +162,51 @@ class Batcher:
                 raise Overloaded(f"model {self.name!r} already has {self._queued_bytes} input bytes queued; "
                                  f"{nbytes} more would pass max_queue_bytes={self.max_queue_bytes}; retry later")
             self._queued_bytes += nbytes
-            self._queue.put(item)
+            if self._inline_possible(loop):
+                if not self._pending:
+                    self._pending_loop = loop
+                    loop.call_soon(self._flush)
+                self._pending.append(item)
+            else:
+                self._queue.put(item)
         return await item.future
+
+    def _inline_possible(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Whether a request on ``loop`` may wait for an inline run (called under ``_bytes_lock``)."""
+        return self._row_seconds is not None and self._row_seconds <= self.inline_s and not self._held \
+            and self._queue.empty() and (not self._pending or self._pending_loop is loop)
+
+    def _flush(self) -> None:
+        """Run the requests collected in this loop iteration, inline when still cheap and the worker idle."""
+        with self._bytes_lock:
+            pending, self._pending, self._pending_loop = self._pending, [], None
+            if self.failure is not None:
+                fail = self._not_ready()
+                self._queued_bytes -= sum(i.nbytes for i in pending)
+            else:
+                fail = None
+                rows = sum(i.rows for i in pending)
+                cost = self._row_seconds
+                if cost is None or rows * cost > self.inline_s or self._held or not self._queue.empty():
+                    for item in pending:  # the worker takes them, in order
+                        self._queue.put(item)
+                    return
+                self._queued_bytes -= sum(i.nbytes for i in pending)
+        if fail is not None:
+            _deliver_here([(item, fail) for item in pending])
+            return
+        groups: dict[tuple[Any, ...], list[list[_Item]]] = {}
+        for item in pending:  # compatible requests together, at most max_batch_size rows a batch, in order
+            batches = groups.setdefault(item.key, [[]])
+            if batches[-1] and sum(i.rows for i in batches[-1]) + item.rows > self.max_batch_size:
+                batches.append([])
+            batches[-1].append(item)
+        for batches in groups.values():
+            for batch in batches:
+                try:
+                    self._execute(batch, _deliver_here)
+                except Exception as exc:  # as in the worker: the batch's callers get the error
+                    _deliver_here([(item, RuntimeError(f"batch failed: {exc!r}")) for item in batch])
 
     def _not_ready(self) -> ModelNotReady:
         return ModelNotReady(f"model {self.name!r} is not ready: {self.failure}")
@@ -227,23 +291,25 @@ class Batcher:
             with contextlib.suppress(Exception):
                 self._on_failure(reason)
 
-    def _execute(self, batch: list[_Item]) -> None:
+    def _execute(self, batch: list[_Item],
+                 deliver: Callable[[Results], None] = _deliver_all) -> None:
         start = time.perf_counter()
         if self._observer is not None:
             self._observer.batch(sum(i.rows for i in batch), [start - i.enqueued for i in batch])
         if len(batch) == 1:
             item = batch[0]
-            _deliver(item, self._run_one(item.feeds))
+            deliver([(item, self._run_one(item.feeds, item.rows))])
             return
         feeds = {name: np.concatenate([i.feeds[name] for i in batch]) for name in batch[0].feeds}
         total = sum(i.rows for i in batch)
         try:
+            began = time.perf_counter()
             outputs = self._run(feeds)
+            self._row_seconds = (time.perf_counter() - began) / total
             if any(o.ndim == 0 or o.shape[0] != total for o in outputs):
                 raise ValueError(f"outputs {[o.shape for o in outputs]} do not have {total} rows")
         except Exception:  # retry one by one so only a bad input fails
-            for item in batch:
-                _deliver(item, self._run_one(item.feeds))
+            deliver([(item, self._run_one(item.feeds, item.rows)) for item in batch])
             return
         results: list[tuple[_Item, list[np.ndarray] | BaseException]] = []
         start_row = 0
@@ -251,10 +317,13 @@ class Batcher:
             stop_row = start_row + item.rows
             results.append((item, [o[start_row:stop_row] for o in outputs]))
             start_row = stop_row
-        _deliver_all(results)
+        deliver(results)
 
-    def _run_one(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray] | BaseException:
+    def _run_one(self, feeds: dict[str, np.ndarray], rows: int = 1) -> list[np.ndarray] | BaseException:
         try:
-            return self._run(feeds)
+            began = time.perf_counter()
+            outputs = self._run(feeds)
+            self._row_seconds = (time.perf_counter() - began) / max(1, rows)
+            return outputs
         except Exception as exc:  # onnxruntime rejects this input (e.g. an index out of range)
             return InvalidInput(f"onnxruntime could not run this input: {' '.join(str(exc).split())[:500]}")

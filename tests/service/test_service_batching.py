@@ -242,3 +242,80 @@ def test_one_batch_answers_callers_on_different_event_loops() -> None:
     for tag, x in inputs.items():
         np.testing.assert_array_equal(results[tag][0], x * 2)
         np.testing.assert_array_equal(results[tag][1], x.sum(axis=1))
+
+
+class ThreadRecorder(Recorder):
+    """A Recorder that also notes which thread ran each batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[int] = []
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self.threads.append(threading.get_ident())
+        return super().__call__(feeds)
+
+
+def test_cheap_batches_run_inline_on_the_event_loop() -> None:
+    """Once a run showed the model cheap, requests of one loop iteration run as one batch in the loop's thread."""
+    run = ThreadRecorder()
+    batcher = _make(run, inline_s=60.0)
+    inputs = [np.full((1, 2), i, np.float32) for i in range(5)]
+
+    async def scenario() -> tuple[int, list[list[np.ndarray] | BaseException]]:
+        await batcher.submit({"x": inputs[0]})  # the first run (on the worker) sets the per-row estimate
+        return threading.get_ident(), await _submit_all(batcher, inputs)
+
+    loop_thread, results = asyncio.run(scenario())
+    batcher.close()
+    for x, result in zip(inputs, results, strict=True):
+        assert not isinstance(result, BaseException)
+        np.testing.assert_array_equal(result[0], x * 2)
+    assert run.runs == [1, 5]
+    assert run.threads[0] != loop_thread and run.threads[1] == loop_thread
+
+
+@pytest.mark.parametrize("options", [
+    pytest.param({"inline_s": 0.0}, id="inline-off"),
+    pytest.param({"inline_s": 60.0, "max_queue_delay_s": 0.001}, id="queue-delay-set"),
+])
+def test_batches_stay_on_the_worker_when_inline_is_off(options: dict[str, object]) -> None:
+    run = ThreadRecorder()
+    batcher = _make(run, **options)
+
+    async def scenario() -> int:
+        await batcher.submit({"x": np.ones((1, 2), np.float32)})
+        await _submit_all(batcher, [np.ones((1, 2), np.float32)] * 3)
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(scenario())
+    batcher.close()
+    assert loop_thread not in run.threads and sum(run.runs) == 4
+
+
+def test_an_inline_batch_with_a_bad_input_fails_only_itself() -> None:
+    run = ThreadRecorder()
+    batcher = _make(run, inline_s=60.0)
+    inputs = [np.ones((1, 2), np.float32), -np.ones((1, 2), np.float32), np.ones((1, 2), np.float32)]
+
+    async def scenario() -> list[list[np.ndarray] | BaseException]:
+        await batcher.submit({"x": inputs[0]})
+        return await _submit_all(batcher, inputs)
+
+    results = asyncio.run(scenario())
+    batcher.close()
+    assert isinstance(results[1], InvalidInput) and "negative input" in str(results[1])
+    assert not isinstance(results[0], BaseException) and not isinstance(results[2], BaseException)
+
+
+def test_requests_collected_for_an_inline_run_count_against_the_queue_bound() -> None:
+    run = ThreadRecorder()
+    batcher = _make(run, inline_s=60.0, max_queue_size=2)
+
+    async def scenario() -> list[list[np.ndarray] | BaseException]:
+        await batcher.submit({"x": np.ones((1, 2), np.float32)})
+        return await _submit_all(batcher, [np.ones((1, 2), np.float32)] * 3)
+
+    results = asyncio.run(scenario())
+    batcher.close()
+    assert [type(r).__name__ for r in results] == ["list", "list", "Overloaded"]
