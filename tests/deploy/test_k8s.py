@@ -164,13 +164,38 @@ def test_images_are_this_release(manifests: dict[str, list[dict[str, Any]]]) -> 
 def test_deployment_ports_match_the_image(manifests: dict[str, list[dict[str, Any]]], dockerfile: Any) -> None:
     exposed = int(dockerfile.final.one("EXPOSE").args)
     for container in server_containers(manifests):
-        assert [p["containerPort"] for p in container["ports"]] == [exposed]
-        assert env_of(container)["BNFOLD_PORT"] == str(exposed)
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert list(ports) == ["http", "grpc"], container["name"]  # HTTP first: KServe's URL routes to the first
+        assert ports["http"] == exposed and env_of(container)["BNFOLD_PORT"] == str(exposed)
+        assert env_of(container)["BNFOLD_GRPC_PORT"] == str(ports["grpc"]) and ports["grpc"] != exposed
         assert env_of(container)["BNFOLD_HOST"] == "0.0.0.0"
     service = find(manifests, "Service")
-    port = service["spec"]["ports"][0]
     container = find(manifests, "Deployment")["spec"]["template"]["spec"]["containers"][0]
-    assert port["targetPort"] in {p.get("name") for p in container["ports"]}
+    names = {p["name"] for p in container["ports"]}
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http", "grpc"]
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= names
+    grpc = next(p for p in service["spec"]["ports"] if p["targetPort"] == "grpc")
+    assert grpc["appProtocol"] == "kubernetes.io/h2c"  # gRPC without TLS is HTTP/2 cleartext
+
+
+def test_the_image_can_serve_grpc() -> None:
+    """The pods set BNFOLD_GRPC_PORT, so the image's requirements include the grpc extra."""
+    import tomllib
+    from packaging.requirements import Requirement
+
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["grpc"]
+    wanted = {Requirement(r).name for r in extra} - {"bnfold"}
+    lines = (REPO / "deploy" / "requirements-serve.txt").read_text().splitlines()
+    pinned = {Requirement(line).name for line in lines if line.strip() and not line.startswith("#")}
+    assert wanted and wanted <= pinned, sorted(wanted - pinned)
+
+
+def test_kserve_runs_raw_for_two_ports(manifests: dict[str, list[dict[str, Any]]]) -> None:
+    """Knative (KServe's default Serverless mode) routes one container port: HTTP and gRPC need RawDeployment."""
+    runtime = find(manifests, "ServingRuntime")["spec"]["containers"][0]
+    isvc = find(manifests, "InferenceService")
+    assert len(runtime["ports"]) == 2
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
 
 
 def test_selectors_and_targets_line_up(manifests: dict[str, list[dict[str, Any]]]) -> None:
