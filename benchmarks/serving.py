@@ -385,6 +385,12 @@ def run(out: Path, *, mode: str = "full", skip: tuple[str, ...] = (), generator:
                           "bentoml": BENTOML_PIN if bentoml else None},
              "generator_ceiling": generator_ceiling, "checks": checks, "skipped_servers": skipped, "results": rows}
     body_["targets"] = target_summary(body_)
+    if mode != "smoke" and "grpc" not in skip:  # gRPC vs HTTP binary vs HTTP JSON, one server (grpc_load.py)
+        from benchmarks import grpc_load
+
+        common.log("serving benchmark: gRPC vs HTTP binary vs HTTP JSON")
+        body_["protocols"] = grpc_load.run(out, models, mode=mode, server_cpus=SERVER_CPUS,
+                                           generator_cpus=GENERATOR_CPUS, workdir=workdir)
     common.write_json(out / "serving.json", body_)
     (out / "serving.md").write_text(markdown(body_))
     return body_
@@ -470,6 +476,11 @@ def markdown(body: dict[str, Any]) -> str:
         [[t["target"], t["model"], t["encoding"], f"{t['ours']:.2f}", f"{t['theirs']:.2f}",
           f"{t['value']:.2f}{' ms' if t['target'].startswith('c=1 p50') else 'x'}", "yes" if t["met"] else "**no**"]
          for t in body["targets"]])
+    if "protocols" in body:
+        from benchmarks import grpc_load
+
+        text += "\n### gRPC vs HTTP binary vs HTTP JSON (one server, Python clients)\n\n"
+        text += grpc_load.markdown(body["protocols"])
     return text
 
 

@@ -434,3 +434,37 @@ def test_repository_control_off(client: Any, server: tuple[str, str]) -> None:
     with pytest.raises(tritonclient_grpc.InferenceServerException) as caught:
         client.get_model_repository_index()  # no key
     assert _code(caught.value) == "UNAUTHENTICATED"
+
+
+def test_readme_tritonclient_example_over_grpc(tmp_path: Path) -> None:
+    """The README's tritonclient example, switched to tritonclient.grpc and the gRPC port (nothing else
+    changed), prints what the README says against ``python -m service`` serving the shipped digits model."""
+    import re
+    import subprocess
+    import sys
+
+    pytest.importorskip("sklearn")
+    repo_root = Path(__file__).resolve().parents[2]
+    model = repo_root / "models" / "digits" / "1" / "model.onnx"
+    if not model.is_file():
+        pytest.skip("models/digits/1/model.onnx is not in this checkout")
+    readme = (repo_root / "README.md").read_text()
+    match = re.search(r"^```python\n(.*?)^```\n\n.*?```text\n(.*?)```", readme, flags=re.MULTILINE | re.DOTALL)
+    assert match is not None, "README: no tritonclient example followed by its output"
+    example, shown = match.groups()
+    (tmp_path / "digits" / "1").mkdir(parents=True)
+    (tmp_path / "digits" / "1" / "model.onnx").write_bytes(model.read_bytes())
+    http_port, grpc_port = free_port(), free_port()
+    code = example.replace("import tritonclient.http as httpclient", "import tritonclient.grpc as httpclient")
+    code = code.replace('"localhost:8000"', repr(f"127.0.0.1:{grpc_port}"))
+    assert code.count("tritonclient.grpc") == 1 and repr(f"127.0.0.1:{grpc_port}") in code  # only these changed
+    env = {**os.environ, "BNFOLD_MODEL_REPOSITORY": str(tmp_path), "BNFOLD_PORT": str(http_port),
+           "BNFOLD_GRPC_PORT": str(grpc_port), "BNFOLD_HOST": "127.0.0.1", "BNFOLD_INTRA_OP_THREADS": "1"}
+    process = start(env)
+    try:
+        wait_until(process, lambda: is_ready(f"http://127.0.0.1:{http_port}"), "readiness")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    finally:
+        stop(process)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == shown
