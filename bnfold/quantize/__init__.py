@@ -158,36 +158,35 @@ def quantize_outcome(outcome: Outcome, data: Calibration, options: QuantizeOptio
     auto = options.keep_float == "auto"
     first_kept: tuple[str, ...] = () if auto else tuple(options.keep_float)
     status(f"quantizing to int8 ({options.method} calibration on {data.x.shape[0]} samples)")
-    quantized: onnx.ModelProto | None = static.quantize(model, data.x, method=options.method, exclude=first_kept,
-                                                        progress=status)
-    assert quantized is not None
-    measured = measure(quantized)
-    float_bytes = outcome.onnx_model.SerializeToString()
-    report = Report(options, f"{data.x.shape[0]} {data.name} samples", int(data.x.shape[0]),
-                    [Attempt(first_kept, measured, measured.reason(options.bounds) is None)],
-                    layers=len(static.layers(model)), notes=list(data.notes),
-                    float_model_sha256=hashlib.sha256(float_bytes).hexdigest(),
-                    float_certificate_sha256=hashlib.sha256(outcome.certificate.to_json().encode()).hexdigest())
-    timings["quantize"] = time.perf_counter() - start
-    if not report.final.passed:
-        start = time.perf_counter()
-        status("the int8 model misses its contract: measuring each layer's sensitivity")
-        report.sensitivity = sensitivity.rank(model, data.x, measure, measured, method=options.method,
-                                              progress=status)
-        if report.layers > sensitivity.MAX_LAYERS:
-            report.notes.append(f"sensitivity measured for the first {sensitivity.MAX_LAYERS} of "
-                                f"{report.layers} layers")
-        if auto:
-            quantized, tried = sensitivity.keep_float_until_pass(model, data.x, measure, report.sensitivity,
-                                                                 options.bounds, method=options.method,
-                                                                 progress=status)
-            report.attempts += tried
-        timings["sensitivity"] = time.perf_counter() - start
-        if not report.final.passed or quantized is None:
-            why = report.final.measured.reason(options.bounds)
-            kept = report.final.kept_float
-            raise QuantizationFailed(f"the int8 model misses its contract: {why}" + (
-                f" (with {len(kept)} of {report.layers} layers kept in float)" if kept else ""), outcome, report)
+    with static.Quantizer(model, data.x, method=options.method, progress=status) as quantize:
+        quantized: onnx.ModelProto | None = quantize(first_kept)
+        quantize.progress = lambda _: None  # calibrated once: later calls reuse the ranges
+        assert quantized is not None
+        measured = measure(quantized)
+        float_bytes = outcome.onnx_model.SerializeToString()
+        report = Report(options, f"{data.x.shape[0]} {data.name} samples", int(data.x.shape[0]),
+                        [Attempt(first_kept, measured, measured.reason(options.bounds) is None)],
+                        layers=len(static.layers(model)), notes=list(data.notes),
+                        float_model_sha256=hashlib.sha256(float_bytes).hexdigest(),
+                        float_certificate_sha256=hashlib.sha256(outcome.certificate.to_json().encode()).hexdigest())
+        timings["quantize"] = time.perf_counter() - start
+        if not report.final.passed:
+            start = time.perf_counter()
+            status("the int8 model misses its contract: measuring each layer's sensitivity")
+            report.sensitivity = sensitivity.rank(quantize, measure, measured, progress=status)
+            if report.layers > sensitivity.MAX_LAYERS:
+                report.notes.append(f"sensitivity measured for the first {sensitivity.MAX_LAYERS} of "
+                                    f"{report.layers} layers")
+            if auto:
+                quantized, tried = sensitivity.keep_float_until_pass(quantize, measure, report.sensitivity,
+                                                                     options.bounds, progress=status)
+                report.attempts += tried
+            timings["sensitivity"] = time.perf_counter() - start
+    if not report.final.passed or quantized is None:
+        why = report.final.measured.reason(options.bounds)
+        kept = report.final.kept_float
+        raise QuantizationFailed(f"the int8 model misses its contract: {why}" + (
+            f" (with {len(kept)} of {report.layers} layers kept in float)" if kept else ""), outcome, report)
     status("certifying the int8 model")
     start = time.perf_counter()
     proto, cert = _certify(quantized, outcome, report, data)

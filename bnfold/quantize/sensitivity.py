@@ -4,8 +4,10 @@ A layer's sensitivity is what keeping it alone in float buys: the model is quant
 every other layer int8, and measured on the same held-out samples as the full int8 model. Layers
 are ranked by the agreement reached that way, then by how far the mean |int8 - float| output
 error falls (on a small validation split many layers tie on agreement). Each measurement
-quantizes the model once, so at most :data:`MAX_LAYERS` layers are measured (the first ones in
-graph order; the report says how many there were).
+quantizes the model once more (reusing the calibration ranges, see
+:class:`bnfold.quantize.static.Quantizer`) and runs it on the held-out samples, so at most
+:data:`MAX_LAYERS` layers are measured (the first ones in graph order; the report says how many
+there were).
 
 ``--keep-float auto`` then keeps layers in float in that order, one more each time, re-quantizing
 and re-measuring, until the contract holds or every measured layer is float.
@@ -17,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import onnx
 
 from bnfold.quantize import static
@@ -41,14 +42,14 @@ class Layer:
                 **self.measured.to_dict()}
 
 
-def rank(model: onnx.ModelProto, x: np.ndarray, measure: Measure, base: Measured, *, method: str,
+def rank(quantize: static.Quantizer, measure: Measure, base: Measured, *,
          progress: Callable[[str], None]) -> list[Layer]:
-    """Every layer of ``model`` (named, :func:`bnfold.quantize.static.named`), most sensitive first."""
-    found = static.layers(model)[:MAX_LAYERS]
+    """Every layer of the quantizer's model, most sensitive first."""
+    found = static.layers(quantize.model)[:MAX_LAYERS]
     rows = []
     for i, (name, op) in enumerate(found, 1):
         progress(f"sensitivity: layer {i} of {len(found)} ({name}) in float")
-        measured = measure(static.quantize(model, x, method=method, exclude=[name]))
+        measured = measure(quantize([name]))
         rows.append(Layer(name, op, measured, base.mean_abs_error - measured.mean_abs_error))
     return sorted(rows, key=lambda r: (-r.measured.agreement, -r.error_reduction))
 
@@ -65,15 +66,14 @@ class Attempt:
         return {"kept_float": list(self.kept_float), "passed": self.passed, **self.measured.to_dict()}
 
 
-def keep_float_until_pass(model: onnx.ModelProto, x: np.ndarray, measure: Measure, ranked: list[Layer],
-                          bounds: Bounds, *, method: str, progress: Callable[[str], None]
-                          ) -> tuple[onnx.ModelProto | None, list[Attempt]]:
+def keep_float_until_pass(quantize: static.Quantizer, measure: Measure, ranked: list[Layer], bounds: Bounds, *,
+                          progress: Callable[[str], None]) -> tuple[onnx.ModelProto | None, list[Attempt]]:
     """Keep the first 1, 2, ... layers of ``ranked`` in float; the first model meeting ``bounds``, or ``None``."""
     attempts = []
     for n in range(1, len(ranked) + 1):
         kept = tuple(layer.name for layer in ranked[:n])
         progress(f"keeping {n} of {len(ranked)} layers in float")
-        candidate = static.quantize(model, x, method=method, exclude=kept)
+        candidate = quantize(kept)
         measured = measure(candidate)
         passed = measured.reason(bounds) is None
         attempts.append(Attempt(kept, measured, passed))

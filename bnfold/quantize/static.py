@@ -22,11 +22,13 @@ may still be quantized where a neighbour is).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -55,40 +57,70 @@ def named(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def quantize(model: onnx.ModelProto, x: np.ndarray, *, method: str = "minmax", exclude: Sequence[str] = (),
-             progress: Callable[[str], None] = lambda _: None) -> onnx.ModelProto:
-    """The int8 QDQ model of ``model`` (every node named, see :func:`named`) calibrated on ``x``.
+class Quantizer:
+    """Quantizes one model (every node named, see :func:`named`) on one calibration batch ``x``.
 
-    ``x`` is a batch of inputs for the first graph input. Raises :class:`BnfoldError` naming an
-    unknown method or layer, or what onnxruntime refused. Metadata of ``model`` is kept.
+    Calibration runs once: the activation ranges of the float model do not depend on which layers
+    are later kept in float, so onnxruntime's calibration cache (``calibration_cache_path``, where
+    this onnxruntime has it) serves every further call. Use it as a context manager: it holds a
+    temporary directory. Raises :class:`BnfoldError` for an unknown method.
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    if method not in METHODS:
-        raise BnfoldError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
-    known = {name for name, _ in layers(model)}
-    unknown = [name for name in exclude if name not in known]
-    if unknown:
-        raise BnfoldError(f"--keep-float names {', '.join(map(repr, unknown))}, not a layer of the model; "
-                          f"its layers: {', '.join(sorted(known)) or 'none'}")
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
-    with tempfile.TemporaryDirectory(prefix="bnfold-quantize-") as tmp:
-        source, target = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
-        onnx.save(model, source)
-        reader = Reader(x, model.graph.input[0].name, progress)
+    def __init__(self, model: onnx.ModelProto, x: np.ndarray, *, method: str = "minmax",
+                 progress: Callable[[str], None] = lambda _: None) -> None:
+        if method not in METHODS:
+            raise BnfoldError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
+        self.model, self.x, self.method, self.progress = model, x, method, progress
+        self._tmp = tempfile.TemporaryDirectory(prefix="bnfold-quantize-")
+        self._source = Path(self._tmp.name) / "float.onnx"
+        onnx.save(model, self._source)
+        self._cache = Path(self._tmp.name) / "calibration.json"
+
+    def __enter__(self) -> Quantizer:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._tmp.cleanup()
+
+    def __call__(self, exclude: Sequence[str] = ()) -> onnx.ModelProto:
+        """The int8 QDQ model with the layers named in ``exclude`` kept in float; metadata kept.
+
+        Raises :class:`BnfoldError` naming an unknown layer, or what onnxruntime refused.
+        """
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        known = {name for name, _ in layers(self.model)}
+        unknown = [name for name in exclude if name not in known]
+        if unknown:
+            raise BnfoldError(f"--keep-float names {', '.join(map(repr, unknown))}, not a layer of the model; "
+                              f"its layers: {', '.join(sorted(known)) or 'none'}")
+        methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                   "percentile": CalibrationMethod.Percentile}
+        cache: dict[str, Any] = {}
+        if "calibration_cache_path" in inspect.signature(quantize_static).parameters:
+            cache["calibration_cache_path"] = str(self._cache)
+        target = Path(self._tmp.name) / "int8.onnx"
+        reader = Reader(self.x, self.model.graph.input[0].name, self.progress)
         try:
             with _quiet():
-                quantize_static(str(source), str(target), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                                reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                calibrate_method=methods[method], nodes_to_exclude=list(exclude))
+                quantize_static(str(self._source), str(target), reader, quant_format=QuantFormat.QDQ,
+                                per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
+                                weight_type=QuantType.QInt8, calibrate_method=methods[self.method],
+                                nodes_to_exclude=list(exclude), **cache)
         except (ValueError, RuntimeError, KeyError, IndexError) as exc:
             raise BnfoldError(f"onnxruntime could not quantize the model: {' '.join(str(exc).split())[:300]}") \
                 from exc
         quantized = onnx.load(target)
-    del quantized.metadata_props[:]
-    quantized.metadata_props.extend(model.metadata_props)
-    return quantized
+        del quantized.metadata_props[:]
+        quantized.metadata_props.extend(self.model.metadata_props)
+        return quantized
+
+
+def quantize(model: onnx.ModelProto, x: np.ndarray, *, method: str = "minmax", exclude: Sequence[str] = (),
+             progress: Callable[[str], None] = lambda _: None) -> onnx.ModelProto:
+    """One int8 QDQ model of ``model`` calibrated on ``x`` (see :class:`Quantizer`)."""
+    with Quantizer(model, x, method=method, progress=progress) as quantizer:
+        return quantizer(exclude)
 
 
 @contextlib.contextmanager
