@@ -51,8 +51,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
           repository=str(repository.settings.model_repository), usable_cpus=usable_cpus(),
           workers=repository.settings.workers, versions=len(versions), ready=sum(v.ready for v in versions),
           api_key=repository.settings.api_key is not None, model_control=control.mode)
-    grpc_server = await _start_grpc(app)
+    grpc_server = None
     try:
+        grpc_server = await _start_grpc(app)  # inside the try: a port in use still closes the repository
         yield
     finally:
         await control.stop()
