@@ -21,6 +21,7 @@ counted in ``bnfold_requests`` like HTTP ones; errors in ``bnfold_grpc_errors`` 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any, NoReturn
 
@@ -41,6 +42,7 @@ from service.api.routes.server import EXTENSIONS
 from service.errors import ServiceError
 from service.grpc import tensors
 from service.grpc.status import code_of, status_of
+from service.logs import event
 from service.metrics import UNKNOWN_MODEL
 from service.repository import ModelVersion
 
@@ -152,12 +154,17 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             deadlines.remove(task)  # type: ignore[arg-type]
         except Abort as exc:
             await self._abort(context, exc.code, exc.message)
+        except grpc.aio.AbortError:  # _authorize answered already
+            raise
         except asyncio.CancelledError:
             if not deadlines.missed(task):  # type: ignore[arg-type]
                 raise  # the client went away, or the server stops
             service.metrics.request(label, "timeout")
             await self._abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, "the request did not finish within "
                               f"{deadlines.timeout_s:g} s (BNFOLD_REQUEST_TIMEOUT_S)")
+        except Exception as exc:  # a bug: the HTTP side's answer and log line, never the exception's text
+            event(logging.ERROR, "internal error", rpc="ModelInfer", error=f"{type(exc).__name__}: {exc}")
+            await self._abort(context, grpc.StatusCode.INTERNAL, "internal server error")
         finally:
             deadlines.remove(task)  # type: ignore[arg-type]
             if share.held >= TRIM_BYTES:
@@ -226,6 +233,10 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         except ServiceError as exc:
             code, message = status_of(exc)
             await self._abort(context, code, message)
+        except Exception as exc:  # a bug: logged, answered without the exception's text
+            event(logging.ERROR, "internal error", rpc="repository control", model=name[:100],
+                  error=f"{type(exc).__name__}: {exc}")
+            await self._abort(context, grpc.StatusCode.INTERNAL, "internal server error")
 
     # -- helpers -------------------------------------------------------------------------------
 

@@ -100,6 +100,16 @@ def test_overload_is_unavailable_with_retry_after(app_client: tuple[TestClient, 
     assert 'bnfold_grpc_errors_total{code="UNAVAILABLE"} 1.0' in metrics
 
 
+def test_a_bug_is_internal_without_its_text(app_client: tuple[TestClient, str]) -> None:
+    client, address = app_client
+    entry, original = _swap(client, _Batcher(RuntimeError("/srv/secret/path.py broke")))
+    try:
+        error = _refused(address)
+    finally:
+        entry.batcher = original
+    assert (error.code(), error.details()) == (grpc.StatusCode.INTERNAL, "internal server error")
+
+
 def test_budget_is_shared_with_http(app_client: tuple[TestClient, str]) -> None:
     """A gRPC request takes its share of BNFOLD_MAX_INFLIGHT_BYTES from the HTTP side's one budget."""
     client, address = app_client
