@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
-from server_process import free_port, is_ready, start, stop, wait_until
+from server_process import free_port, is_ready, log_text, start, stop, wait_until
 from service_models import certified, gemm_model, gemm_reference
 from tritonclient.utils import InferenceServerException
 
@@ -31,6 +32,7 @@ from bnfold.repository import publish
 pytestmark = pytest.mark.slow
 DEADLINE_S = 120.0  # for a change to go live on a loaded 2-core machine; an idle one takes about a second
 X = np.array([[0.5, -1.0, 2.0, 0.25]], dtype=np.float32)
+SERVERS: dict[str, subprocess.Popen[bytes]] = {}  # url -> the server process, for its log
 BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": X.ravel().tolist()}]}
 
 
@@ -58,8 +60,9 @@ class Answer:
 class LoadGenerator:
     """``lanes`` threads sending inference requests without a version until :meth:`stop`."""
 
-    def __init__(self, url: str, lanes: int = 4) -> None:
+    def __init__(self, url: str, lanes: int = 4, fresh_connections: bool = False) -> None:
         self.url = url
+        self.fresh_connections = fresh_connections
         self.answers: list[Answer] = []
         self.failures: list[str] = []
         self._lock = threading.Lock()
@@ -69,7 +72,8 @@ class LoadGenerator:
             thread.start()
 
     def _lane(self) -> None:
-        with httpx.Client(base_url=f"http://{self.url}", timeout=60) as client:
+        limits = httpx.Limits(max_keepalive_connections=0) if self.fresh_connections else httpx.Limits()
+        with httpx.Client(base_url=f"http://{self.url}", timeout=60, limits=limits) as client:
             while not self._stop.is_set():
                 started = time.monotonic_ns()
                 try:
@@ -104,20 +108,22 @@ def _until(check: Callable[[], bool], what: str) -> None:
 
 @pytest.fixture
 def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
-    mode = request.param
+    mode, _, workers = str(request.param).partition("-")  # "poll", "explicit" or "poll-2" (two workers)
     (tmp_path / "m" / "1").mkdir(parents=True)
     (tmp_path / "m" / "1" / "model.onnx").write_bytes(_model(1))
     (tmp_path / "m" / "config.json").write_text(json.dumps({"version_policy": {"latest": {"num_versions": 1}}}))
     port = free_port()
     env = {**os.environ, "BNFOLD_MODEL_REPOSITORY": str(tmp_path), "BNFOLD_PORT": str(port),
            "BNFOLD_HOST": "127.0.0.1", "BNFOLD_INTRA_OP_THREADS": "1", "BNFOLD_MODEL_CONTROL": mode,
-           "BNFOLD_REPOSITORY_POLL_S": "0.2"}
+           "BNFOLD_REPOSITORY_POLL_S": "0.2", "BNFOLD_WORKERS": workers or "1"}
     process = start(env)
+    SERVERS[f"127.0.0.1:{port}"] = process
     try:
         wait_until(process, lambda: is_ready(f"http://127.0.0.1:{port}"), "readiness")
         yield f"127.0.0.1:{port}"
     finally:
         stop(process)
+        del SERVERS[f"127.0.0.1:{port}"]
 
 
 @pytest.mark.parametrize("server", ["poll"], indirect=True)
@@ -181,3 +187,24 @@ def test_explicit_unload_under_load_drains_and_load_restores(server: str, tmp_pa
     with pytest.raises(InferenceServerException) as caught:
         triton.load_model("absent")
     assert caught.value.status() == "404"
+
+
+@pytest.mark.parametrize("server", ["poll-2"], indirect=True)
+def test_poll_with_two_workers_each_worker_switches(server: str, tmp_path: Path) -> None:
+    load = LoadGenerator(server, fresh_connections=True)  # a new connection per request reaches either worker
+    try:
+        _until(lambda: load.count(1) >= 20, "answers from version 1")
+        publish(tmp_path, "m", _model(2))
+        process = SERVERS[server]
+
+        def both_switched() -> bool:  # every worker polls by itself and logs its own switch
+            return log_text(process).count('"event": "model versions changed", "model": "m", "serving": [2]') == 2
+
+        _until(both_switched, "both workers to switch to version 2")
+        switched = time.monotonic_ns()
+        _until(lambda: sum(a.started > switched for a in load.answers) >= 40, "answers after both switched")
+    finally:
+        load.stop()
+    assert load.failures == []
+    assert {a.status for a in load.answers} == {200}
+    assert all(a.version == 2 for a in load.answers if a.started > switched)
