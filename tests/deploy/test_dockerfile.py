@@ -1,6 +1,7 @@
-"""Static checks of the Dockerfile: lint, stage layout, and agreement with the service's settings.
+"""Static checks of the Dockerfile: lint, stage layout, build arguments, and agreement with the service.
 
-No Docker engine is needed; tests/deploy/test_runtime_venv.py runs the runtime stage's steps.
+No Docker engine is needed; tests/deploy/test_runtime_venv.py runs the runtime stage's steps and
+tests/deploy/image_check.py (called by .ci/run) builds and runs the image itself with podman.
 """
 
 from __future__ import annotations
@@ -52,19 +53,108 @@ def test_hadolint_flags_an_unpinned_pip_install(tmp_path: Path) -> None:
     assert "DL3013" in result.stdout and "DL3042" in result.stdout, result.stdout
 
 
-def test_two_stages_on_a_pinned_slim_python_base(dockerfile: Any) -> None:
+def test_an_empty_wheels_stage_then_two_stages_on_a_pinned_slim_python_base(dockerfile: Any) -> None:
     assert [(s.name, s.base) for s in dockerfile.stages] == [
+        ("wheels", "scratch"),
         ("build", "python:3.11-slim"),
         ("runtime", "python:3.11-slim"),
     ]
+    # Empty unless `--build-context wheels=DIR` replaces it, and only ever mounted, never copied.
+    assert dockerfile.stage("wheels").instructions == []
+    assert not any(origin == "wheels" for s in dockerfile.stages for origin, _, _ in s.copies())
+
+
+WHEELS_MOUNT = "--mount=type=bind,from=wheels,target=/wheels"
+
+
+def build_args(stage: Any) -> dict[str, str]:
+    """The stage's ``ARG NAME=default`` declarations (``ARG NAME`` alone defaults to empty)."""
+    args: dict[str, str] = {}
+    for inst in stage.all("ARG"):
+        name, _, default = inst.args.partition("=")
+        assert re.fullmatch(r"[A-Z_][A-Z0-9_]*", name) and " " not in default, f"line {inst.line}: {inst.args!r}"
+        args[name] = default
+    return args
 
 
 def test_build_stage_installs_cpu_torch_and_builds_the_verified_model(dockerfile: Any) -> None:
-    commands = dockerfile.stage("build").run_commands()
+    build = dockerfile.stage("build")
+    commands = build.run_commands()
     torch = [c for c in commands if re.search(r"\btorch==", c)]
-    assert len(torch) == 1 and "download.pytorch.org/whl/cpu" in torch[0], commands
+    assert len(torch) == 1 and torch[0].endswith('--index-url "$TORCH_INDEX_URL"'), commands
+    assert build_args(build)["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     assert "bnfold quickstart --no-serve" in commands
     assert any(c.startswith("pip wheel") and "--no-deps" in c for c in commands), commands
+
+
+@pytest.mark.parametrize("stage_name", ["build", "runtime"])
+def test_package_sources_are_build_arguments_with_internet_defaults(dockerfile: Any, stage_name: str) -> None:
+    """pip reads PIP_* ARGs from each RUN's environment; the defaults are a plain internet build."""
+    stage = dockerfile.stage(stage_name)
+    args = build_args(stage)
+    assert {k: args.get(k) for k in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS")} == {
+        "PIP_INDEX_URL": "https://pypi.org/simple", "PIP_EXTRA_INDEX_URL": "", "PIP_FIND_LINKS": "/wheels"}
+    # Build arguments stay out of the image's ENV (a private index URL may carry a token).
+    assert not set(args) & set(stage.env()), sorted(set(args) & set(stage.env()))
+    # Every pip install that may download sees the wheels folder; the bnfold wheel alone needs none.
+    for inst in stage.all("RUN"):
+        if "pip install" in inst.args and "--no-deps /tmp/wheels/" not in inst.args:
+            assert inst.args.startswith(f"{WHEELS_MOUNT} "), f"line {inst.line}: {inst.args[:80]}"
+
+
+def runtime_command(dockerfile: Any, start: str) -> str:
+    """The one runtime-stage shell command starting with ``start`` (a RUN's mount option removed)."""
+    commands = [inst.args.removeprefix(f"{WHEELS_MOUNT} ") for inst in dockerfile.stage("runtime").all("RUN")]
+    found = [c for c in commands if c.startswith(start)]
+    assert len(found) == 1, commands
+    return found[0]
+
+
+def run_shell(command: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", "-c", command], env={"PATH": "/usr/bin:/bin", **env}, capture_output=True,
+                          text=True, timeout=30, check=False)
+
+
+@pytest.mark.parametrize("value", ["onnxruntime", "onnxruntime-gpu", "onnxruntime-gpu[cuda,cudnn]"])
+def test_onnxruntime_argument_accepts_the_cpu_and_gpu_packages(dockerfile: Any, value: str) -> None:
+    result = run_shell(runtime_command(dockerfile, "case "), ONNXRUNTIME=value)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("value", ["", "torch", "onnxruntime-gpu==1.20", "onnxruntime-gpu; rm -rf /", "onnxruntime "])
+def test_onnxruntime_argument_refuses_anything_else(dockerfile: Any, value: str) -> None:
+    result = run_shell(runtime_command(dockerfile, "case "), ONNXRUNTIME=value)
+    assert result.returncode == 2
+    assert result.stderr == f"ONNXRUNTIME must be onnxruntime or onnxruntime-gpu[extras], got '{value}'\n"
+
+
+@pytest.fixture
+def requirements_copy(tmp_path: Path) -> Path:
+    copy = tmp_path / "requirements-serve.txt"
+    shutil.copy(REPO / "deploy" / "requirements-serve.txt", copy)
+    return copy
+
+
+@pytest.mark.parametrize(("value", "name", "extras"), [
+    ("onnxruntime", "onnxruntime", set()),
+    ("onnxruntime-gpu", "onnxruntime-gpu", set()),
+    ("onnxruntime-gpu[cuda,cudnn]", "onnxruntime-gpu", {"cuda", "cudnn"}),
+])
+def test_onnxruntime_argument_swaps_only_the_onnxruntime_requirement(
+    dockerfile: Any, requirements_copy: Path, value: str, name: str, extras: set[str]
+) -> None:
+    assert build_args(dockerfile.stage("runtime"))["ONNXRUNTIME"] == "onnxruntime"  # the CPU image by default
+    sed = runtime_command(dockerfile, "sed ").split(" && ")[0]
+    assert sed.endswith(" /tmp/requirements-serve.txt"), sed
+    sed = sed.removesuffix("/tmp/requirements-serve.txt") + shlex.quote(str(requirements_copy))
+    result = run_shell(sed, ONNXRUNTIME=value)
+    assert result.returncode == 0, result.stderr
+    before = {Requirement(line).name: Requirement(line) for line in requirement_lines()}
+    after = {Requirement(line).name: Requirement(line) for line in requirement_lines(requirements_copy)}
+    original = before.pop("onnxruntime")
+    swapped = after.pop(name)
+    assert (swapped.specifier, swapped.marker, swapped.extras) == (original.specifier, original.marker, extras)
+    assert {k: str(v) for k, v in after.items()} == {k: str(v) for k, v in before.items()}
 
 
 def test_build_stage_quickstart_command_parses() -> None:
@@ -90,8 +180,8 @@ def test_runtime_stage_installs_no_torch(dockerfile: Any) -> None:
     assert "torch" not in requirements
 
 
-def requirement_lines() -> list[str]:
-    text = (REPO / "deploy" / "requirements-serve.txt").read_text()
+def requirement_lines(path: Path = REPO / "deploy" / "requirements-serve.txt") -> list[str]:
+    text = path.read_text()
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 

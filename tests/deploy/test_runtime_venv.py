@@ -12,7 +12,10 @@ start and probe a working server, and the baked model repository serves correct 
 What it does not: the image build itself, the base image's OS packages, the non-root user
 (``groupadd``/``useradd``/``USER`` are skipped), and the build stage's training (the model
 repository is the repository's ``models/`` or a stand-in with the digits model's signature).
-pip runs with its download cache (the Dockerfile passes ``--no-cache-dir``) to stay fast.
+pip runs with its download cache (the Dockerfile passes ``--no-cache-dir``) and this machine's
+own package sources, not the ``wheels`` mount. The stage's ``ARG`` defaults are the environment of
+its shell commands (the ``ONNXRUNTIME`` check and the requirements ``sed``), as in a default build.
+tests/deploy/image_check.py builds and runs the real image with podman (in .ci/run).
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 # Shell commands of the runtime stage that concern the OS, not Python: not replayed (see above).
 SKIPPED_COMMANDS = ("groupadd", "useradd")
+# The mount that gives pip a folder of local wheels; the replay uses this machine's pip sources.
+WHEELS_MOUNT = "--mount=type=bind,from=wheels,target=/wheels"
 
 
 @dataclass
@@ -113,6 +118,7 @@ def replay_runtime_stage(dockerfile: Any, scratch: Path, build_root: Path) -> Im
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=120)
     workdir = "/"
     copies = iter(stage.copies())  # parsed COPY instructions, in the order they appear
+    build_args: dict[str, str] = {}
     for inst in stage.instructions:
         if inst.keyword == "WORKDIR":
             workdir = inst.args
@@ -123,18 +129,31 @@ def replay_runtime_stage(dockerfile: Any, scratch: Path, build_root: Path) -> Im
             for src in sources:
                 source = REPO / src if origin is None else in_root(build_root, src)
                 copy_into(source, in_root(root, dest, workdir), dest.endswith("/"))
+        elif inst.keyword == "ARG":
+            name, _, default = inst.args.partition("=")
+            build_args[name] = default
         elif inst.keyword == "RUN":
-            for command in (part.strip() for part in inst.args.split("&&")):
-                run_command(command, root, workdir, venv)
+            shell = inst.args.removeprefix(f"{WHEELS_MOUNT} ")
+            for command in (part.strip() for part in shell.split("&&")):
+                run_command(command, root, workdir, venv, build_args)
     env = {k: str(in_root(root, v)) if v.startswith("/") else v for k, v in stage.env().items()}
     return Image(root=root, venv=venv, workdir=in_root(root, workdir), env=env,
                  cmd=stage.exec_form("CMD"), healthcheck=stage.exec_form("HEALTHCHECK"))
 
 
-def run_command(command: str, root: Path, workdir: str, venv: Path) -> None:
-    """Replay one ``RUN`` shell command: pip installs into the venv, ``rm`` in the scratch root."""
+def run_command(command: str, root: Path, workdir: str, venv: Path, build_args: dict[str, str]) -> None:
+    """Replay one ``RUN`` shell command: pip installs into the venv, ``rm`` and ``sed -i`` in the
+    scratch root, the ``ONNXRUNTIME`` check in bash; ``build_args`` are the stage's ``ARG`` defaults."""
+    if command.startswith("case "):
+        result = subprocess.run(["bash", "-c", command], env={"PATH": "/usr/bin:/bin", **build_args},
+                                capture_output=True, text=True, timeout=30, check=False)
+        assert result.returncode == 0, f"{command!r} failed with the ARG defaults {build_args}: {result.stderr}"
+        return
     words = shlex.split(command)
-    if words[:2] == ["pip", "install"]:
+    if words[:2] == ["sed", "-i"] and len(words) == 4 and words[3].startswith("/"):
+        target = in_root(root, words[3], workdir)
+        subprocess.run(["sed", "-i", expand(words[2], build_args), str(target)], check=True, timeout=30)
+    elif words[:2] == ["pip", "install"]:
         args: list[str] = []
         for word in words[2:]:
             if word == "--no-cache-dir":
@@ -153,6 +172,11 @@ def run_command(command: str, root: Path, workdir: str, venv: Path) -> None:
             shutil.rmtree(in_root(root, path, workdir), ignore_errors=True)
     else:
         assert words[0] in SKIPPED_COMMANDS, f"the runtime stage runs {command!r}, which this test cannot replay"
+
+
+def expand(text: str, args: dict[str, str]) -> str:
+    """``$NAME`` and ``${NAME}`` replaced by the ARG defaults, as the build's shell expands them."""
+    return re.sub(r"\$(?:\{(\w+)\}|(\w+))", lambda m: args[m.group(1) or m.group(2)], text)
 
 
 def free_port() -> int:
