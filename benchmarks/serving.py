@@ -14,7 +14,14 @@ machine affects every server alike -- the same method as the folding benchmark's
     arrive as JSON, and we wrote no custom binary endpoint for it);
 (e) in-process onnxruntime on the same CPU with the same session settings as (a): the ceiling.
     At concurrency ``c`` it is ``c`` rows per ``session.run`` (perfect batching, no HTTP, no
-    encoding): requests/s = ``c`` / median run time, latency = the median run time.
+    encoding): requests/s = ``c`` / median run time, latency = the median run time;
+(f) peers (:mod:`benchmarks.peers`), each from its own venv given by ``--peer NAME=PYTHON`` (default
+    ``/tmp/venv-peers-NAME/bin/python``; a peer whose interpreter is missing is skipped, and the
+    table says so): Triton through PyTriton (dynamic batcher; JSON and binary), MLServer (adaptive
+    batching; JSON only, it does not accept the binary extension), KServe's ModelServer (no
+    in-process batcher; JSON and binary) and LitServe (dynamic batching; its own JSON body);
+(g) with ``--baseline DIR``: ``bnfold serve`` (batching) from another source tree, e.g. the commit
+    before a change (``git archive COMMIT | tar -x -C DIR``), labelled ``--baseline-label``.
 
 Bodies are Open Inference Protocol requests of one sample, JSON (``data`` as a flat list) or binary
 (raw FP32 after a JSON header; binary output requested). Models: bnfold's ``resnet`` on 3x32x32
@@ -56,6 +63,31 @@ BENTOML_PIN = "bentoml==1.4.39"
 SERVER_CPUS, GENERATOR_CPUS = {0}, {1}
 
 
+@dataclass(frozen=True)
+class Peer:
+    """A peer server of :mod:`benchmarks.peers`: how to start it and talk to it."""
+
+    label: str
+    module: str  # benchmarks.peers.<module>, run with the peer's own interpreter
+    encodings: tuple[str, ...]
+    body: str  # "oip" (Open Inference Protocol) or "plain" ({"input": nested list} -> JSON list)
+    url: str  # inference path; {m} is the model name
+    ready: str  # readiness path; {m} is the last model's name (models load in order)
+    env: tuple[tuple[str, str], ...] = ()
+    timeout: float = 180
+
+
+PEERS = {
+    "pytriton": Peer("Triton (PyTriton, dynamic batcher)", "pytriton_server", ("json", "binary"), "oip",
+                     "/v2/models/{m}/infer", "/v2/models/{m}/ready"),
+    "mlserver": Peer("MLServer (adaptive batching)", "mlserver_server", ("json",), "oip", "/v2/models/{m}/infer",
+                     "/v2/models/{m}/ready"),
+    "kserve": Peer("KServe ModelServer", "kserve_server", ("json", "binary"), "oip", "/v2/models/{m}/infer",
+                   "/v2/models/{m}/ready", (("KSERVE_LOGLEVEL", "WARNING"),)),
+    "litserve": Peer("LitServe (dynamic batching)", "litserve_server", ("json",), "plain", "/{m}/predict", "/health"),
+}
+
+
 # ---------------------------------------------------------------------------------------------
 # models and request bodies
 
@@ -81,7 +113,8 @@ class Model:
         return header + raw, {"Content-Type": "application/octet-stream",
                               "Inference-Header-Content-Length": str(len(header))}
 
-    def bentoml_json(self) -> tuple[bytes, dict[str, str]]:
+    def plain_json(self) -> tuple[bytes, dict[str, str]]:
+        """``{"input": nested list}``: the body of servers without the Open Inference Protocol (BentoML, LitServe)."""
         return json.dumps({"input": self.sample.tolist()}).encode(), {"Content-Type": "application/json"}
 
 
@@ -124,12 +157,12 @@ def _taskset(cpus: set[int], cmd: list[str]) -> list[str]:
 
 @contextlib.contextmanager
 def server(cmd: list[str], ready_url: str, *, env: dict[str, str] | None = None, timeout: float = 90,
-           log: Path) -> Iterator[subprocess.Popen[bytes]]:
+           log: Path, cwd: Path = common.ROOT) -> Iterator[subprocess.Popen[bytes]]:
     """Start ``cmd`` pinned to the server CPU in its own process group; wait for ``ready_url``; stop it after."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as out:
         proc = subprocess.Popen(_taskset(SERVER_CPUS, cmd), env={**os.environ, **(env or {})}, stdout=out,
-                                stderr=subprocess.STDOUT, cwd=common.ROOT, start_new_session=True)
+                                stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -174,6 +207,11 @@ def decode_output(body: bytes, headers: dict[str, str]) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # BentoML's own environment
+
+
+def default_peers() -> dict[str, Path]:
+    """Each peer's interpreter where this machine keeps their venvs: ``/tmp/venv-peers-NAME/bin/python``."""
+    return {key: Path(f"/tmp/venv-peers-{key}/bin/python") for key in PEERS}
 
 
 def ensure_bentoml(venv: Path = BENTOML_VENV) -> Path | None:
@@ -240,18 +278,26 @@ class Target:
     encodings: tuple[str, ...]
     env: dict[str, str] = field(default_factory=dict)
     timeout: float = 90
+    body: str = "oip"  # see Peer.body
+    cwd: Path = common.ROOT
 
 
-def targets(models: dict[str, Model], workdir: Path, bentoml: Path | None) -> list[Target]:
+def targets(models: dict[str, Model], workdir: Path, bentoml: Path | None, peers: dict[str, Path] | None = None,
+            baseline: tuple[Path, str] | None = None) -> list[Target]:
+    """The servers to measure; ``peers`` maps a :data:`PEERS` key to its interpreter, ``baseline`` is (tree, label)."""
     py = sys.executable
     found = []
-    for label, repo in (("bnfold serve (batching)", "repo-batching"),
-                        ("bnfold serve (no batching)", "repo-no-batching")):
+    bnfold = [("bnfold serve (batching)", "repo-batching", common.ROOT),
+              ("bnfold serve (no batching)", "repo-no-batching", common.ROOT)]
+    if baseline is not None:
+        bnfold.append((baseline[1], "repo-batching", baseline[0]))
+    for label, repo, tree in bnfold:
         port = free_port()
         found.append(Target(label, [py, "-m", "service"], f"http://127.0.0.1:{port}/v2/health/ready",
                             {m: f"http://127.0.0.1:{port}/v2/models/{m}/infer" for m in models}, ("json", "binary"),
                             env={"BNFOLD_MODEL_REPOSITORY": str(workdir / repo), "BNFOLD_PORT": str(port),
-                                 "BNFOLD_HOST": "127.0.0.1", "BNFOLD_LOG_LEVEL": "warning"}))
+                                 "BNFOLD_HOST": "127.0.0.1", "BNFOLD_LOG_LEVEL": "warning", "PYTHONPATH": str(tree)},
+                            cwd=tree))
     port = free_port()
     found.append(Target("naive FastAPI + PyTorch", [py, str(common.BENCH / "naive_server.py"), "--port", str(port),
                                                     *[f"--model={m.name}={m.checkpoint}" for m in models.values()]],
@@ -266,20 +312,35 @@ def targets(models: dict[str, Model], workdir: Path, bentoml: Path | None) -> li
                             {m: f"http://127.0.0.1:{port}/{m}_infer" for m in models}, ("json",), timeout=180,
                             env={"BENCH_RESNET_ONNX": str(models["resnet"].onnx),
                                  "BENCH_CNN_ONNX": str(models["cnn"].onnx),
-                                 "BENTOML_HOME": str(common.CACHE / "bentoml-home"), "BENTOML_DO_NOT_TRACK": "True"}))
+                                 "BENTOML_HOME": str(common.CACHE / "bentoml-home"), "BENTOML_DO_NOT_TRACK": "True"},
+                            body="plain"))
+    for key, python in (peers or {}).items():
+        peer, port, last = PEERS[key], free_port(), list(models)[-1]
+        libdir = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
+                                capture_output=True, text=True, check=False).stdout.strip()
+        found.append(Target(peer.label, [str(python), "-m", f"benchmarks.peers.{peer.module}", "--port", str(port),
+                                         *[f"--model={m.name}={m.onnx}" for m in models.values()]],
+                            f"http://127.0.0.1:{port}{peer.ready.format(m=last)}",
+                            {m: f"http://127.0.0.1:{port}{peer.url.format(m=m)}" for m in models}, peer.encodings,
+                            # PyTriton's Python stub loads the system libpython unless LD_LIBRARY_PATH has the venv's
+                            env={**dict(peer.env), "LD_LIBRARY_PATH": libdir, "PYTHONPATH": str(common.ROOT)},
+                            timeout=peer.timeout, body=peer.body))
     return found
 
 
 def _body(target: Target, model: Model, encoding: str) -> tuple[bytes, dict[str, str]]:
-    if target.label.startswith("BentoML"):
-        return model.bentoml_json()
+    if target.body == "plain":
+        return model.plain_json()
     return model.oip_binary() if encoding == "binary" else model.oip_json()
 
 
-def run(out: Path, *, mode: str = "full", skip: tuple[str, ...] = (), generator: str = "auto") -> dict[str, Any]:
+def run(out: Path, *, mode: str = "full", skip: tuple[str, ...] = (), generator: str = "auto",
+        peers: dict[str, Path] | None = None, baseline: tuple[Path, str] | None = None) -> dict[str, Any]:
     """Measure and write ``serving.json`` and ``serving.md`` to ``out``; ``mode`` is full, quick or smoke.
 
     ``skip``: leave out servers whose label contains one of these (lower case), e.g. ``("bentoml",)``.
+    ``peers``: :data:`PEERS` key -> interpreter (default :func:`default_peers`); a missing one is skipped.
+    ``baseline``: (source tree, label) of another ``bnfold serve`` to measure beside this one.
     Smoke mode serves only the cnn, from bnfold (batching) and the naive server, at concurrency 1 and 8.
     """
     common.check_mode(mode)
@@ -290,6 +351,16 @@ def run(out: Path, *, mode: str = "full", skip: tuple[str, ...] = (), generator:
     warmup = 1.0 if mode == "full" else 0.2
     if mode == "smoke":
         skip = (*skip, "bentoml", "no batching")
+        peers = {}
+    skipped: dict[str, str] = {}
+    available: dict[str, Path] = {}
+    for key, python in (default_peers() if peers is None else peers).items():
+        if any(s in PEERS[key].label.lower() or s == key for s in skip):
+            continue
+        if Path(python).exists():
+            available[key] = Path(python)
+        else:
+            skipped[PEERS[key].label] = f"its interpreter {python} is missing (see --peer)"
     cpus = os.sched_getaffinity(0)
     global SERVER_CPUS, GENERATOR_CPUS
     if len(cpus) >= 2:
@@ -317,9 +388,9 @@ def run(out: Path, *, mode: str = "full", skip: tuple[str, ...] = (), generator:
     rows: list[dict[str, Any]] = []
     checks: list[dict[str, Any]] = []
     references = {m.name: _reference(m) for m in models.values()}
-    running = [t for t in targets(models, workdir, bentoml) if not any(s in t.label.lower() for s in skip)]
+    running = [t for t in targets(models, workdir, bentoml, available, baseline)
+               if not any(s in t.label.lower() for s in skip)]
     pids: dict[str, int] = {}
-    skipped: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
         # Every server runs at once (idle ones cost nothing) so that each point's slices can be interleaved.
         for i, target in enumerate(list(running)):
@@ -327,7 +398,7 @@ def run(out: Path, *, mode: str = "full", skip: tuple[str, ...] = (), generator:
             started = time.perf_counter()
             try:
                 pids[target.label] = stack.enter_context(server(target.cmd, target.ready, env=target.env,
-                                                                timeout=target.timeout,
+                                                                timeout=target.timeout, cwd=target.cwd,
                                                                 log=workdir / "logs" / f"server-{i}.log")).pid
             except RuntimeError as exc:  # a comparison server that cannot start is left out, and said so
                 if target.label.startswith("bnfold"):
@@ -340,7 +411,7 @@ def run(out: Path, *, mode: str = "full", skip: tuple[str, ...] = (), generator:
             for name, model in models.items():
                 for encoding in target.encodings:
                     body, headers = _body(target, model, encoding)
-                    got = decode_output(*post(target.urls[name], body, headers))
+                    got = decode_output(*post(target.urls[name], body, headers)).reshape(references[name].shape)
                     err = float(np.max(np.abs(got - references[name])))
                     checks.append({"server": target.label, "model": name, "encoding": encoding,
                                    "max_abs_error_vs_inprocess": err, "startup_s": startup})
@@ -382,7 +453,9 @@ def run(out: Path, *, mode: str = "full", skip: tuple[str, ...] = (), generator:
                           "interleaved_rounds": rounds,
                           "concurrency": list(levels), "request_rows": 1,
                           "bnfold_settings": "defaults: max_batch_size 64, max_queue_delay_ms 0, 1 intra-op thread",
-                          "bentoml": BENTOML_PIN if bentoml else None},
+                          "bentoml": BENTOML_PIN if bentoml else None,
+                          "peers": {k: str(v) for k, v in available.items()},
+                          "baseline": None if baseline is None else {"tree": str(baseline[0]), "label": baseline[1]}},
              "generator_ceiling": generator_ceiling, "checks": checks, "skipped_servers": skipped, "results": rows}
     body_["targets"] = target_summary(body_)
     if mode != "smoke" and "grpc" not in skip:  # gRPC vs HTTP binary vs HTTP JSON, one server (grpc_load.py)
@@ -446,7 +519,52 @@ def target_summary(body: dict[str, Any]) -> list[dict[str, Any]]:
                 out.append({"target": "c=1 p50 within 1 ms of in-process onnxruntime", "model": model,
                             "encoding": encoding, "ours": ours1["p50_ms"], "theirs": base["p50_ms"], "value": gap,
                             "met": gap <= 1.0})
+            out.extend(_goals(body, model, encoding))
     return out
+
+
+# Issue 16's goals: share of the in-process ceiling at c=32 per body encoding; c=1 p50 gap; gain over a baseline.
+CEILING_SHARE = {"binary": 0.92, "json": 0.75}
+P50_GAP_MS = 0.10
+BASELINE_GAIN = 1.5  # for the overhead-bound model (cnn)
+
+
+def _goals(body: dict[str, Any], model: str, encoding: str) -> list[dict[str, Any]]:
+    rows, bn, ceil = body["results"], "bnfold serve (batching)", "in-process onnxruntime"
+    out = []
+    ours32, top = _find(rows, bn, model, encoding, 32), _find(rows, ceil, model, "none", 32)
+    if ours32 is not None and top is not None:
+        share = ours32["rps"] / top["rps"]
+        out.append({"target": f"c=32 req/s >= {CEILING_SHARE[encoding]:g} of in-process onnxruntime", "model": model,
+                    "encoding": encoding, "ours": ours32["rps"], "theirs": top["rps"], "value": share,
+                    "met": share >= CEILING_SHARE[encoding]})
+    ours1, base = _find(rows, bn, model, encoding, 1), _find(rows, ceil, model, "none", 1)
+    if ours1 is not None and base is not None:
+        gap = ours1["p50_ms"] - base["p50_ms"]
+        out.append({"target": f"c=1 p50 within {P50_GAP_MS:g} ms of in-process onnxruntime", "model": model,
+                    "encoding": encoding, "ours": ours1["p50_ms"], "theirs": base["p50_ms"], "value": gap,
+                    "met": gap <= P50_GAP_MS})
+    baseline = (body["settings"].get("baseline") or {}).get("label")
+    before = _find(rows, baseline, model, encoding, 32) if baseline and model == "cnn" else None
+    if ours32 is not None and before is not None:
+        gain = ours32["rps"] / before["rps"]
+        out.append({"target": f"c=32 req/s >= {BASELINE_GAIN:g}x {baseline}", "model": model, "encoding": encoding,
+                    "ours": ours32["rps"], "theirs": before["rps"], "value": gain, "met": gain >= BASELINE_GAIN})
+    return out
+
+
+def ceiling_shares(body: dict[str, Any], c: int = 32) -> list[list[str]]:
+    """Rows (server, then per model and encoding: req/s at ``c`` / in-process onnxruntime's) for the ratio table."""
+    rows = body["results"]
+    cells = [(m, e) for m in sorted({r["model"] for r in rows}) for e in ("json", "binary")]
+    out = []
+    for server_ in dict.fromkeys(r["server"] for r in rows if r["encoding"] != "none"):
+        line = [server_]
+        for model, encoding in cells:
+            r, top = _find(rows, server_, model, encoding, c), _find(rows, "in-process onnxruntime", model, "none", c)
+            line.append("-" if r is None or top is None else f"{r['rps'] / top['rps']:.2f}")
+        out.append(line)
+    return [["server", *[f"{m} {e}" for m, e in cells]], *out]
 
 
 def markdown(body: dict[str, Any]) -> str:
@@ -471,10 +589,16 @@ def markdown(body: dict[str, Any]) -> str:
         ["concurrency", "req/s", "p50 ms", "p99 ms"],
         [[g["concurrency"], f"{g['rps']:.0f}", f"{g['p50_ms']:.2f}", f"{g['p99_ms']:.2f}"]
          for g in body["generator_ceiling"]])
+    if s["concurrency"] and 32 in s["concurrency"]:
+        header_, *shares = ceiling_shares(body)
+        text += "\n### Share of in-process onnxruntime's req/s at c=32\n\n" + common.markdown_table(header_, shares)
+    if body.get("skipped_servers"):
+        text += "\n### Not measured\n\n" + common.markdown_table(
+            ["server", "why"], [[k, v[:200]] for k, v in body["skipped_servers"].items()])
     text += "\n### Targets\n\n" + common.markdown_table(
         ["target", "model", "body", "bnfold", "other", "value", "met"],
         [[t["target"], t["model"], t["encoding"], f"{t['ours']:.2f}", f"{t['theirs']:.2f}",
-          f"{t['value']:.2f}{' ms' if t['target'].startswith('c=1 p50') else 'x'}", "yes" if t["met"] else "**no**"]
+          _value(t), "yes" if t["met"] else "**no**"]
          for t in body["targets"]])
     if "protocols" in body:
         from benchmarks import grpc_load
@@ -484,11 +608,21 @@ def markdown(body: dict[str, Any]) -> str:
     return text
 
 
+def _value(target: dict[str, Any]) -> str:
+    unit = " ms" if target["target"].startswith("c=1 p50") else "" if " of in-process" in target["target"] else "x"
+    return f"{target['value']:.2f}{unit}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_mode_options(parser)
     parser.add_argument("--skip", action="append", default=[], help="skip servers whose label contains this")
     parser.add_argument("--generator", choices=["auto", "wrk", "asyncio"], default="auto")
+    parser.add_argument("--peer", action="append", default=[], metavar="NAME=PYTHON",
+                        help=f"interpreter of a peer's own venv ({', '.join(PEERS)}); "
+                             "default /tmp/venv-peers-NAME/bin/python, skipped when missing")
+    parser.add_argument("--baseline", type=Path, metavar="DIR", help="also serve bnfold from this source tree")
+    parser.add_argument("--baseline-label", default="bnfold serve (batching), baseline tree")
     parser.add_argument("--ceiling", type=Path, help=argparse.SUPPRESS)  # internal: in-process ceiling
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=300, help=argparse.SUPPRESS)
@@ -498,8 +632,17 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(ceiling(args.ceiling, json.loads(args.shape), tuple(json.loads(args.concurrency)),
                                  args.repeats)))
         return 0
+    peers = default_peers()
+    for spec in args.peer:
+        key, _, python = spec.partition("=")
+        if key not in PEERS or not python:
+            parser.error(f"--peer takes NAME=PYTHON with NAME one of {', '.join(PEERS)}, got {spec!r}")
+        peers[key] = Path(python)
+    if args.baseline is not None and not (args.baseline / "service" / "__main__.py").is_file():
+        parser.error(f"--baseline {args.baseline} is not a bnfold source tree (no service/__main__.py)")
+    baseline = None if args.baseline is None else (args.baseline.resolve(), args.baseline_label)
     print(markdown(run(common.out_dir(args.out, args.mode), mode=args.mode, skip=tuple(s.lower() for s in args.skip),
-                       generator=args.generator)))
+                       generator=args.generator, peers=peers, baseline=baseline)))
     return 0
 
 

@@ -140,3 +140,47 @@ def test_report_renders_the_smoke_results(smoke: Path, tmp_path: Path) -> None:
     assert readme.read_text() == f"# x\n<!-- bench:t -->\n{serving}<!-- /bench:t -->\nrest\n"
     with pytest.raises(ValueError, match="no <!-- bench:missing -->"):
         report.replace_block(readme, "missing", "text")
+
+
+def _row(server: str, model: str, encoding: str, c: int, rps: float, p50: float) -> dict[str, Any]:
+    return {"server": server, "model": model, "encoding": encoding, "concurrency": c, "rps": rps, "p50_ms": p50,
+            "p99_ms": p50, "server_cpu_ms_per_request": 0.1}
+
+
+def test_serving_goals_and_ceiling_shares_from_rows() -> None:
+    """Issue 16's goals read one run's rows: share of the ceiling, c=1 p50 gap, gain over the baseline tree."""
+    from benchmarks import serving
+
+    bn, ceil, before = "bnfold serve (batching)", "in-process onnxruntime", "bnfold serve, before"
+    body = {"settings": {"baseline": {"label": before, "tree": "/x"}}, "results": [
+        _row(bn, "cnn", "binary", 32, 930.0, 1.0), _row(ceil, "cnn", "none", 32, 1000.0, 1.0),
+        _row(bn, "cnn", "binary", 1, 800.0, 0.35), _row(ceil, "cnn", "none", 1, 4000.0, 0.30),
+        _row(before, "cnn", "binary", 32, 600.0, 2.0)]}
+    goals = {g["target"]: g for g in serving._goals(body, "cnn", "binary")}
+    assert goals["c=32 req/s >= 0.92 of in-process onnxruntime"]["value"] == pytest.approx(0.93)
+    assert goals["c=32 req/s >= 0.92 of in-process onnxruntime"]["met"]
+    assert goals["c=1 p50 within 0.1 ms of in-process onnxruntime"]["value"] == pytest.approx(0.05)
+    assert goals[f"c=32 req/s >= 1.5x {before}"]["value"] == pytest.approx(1.55)
+    header, *rows = serving.ceiling_shares(body)
+    assert header == ["server", "cnn json", "cnn binary"]
+    assert rows == [[bn, "-", "0.93"], [before, "-", "0.60"]]
+
+
+@pytest.mark.parametrize(("frames", "stage"), [
+    pytest.param(["run (service/main.py:1)", "Session.run (onnxruntime/capi/onnxruntime_inference_collection.py:4)"],
+                 "onnxruntime", id="onnxruntime"),
+    pytest.param(["InferenceEndpoints._run (service/api/fastpath.py:1)", "infer (service/inference.py:2)",
+                  "decode_infer_request (service/codec.py:3)", "loads (service/codec.py:4)"], "JSON decode",
+                 id="json-decode"),
+    pytest.param(["decode_infer_request (service/codec.py:3)", "_from_binary (service/codec.py:5)"],
+                 "array building", id="array-building"),
+    pytest.param(["RequestResponseCycle.send (uvicorn/protocols/http/httptools_impl.py:524)"],
+                 "HTTP + ASGI (uvicorn, httptools)", id="http"),
+    pytest.param(["Server.run (uvicorn/server.py:1)", "Runner.run (asyncio/runners.py:118)"],
+                 "socket I/O and event loop", id="event-loop-c-code"),
+    pytest.param(["thread (1)", "Thread._bootstrap (threading.py:1)"], "socket I/O and event loop", id="other"),
+])
+def test_profile_samples_are_assigned_to_stages(frames: list[str], stage: str) -> None:
+    from benchmarks.serving_profile import classify
+
+    assert classify(frames) == stage

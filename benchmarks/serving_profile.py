@@ -1,0 +1,365 @@
+"""Where a served request's CPU time goes: microseconds per request, stage by stage, and a live profile.
+
+Two views of one batch-1 request (the serving benchmark's models and bodies):
+
+* **Stages, timed in-process** (``perf_counter``, median of rounds, one pinned CPU): each stage called
+  on its own, in a loop, with the request the load generator sends --
+
+  - *HTTP + ASGI*: uvicorn's httptools protocol (with :mod:`service.protocol`'s limits) parsing the
+    raw request bytes, building the ASGI scope and task, and writing the response, around a trivial app;
+  - *auth, limits, body*: the fast path's API-key check, admission share and body read;
+  - *JSON decode*: ``orjson`` on the JSON (the whole body, or the binary extension's header);
+  - *array building*: the rest of :func:`service.codec.decode_infer_request` (checks, ``np.asarray``
+    or ``np.frombuffer``, finiteness);
+  - *queueing + hand-off*: :meth:`service.batching.Batcher.submit` around a model that does nothing,
+    on the worker thread (the first run of a model) and inline (:data:`service.batching.INLINE_S`);
+  - *onnxruntime*: ``session.run`` of one row, with the service's session settings;
+  - *response building*: :func:`service.codec.encode_infer_response` and the metrics update;
+  - *whole request in-process*: all of the above through the real app, over the same protocol
+    and a fake transport (everything but the socket system calls and the event loop's polling);
+
+* **A live profile**: ``bnfold serve`` pinned to the server CPU under wrk load (``c`` connections),
+  sampled by ``py-spy record`` (``--nonblocking``); the collapsed stacks are checked in and each
+  sample is assigned to a stage by the frames it holds. Server CPU per request comes from
+  ``/proc/PID/stat``, so *socket I/O and event loop* = live CPU per request - in-process request.
+
+Run: ``python benchmarks/serving_profile.py`` (writes ``serving_profile.{md,json}`` and the py-spy
+output ``serving_profile_<model>_<body>.txt`` / ``.svg`` under ``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common, loadgen, serving
+
+STAGES = ("HTTP + ASGI (uvicorn, httptools)", "auth, limits, body", "JSON decode", "array building",
+          "queueing + hand-off", "onnxruntime", "response building", "socket I/O and event loop")
+# Live-profile stage of a sample: the first rule whose fragment is in one of its frames (innermost first).
+RULES: tuple[tuple[str, str], ...] = (
+    ("onnxruntime", "onnxruntime_inference_collection"), ("onnxruntime", "runtime.py"),
+    ("response building", "encode_infer_response"), ("response building", "metrics.py"),
+    ("response building", "prometheus_client"),
+    ("JSON decode", "loads (service/codec.py"),
+    ("array building", "decode_infer_request"), ("array building", "_from_"),
+    ("queueing + hand-off", "batching.py"), ("auth, limits, body", "body.py"), ("auth, limits, body", "deps.py"),
+    ("auth, limits, body", "admission.py"), ("auth, limits, body", "fastpath.py"),
+    ("auth, limits, body", "inference.py"),
+    ("HTTP + ASGI (uvicorn, httptools)", "uvicorn"), ("HTTP + ASGI (uvicorn, httptools)", "protocol.py"),
+    ("HTTP + ASGI (uvicorn, httptools)", "starlette"),
+)
+
+
+def _per_call_us(fn: Callable[[], Any], n: int, rounds: int) -> float:
+    for _ in range(max(1, n // 10)):  # warm caches and allocators first
+        fn()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        times.append((time.perf_counter() - start) / n)
+    return statistics.median(times) * 1e6
+
+
+async def _per_call_us_async(fn: Callable[[], Awaitable[Any]], n: int, rounds: int) -> float:
+    for _ in range(max(1, n // 10)):
+        await fn()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(n):
+            await fn()
+        times.append((time.perf_counter() - start) / n)
+    return statistics.median(times) * 1e6
+
+
+class _Transport(asyncio.Transport):
+    """Collects what the protocol writes; ``done`` is set when a whole response has been written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.done = asyncio.Event()
+        self.written = 0
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += len(data)
+        self.done.set()
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def _raw_request(path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    head = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}",
+            *[f"{k}: {v}" for k, v in headers.items()]]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+async def _protocol_us(app: Any, raw: bytes, n: int, rounds: int) -> float:
+    """CPU per request of uvicorn's protocol (with the service's limits) feeding ``raw`` to ``app``."""
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    from service.protocol import HttpLimits, LimitedHttpToolsProtocol
+
+    config = Config(app=app, access_log=False, log_level="warning", lifespan="off")
+    config.load()
+    protocol = LimitedHttpToolsProtocol(config, ServerState(), {}, asyncio.get_running_loop(),
+                                        limits=HttpLimits(16384, 30.0, 30.0))
+    transport = _Transport()
+    protocol.connection_made(transport)
+
+    async def one() -> None:
+        transport.done.clear()
+        protocol.data_received(raw)
+        while not transport.done.is_set() or protocol.cycle is None or not protocol.cycle.response_complete:
+            await asyncio.sleep(0)
+
+    try:
+        return await _per_call_us_async(one, n, rounds)
+    finally:
+        protocol.connection_lost(None)
+
+
+async def _trivial_app(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    await receive()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def in_process(repo: Path, model: serving.Model, encoding: str, n: int, rounds: int) -> dict[str, float]:
+    """Microseconds per request of each in-process stage, for ``model`` with ``encoding`` bodies."""
+    from service import codec
+    from service.api.admission import Budget, Share
+    from service.api.deps import check_api_key
+    from service.batching import Batcher
+    from service.config import Settings
+    from service.main import create_app
+    from service.runtime import ModelRuntime
+
+    body, headers = model.oip_binary() if encoding == "binary" else model.oip_json()
+    length = int(headers["Inference-Header-Content-Length"]) if encoding == "binary" else None
+    runtime = ModelRuntime(model.onnx, threads=1)
+    settings = Settings(model_repository=repo, log_level="warning")  # type: ignore[call-arg]
+    limits = codec.Limits(settings.max_request_rows, settings.max_tensor_elements, settings.max_tensor_bytes,
+                          settings.max_json_bytes)
+    header = memoryview(body)[:length] if length is not None else body
+    request = codec.decode_infer_request(body, length, runtime.inputs, runtime.outputs, limits)
+    outputs = dict(zip(runtime.output_names, runtime.run(request.inputs), strict=True))
+    out: dict[str, float] = {}
+
+    def auth() -> None:
+        check_api_key(settings, b"")
+        share = Share(Budget(settings.max_inflight_bytes))
+        share.take(len(body))
+        share.release()
+
+    out["auth, limits, body"] = _per_call_us(auth, n, rounds)
+    out["JSON decode"] = _per_call_us(lambda: codec.loads(header), n, rounds)
+    decode = _per_call_us(lambda: codec.decode_infer_request(body, length, runtime.inputs, runtime.outputs, limits),
+                          n, rounds)
+    out["array building"] = max(0.0, decode - out["JSON decode"])
+    out["onnxruntime"] = _per_call_us(lambda: runtime.run(request.inputs), n, rounds)
+    app = create_app(settings)
+    metrics = app.state.service.metrics
+
+    def respond() -> None:
+        codec.encode_infer_response(model.name, "1", request, outputs, runtime.outputs)
+        metrics.request(model.name, "success", 1e-4)
+
+    out["response building"] = _per_call_us(respond, n, rounds)
+
+    async def served() -> dict[str, float]:
+        got: dict[str, float] = {}
+        for label, inline in (("thread", 0.0), ("inline", 1.0)):
+            batcher = Batcher("profile", lambda feeds: [feeds["input"]], batches=True, max_batch_size=64,
+                              max_queue_delay_s=0.0, max_queue_size=64, inline_s=inline)
+            feeds = {"input": request.inputs["input"]}
+            await batcher.submit(feeds)  # the first run sets the per-row estimate
+            got[label] = await _per_call_us_async(functools.partial(batcher.submit, feeds), n, rounds)
+            batcher.close()
+        got["HTTP + ASGI (uvicorn, httptools)"] = await _protocol_us(_trivial_app, _raw_request("/", b"", {}),
+                                                                     n, rounds)
+        async with app.router.lifespan_context(app):
+            raw = _raw_request(f"/v2/models/{model.name}/infer", body, headers)
+            got["whole request in-process"] = await _protocol_us(app, raw, n, rounds)
+        return got
+
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    got = runner(served())
+    out["queueing + hand-off"] = got["inline"]
+    out["queueing + hand-off, worker thread"] = got["thread"]
+    out["HTTP + ASGI (uvicorn, httptools)"] = got["HTTP + ASGI (uvicorn, httptools)"]
+    out["whole request in-process"] = got["whole request in-process"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the live profile
+
+
+def _ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime of all threads, in clock ticks
+
+
+def live(repo: Path, model: serving.Model, encoding: str, concurrency: int, seconds: float, out: Path,
+         py_spy: str | None) -> dict[str, Any]:
+    """Serve ``repo`` pinned to the server CPU, load it with wrk, profile it with py-spy; stage shares."""
+    port = serving.free_port()
+    env = {"BNFOLD_MODEL_REPOSITORY": str(repo), "BNFOLD_PORT": str(port), "BNFOLD_HOST": "127.0.0.1",
+           "BNFOLD_LOG_LEVEL": "warning"}
+    body, headers = model.oip_binary() if encoding == "binary" else model.oip_json()
+    url = f"http://127.0.0.1:{port}/v2/models/{model.name}/infer"
+    stem = out / f"serving_profile_{model.name}_{encoding}"
+    result: dict[str, Any] = {"model": model.name, "encoding": encoding, "concurrency": concurrency}
+    with serving.server([sys.executable, "-m", "service"], f"http://127.0.0.1:{port}/v2/health/ready", env=env,
+                        log=common.CACHE / "serving-profile" / "server.log") as proc:
+        loadgen.run_wrk(url, body, headers, concurrency=concurrency, seconds=1, cpus=serving.GENERATOR_CPUS)
+        before = _ticks(proc.pid)
+        load = loadgen.run_wrk(url, body, headers, concurrency=concurrency, seconds=seconds,
+                               cpus=serving.GENERATOR_CPUS)
+        cpu_us = (_ticks(proc.pid) - before) / os.sysconf("SC_CLK_TCK") / max(1, load.requests) * 1e6
+        result.update(rps=load.rps, p50_ms=load.p50_ms, server_cpu_us_per_request=cpu_us)
+        if py_spy is not None:
+            shares = collections.Counter[str]()
+            with tempfile.TemporaryDirectory() as tmp:
+                for fmt, path in (("raw", Path(tmp) / "raw.txt"), ("flamegraph", stem.with_suffix(".svg"))):
+                    spy = subprocess.Popen(serving._taskset(serving.GENERATOR_CPUS, [
+                        py_spy, "record", "--nonblocking", "-r", "250", "-d", str(round(seconds)), "-f", fmt,
+                        "-o", str(path), "-p", str(proc.pid)]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    loadgen.run_wrk(url, body, headers, concurrency=concurrency, seconds=seconds + 1,
+                                    cpus=serving.GENERATOR_CPUS)
+                    spy.wait(timeout=60)
+                raw = (Path(tmp) / "raw.txt").read_text()
+            lines = sorted(raw.splitlines(), key=lambda ln: -int(ln.rsplit(" ", 1)[1]))
+            stem.with_suffix(".txt").write_text("\n".join(lines[:400]) + "\n")  # the heaviest stacks
+            for line in lines:
+                stack, count = line.rsplit(" ", 1)
+                shares[classify(stack.split(";"))] += int(count)
+            total = sum(shares.values())
+            result["profile_shares"] = {k: v / total for k, v in shares.most_common()}
+            result["profile_samples"] = total
+    return result
+
+
+def classify(frames: list[str]) -> str:
+    """The stage of one sampled stack (outermost frame first): see :data:`RULES`; else the event loop.
+
+    A stack whose innermost Python frame is the loop's ``run`` is in uvloop's C code: polling, socket
+    reads and writes, callbacks not yet in Python.
+    """
+    if frames and frames[-1].startswith(("Runner.run ", "run_until_complete ", "run_forever ")):
+        return "socket I/O and event loop"
+    for stage, fragment in RULES:
+        if any(fragment in frame for frame in reversed(frames)):
+            return stage
+    return "socket I/O and event loop"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run(out: Path, *, mode: str = "full") -> dict[str, Any]:
+    common.check_mode(mode)
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= 2:
+        serving.SERVER_CPUS, serving.GENERATOR_CPUS = {cpus[0]}, {cpus[1]}
+        os.sched_setaffinity(0, serving.SERVER_CPUS)  # the in-process stages run where the server would
+    workdir = common.CACHE / f"serving-profile-{mode}"
+    models = serving.prepare_models(workdir, "smoke" if mode == "smoke" else "full")
+    n, rounds, seconds = {"full": (2000, 7, 5.0), "quick": (500, 3, 2.0), "smoke": (50, 1, 1.0)}[mode]
+    py_spy = shutil.which("py-spy") or (str(Path(sys.executable).parent / "py-spy")
+                                        if (Path(sys.executable).parent / "py-spy").exists() else None)
+    rows = []
+    for model in models.values():
+        for encoding in ("binary", "json"):
+            common.log(f"serving profile: {model.name} {encoding}: stages in-process")
+            stages = in_process(workdir / "repo-batching", model, encoding, n if model.name == "cnn" else n // 4,
+                                rounds)
+            results = {}
+            for c in (1, 32):
+                common.log(f"serving profile: {model.name} {encoding}: live, c={c}")
+                results[str(c)] = live(workdir / "repo-batching", model, encoding, c, seconds, out,
+                                  py_spy if c == 32 and mode != "smoke" else None)
+            rows.append({"model": model.name, "encoding": encoding, "stages_us": stages, "live": results})
+    body = {"benchmark": "serving_profile", "mode": mode, "machine": common.machine(), "py_spy": py_spy,
+            "settings": {"calls_per_round": n, "rounds": rounds, "live_seconds": seconds,
+                         "server_cpus": sorted(serving.SERVER_CPUS), "generator_cpus": sorted(serving.GENERATOR_CPUS)},
+            "results": rows}
+    common.write_json(out / "serving_profile.json", body)
+    (out / "serving_profile.md").write_text(markdown(body))
+    return body
+
+
+def markdown(body: dict[str, Any]) -> str:
+    text = (f"In-process stages: median of {body['settings']['rounds']} rounds, pinned to CPU "
+            f"{body['settings']['server_cpus']}. Live: `bnfold serve` under wrk on CPU "
+            f"{body['settings']['generator_cpus']}, server CPU from /proc. Load average "
+            f"{body['machine']['load_average_1_5_15']}.\n\n")
+    header = ["stage (us per request)"] + [f"{r['model']} {r['encoding']}" for r in body["results"]]
+    keys = [*STAGES[:-1], "queueing + hand-off, worker thread", "whole request in-process"]
+    rows = [[k, *[f"{r['stages_us'].get(k, 0.0):.1f}" for r in body["results"]]] for k in keys]
+    for c in (1, 32):
+        rows.append([f"live server CPU per request, c={c}",
+                     *[f"{r['live'][str(c)]['server_cpu_us_per_request']:.1f}" for r in body["results"]]])
+    rows.append(["socket I/O and event loop, c=1 (live - in-process)",
+                 *[f"{r['live']['1']['server_cpu_us_per_request'] - r['stages_us']['whole request in-process']:.1f}"
+                   for r in body["results"]]])
+    text += common.markdown_table(header, rows)
+    text += ("\nThe stages are timed one by one; *whole request in-process* is one request through the real app "
+             "and protocol (fake transport). At c=32 onnxruntime runs batches, so its cost per request is below "
+             "one row's run.\n")
+    profiled = [r for r in body["results"] if r["live"]["32"].get("profile_shares")]
+    if profiled:
+        text += "\n### Live profile at c=32 (py-spy samples by stage)\n\n"
+        text += common.markdown_table(
+            ["stage (% of samples)"] + [f"{r['model']} {r['encoding']}" for r in profiled],
+            [[s, *[f"{100 * r['live']['32']['profile_shares'].get(s, 0.0):.1f}"
+                   for r in profiled]] for s in STAGES])
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    return common.run_script(__doc__, run, markdown, argv)
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
