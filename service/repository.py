@@ -35,7 +35,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +155,7 @@ class ModelConfig:
         return digest.lower()
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two entries of one version (old and new files) are different entries
 class ModelVersion:
     """One version's state; ``runtime`` and ``batcher`` are set only when it is ready."""
 
@@ -172,7 +172,7 @@ class ModelVersion:
     signature: Signature | None = None  # the files this entry was loaded from (None: not known)
     stale: str | None = None  # the files changed, the new ones did not load, and this entry serves on: why
     rejected: Signature | None = None  # the signature of those new files, so they are not retried every poll
-    inflight: int = field(default=0, compare=False)  # requests holding a lease (event-loop thread only)
+    inflight: int = 0  # requests holding a lease (event-loop thread only)
     retiring: bool = False  # no longer in the repository; freed once the leases are returned
 
     @property

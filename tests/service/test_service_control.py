@@ -467,6 +467,7 @@ def test_unload_drains_in_flight_requests(tmp_path: Path) -> None:
             entry = app.state.service.repository.get("m")
             gate = threading.Event()
             batcher = entry.batcher
+            batcher.inline_s = 0.0  # every batch goes to the worker thread, which the gate holds (not the loop)
             run_model = batcher._run
 
             def held(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
