@@ -31,7 +31,7 @@ from service.control import ModelControl
 from service.main import create_app, lifespan
 from service.policy import MAX_POLICY_VERSIONS, VersionPolicy
 from service.polling import Settled, Signature
-from service.repository import ModelConfig
+from service.repository import ModelConfig, ModelRepository
 
 DEADLINE_S = 60.0  # for a poll to notice a change on a loaded 2-core machine; an idle one takes < 1 s
 KEY = "control-k3y"
@@ -333,6 +333,9 @@ def test_poll_new_version_under_load_switches_once_without_failures(tmp_path: Pa
             # One switch point: no request sent after any version-2 answer arrived was answered by version 1.
             assert max(a.started for a in old) < min(a.finished for a in new)
             assert await _index(client) == [{"name": "m", "version": "2", "state": "READY"}]
+            metrics = (await client.get("/metrics")).text
+            assert 'bnfold_model_ready{model="m",version="1"} 0.0' in metrics
+            assert 'bnfold_model_ready{model="m",version="2"} 1.0' in metrics
 
     asyncio.run(run())
 
@@ -516,5 +519,32 @@ def test_poll_keeps_serving_what_it_cannot_read(tmp_path: Path, monkeypatch: pyt
             await control.poll()
             assert _check_answer((await _infer(client)).json()) == 1
             assert (await _infer(client, name="other")).status_code == 200
+
+    asyncio.run(run())
+
+
+def test_index_shows_a_model_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _write(tmp_path, "m", 1, _model(1))
+
+    async def run() -> None:
+        async with serving(tmp_path, model_control="explicit") as (client, _):
+            assert (await client.post("/v2/repository/models/m/unload")).status_code == 200
+            gate = threading.Event()
+            build = ModelRepository._build
+
+            def held(self: ModelRepository, *args: Any) -> Any:
+                gate.wait(DEADLINE_S)  # the load stays in progress until the test opens the gate
+                return build(self, *args)
+
+            monkeypatch.setattr(ModelRepository, "_build", held)
+            load = asyncio.create_task(client.post("/v2/repository/models/m/load"))
+
+            async def loading() -> bool:
+                return await _index(client) == [{"name": "m", "state": "LOADING", "reason": "loading"}]
+
+            await _until(loading, "the index to show the model loading")
+            gate.set()
+            assert (await load).status_code == 200
+            assert await _index(client) == [{"name": "m", "version": "1", "state": "READY"}]
 
     asyncio.run(run())
