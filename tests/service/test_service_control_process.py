@@ -9,9 +9,11 @@ and an unload under load lets in-flight requests finish (every answer is a 200 f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +30,7 @@ from service_models import certified, gemm_model, gemm_reference
 from tritonclient.utils import InferenceServerException
 
 from bnfold.repository import publish
+from service.runtime import ModelRuntime
 
 pytestmark = pytest.mark.slow
 DEADLINE_S = 120.0  # for a change to go live on a loaded 2-core machine; an idle one takes about a second
@@ -60,9 +63,12 @@ class Answer:
 class LoadGenerator:
     """``lanes`` threads sending inference requests without a version until :meth:`stop`."""
 
-    def __init__(self, url: str, lanes: int = 4, fresh_connections: bool = False) -> None:
-        self.url = url
+    def __init__(self, url: str, lanes: int = 4, fresh_connections: bool = False, model: str = "m",
+                 body: dict[str, Any] = BODY, check: Callable[[dict[str, Any]], int] = _version_of,
+                 pause_s: float = 0.0) -> None:
+        self.url, self.pause_s = url, pause_s
         self.fresh_connections = fresh_connections
+        self.path, self.body, self.check = f"/v2/models/{model}/infer", body, check
         self.answers: list[Answer] = []
         self.failures: list[str] = []
         self._lock = threading.Lock()
@@ -77,17 +83,19 @@ class LoadGenerator:
             while not self._stop.is_set():
                 started = time.monotonic_ns()
                 try:
-                    response = client.post("/v2/models/m/infer", json=BODY)
+                    response = client.post(self.path, json=self.body)
                 except httpx.HTTPError as exc:
                     with self._lock:
                         self.failures.append(f"{type(exc).__name__}: {exc}")
                     continue
                 finished = time.monotonic_ns()
-                version = _version_of(response.json()) if response.status_code == 200 else None
+                version = self.check(response.json()) if response.status_code == 200 else None
                 with self._lock:
                     self.answers.append(Answer(started, finished, response.status_code, version))
                     if response.status_code not in (200, 404):
                         self.failures.append(f"{response.status_code} {response.text}")
+                if self.pause_s:
+                    self._stop.wait(self.pause_s)
 
     def count(self, version: int) -> int:
         with self._lock:
@@ -106,16 +114,13 @@ def _until(check: Callable[[], bool], what: str) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture
-def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
-    mode, _, workers = str(request.param).partition("-")  # "poll", "explicit" or "poll-2" (two workers)
-    (tmp_path / "m" / "1").mkdir(parents=True)
-    (tmp_path / "m" / "1" / "model.onnx").write_bytes(_model(1))
-    (tmp_path / "m" / "config.json").write_text(json.dumps({"version_policy": {"latest": {"num_versions": 1}}}))
+@contextlib.contextmanager
+def _serve(root: Path, mode: str, workers: str = "1") -> Iterator[str]:
+    """A server over ``root`` in ``mode``, polling every 0.2 s; yields its ``host:port``."""
     port = free_port()
-    env = {**os.environ, "BNFOLD_MODEL_REPOSITORY": str(tmp_path), "BNFOLD_PORT": str(port),
+    env = {**os.environ, "BNFOLD_MODEL_REPOSITORY": str(root), "BNFOLD_PORT": str(port),
            "BNFOLD_HOST": "127.0.0.1", "BNFOLD_INTRA_OP_THREADS": "1", "BNFOLD_MODEL_CONTROL": mode,
-           "BNFOLD_REPOSITORY_POLL_S": "0.2", "BNFOLD_WORKERS": workers or "1"}
+           "BNFOLD_REPOSITORY_POLL_S": "0.2", "BNFOLD_WORKERS": workers}
     process = start(env)
     SERVERS[f"127.0.0.1:{port}"] = process
     try:
@@ -124,6 +129,16 @@ def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
     finally:
         stop(process)
         del SERVERS[f"127.0.0.1:{port}"]
+
+
+@pytest.fixture
+def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    mode, _, workers = str(request.param).partition("-")  # "poll", "explicit" or "poll-2" (two workers)
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    (tmp_path / "m" / "1" / "model.onnx").write_bytes(_model(1))
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"version_policy": {"latest": {"num_versions": 1}}}))
+    with _serve(tmp_path, mode, workers or "1") as url:
+        yield url
 
 
 @pytest.mark.parametrize("server", ["poll"], indirect=True)
@@ -208,3 +223,43 @@ def test_poll_with_two_workers_each_worker_switches(server: str, tmp_path: Path)
     assert load.failures == []
     assert {a.status for a in load.answers} == {200}
     assert all(a.version == 2 for a in load.answers if a.started > switched)
+
+
+def test_bnfold_fold_repository_goes_live_on_a_polling_server(tmp_path: Path) -> None:
+    """The README's workflow: ``bnfold fold CHECKPOINT --repository DIR --name NAME`` on a running server."""
+    pytest.importorskip("torch")
+    from bnfold.train import TrainConfig, train
+
+    checkpoint = tmp_path / "cnn.pt"
+    train(TrainConfig(arch="cnn", epochs=1, batch_size=128, arch_config={"width": 4, "depth": 1}, device="cpu"),
+          output=checkpoint)
+    root = tmp_path / "models"
+    fold = [sys.executable, "-m", "bnfold", "fold", str(checkpoint), "--repository", str(root), "--name", "digits",
+            "--quiet"]
+    subprocess.run(fold, check=True, capture_output=True, timeout=600)
+    image = np.random.default_rng(0).integers(0, 17, (1, 1, 8, 8)).astype(np.float32)
+    want = ModelRuntime(root / "digits" / "1" / "model.onnx", threads=1).run({"input": image})[0].ravel()
+
+    def check(body: dict[str, Any]) -> int:  # both versions hold the same weights: the version tells them apart
+        got = np.array(body["outputs"][0]["data"], dtype=np.float64)
+        assert np.max(np.abs(got - want)) <= 1e-5 + 1e-4 * np.max(np.abs(want)), (got, want)
+        return int(body["model_version"])
+
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": image.ravel().tolist()}]}
+    with _serve(root, "poll") as url:
+        # Two lanes with pauses: steady traffic that leaves the 2-core machine to the bnfold fold running beside it.
+        load = LoadGenerator(url, lanes=2, model="digits", body=body, check=check, pause_s=0.01)
+        try:
+            _until(lambda: load.count(1) >= 20, "answers from version 1")
+            subprocess.run(fold, check=True, capture_output=True, timeout=600)  # version 2, while serving
+            _until(lambda: load.count(2) >= 50, "answers from version 2")
+        finally:
+            load.stop()
+        index = httpclient.InferenceServerClient(url).get_model_repository_index()
+        assert index == [{"name": "digits", "version": "1", "state": "READY"},
+                         {"name": "digits", "version": "2", "state": "READY"}]
+    assert load.failures == []
+    assert {a.status for a in load.answers} == {200}
+    old = [a for a in load.answers if a.version == 1]
+    new = [a for a in load.answers if a.version == 2]
+    assert max(a.started for a in old) < min(a.finished for a in new)
