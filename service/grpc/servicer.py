@@ -3,10 +3,11 @@
 Implemented: ``ServerLive``, ``ServerReady`` (no API key, like the HTTP health probes),
 ``ServerMetadata``, ``ModelReady``, ``ModelMetadata``, ``ModelConfig`` (what Triton clients read
 to build requests: every input and output with its full shape, batch dimension included, hence
-``max_batch_size`` 0), ``ModelInfer`` and the repository RPCs (``RepositoryIndex``,
-``RepositoryModelLoad``, ``RepositoryModelUnload``, through :mod:`service.control`). Every other
-RPC of the service (streaming, statistics, shared memory, trace and log settings) answers
-``UNIMPLEMENTED`` naming itself.
+``max_batch_size`` 0), ``ModelInfer``, ``ModelStreamInfer`` (each request of the stream in turn,
+an error in that response's ``error_message`` as Triton does) and the repository RPCs
+(``RepositoryIndex``, ``RepositoryModelLoad``, ``RepositoryModelUnload``, through
+:mod:`service.control`). Every other RPC of the service (statistics, shared memory, trace and log
+settings) answers ``UNIMPLEMENTED`` naming itself.
 
 ``ModelInfer`` follows the HTTP inference endpoint step by step (:mod:`service.api.fastpath`,
 :func:`service.inference.infer`): the API key from the ``authorization`` metadata key (``Bearer
@@ -55,7 +56,7 @@ CONFIG_TYPES: dict[str, int] = {
     "BYTES": mc.TYPE_STRING,
 }
 IMPLEMENTED = {"ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata", "ModelConfig",
-               "ModelInfer", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"}
+               "ModelInfer", "ModelStreamInfer", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"}
 
 
 class Abort(Exception):
@@ -132,6 +133,27 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
     # -- inference ---------------------------------------------------------------------------
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._authorize(context)
+        try:
+            return await self._serve(request)
+        except Abort as exc:
+            if exc.code == grpc.StatusCode.UNAVAILABLE:
+                context.set_trailing_metadata((("retry-after", str(self.service.settings.retry_after_s)),))
+            await self._abort(context, exc.code, exc.message)
+
+    async def ModelStreamInfer(self, requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Each request of the stream in turn; an error is that response's ``error_message`` (as Triton)."""
+        await self._authorize(context)
+        async for request in requests:
+            try:
+                yield pb.ModelStreamInferResponse(infer_response=await self._serve(request))
+            except Abort as exc:
+                self._count(exc.code)
+                yield pb.ModelStreamInferResponse(error_message=exc.message, infer_response=pb.ModelInferResponse(
+                    model_name=request.model_name, model_version=request.model_version, id=request.id))
+
+    async def _serve(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """One inference request with its deadline, budget share and metrics. Raises :class:`Abort`."""
         service = self.service
         start = time.perf_counter()
         name = request.model_name
@@ -141,30 +163,22 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         deadlines.add(task, time.monotonic())  # type: ignore[arg-type]
         share = Share(self.budget)
         try:
-            await self._authorize(context)
-            try:
-                share.take(request.ByteSize())  # the message as received, held until the answer
-                response = await self._infer(request, share)
-            except ServiceError as exc:
-                service.metrics.request(label, OUTCOME.get(STATUS.get(type(exc), 500), "error"))
-                code, message = status_of(exc)
-                if code == grpc.StatusCode.UNAVAILABLE:
-                    context.set_trailing_metadata((("retry-after", str(service.settings.retry_after_s)),))
-                raise Abort(code, message) from None
+            share.take(request.ByteSize())  # the message as received, held until the answer
+            response = await self._infer(request, share)
             deadlines.remove(task)  # type: ignore[arg-type]
-        except Abort as exc:
-            await self._abort(context, exc.code, exc.message)
-        except grpc.aio.AbortError:  # _authorize answered already
-            raise
+        except ServiceError as exc:
+            service.metrics.request(label, OUTCOME.get(STATUS.get(type(exc), 500), "error"))
+            code, message = status_of(exc)
+            raise Abort(code, message) from None
         except asyncio.CancelledError:
             if not deadlines.missed(task):  # type: ignore[arg-type]
                 raise  # the client went away, or the server stops
             service.metrics.request(label, "timeout")
-            await self._abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, "the request did not finish within "
-                              f"{deadlines.timeout_s:g} s (BNFOLD_REQUEST_TIMEOUT_S)")
+            raise Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the request did not finish within "
+                        f"{deadlines.timeout_s:g} s (BNFOLD_REQUEST_TIMEOUT_S)") from None
         except Exception as exc:  # a bug: the HTTP side's answer and log line, never the exception's text
             event(logging.ERROR, "internal error", rpc="ModelInfer", error=f"{type(exc).__name__}: {exc}")
-            await self._abort(context, grpc.StatusCode.INTERNAL, "internal server error")
+            raise Abort(grpc.StatusCode.INTERNAL, "internal server error") from None
         finally:
             deadlines.remove(task)  # type: ignore[arg-type]
             if share.held >= TRIM_BYTES:
@@ -263,11 +277,14 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             code, message = status_of(exc)
             await self._abort(context, code, message)
 
-    async def _abort(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    def _count(self, code: grpc.StatusCode) -> None:
         counter = self._errors.get(code)
         if counter is None:
             counter = self._errors[code] = self.errors.labels(code.name)
         counter.inc()
+
+    async def _abort(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+        self._count(code)
         await context.abort(code, message)
         raise AssertionError("context.abort returned")  # it always raises
 

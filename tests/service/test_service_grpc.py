@@ -388,15 +388,11 @@ def test_api_key(server: tuple[str, str], headers: dict[str, str] | None) -> Non
     triton.close()
 
 
-@pytest.mark.parametrize("method", ["ModelStatistics", "ModelStreamInfer", "SystemSharedMemoryStatus"])
+@pytest.mark.parametrize("method", ["ModelStatistics", "TraceSetting", "SystemSharedMemoryStatus"])
 def test_unimplemented(stub: Any, method: str) -> None:
     call = getattr(stub, method)
     with pytest.raises(grpc.RpcError) as caught:
-        if method == "ModelStreamInfer":
-            list(call(iter([pb.ModelInferRequest(model_name="classifier")]), metadata=tuple(AUTH.items()), timeout=60))
-        else:
-            request = getattr(pb, f"{method}Request")()
-            call(request, metadata=tuple(AUTH.items()), timeout=60)
+        call(getattr(pb, f"{method}Request")(), metadata=tuple(AUTH.items()), timeout=60)
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert caught.value.details() == f"bnfold does not implement {method}"
 
@@ -468,3 +464,29 @@ def test_readme_tritonclient_example_over_grpc(tmp_path: Path) -> None:
         stop(process)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout == shown
+
+
+def test_stream_infer(client: Any, grpc_repository: Path) -> None:
+    """tritonclient's streaming API: every request answered in its response, an error in its own one."""
+    import queue
+
+    answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)), headers=AUTH)
+    xs = [np.random.default_rng(k).standard_normal((2, 4)).astype(np.float32) for k in range(5)]
+    try:
+        for k, x in enumerate(xs):
+            inp = tritonclient_grpc.InferInput("input", [2, 4], "FP32")
+            inp.set_data_from_numpy(x)
+            client.async_stream_infer("classifier", [inp], request_id=str(k))
+        bad = tritonclient_grpc.InferInput("input", [2, 4], "INT32")
+        bad.set_data_from_numpy(np.zeros((2, 4), np.int32))
+        client.async_stream_infer("classifier", [bad], request_id="bad")
+        got = [answers.get(timeout=120) for _ in range(len(xs) + 1)]
+    finally:
+        client.stop_stream()
+    runtime = ModelRuntime(grpc_repository / "classifier" / "2" / "model.onnx", threads=1)
+    for k, (result, error) in enumerate(got[:-1]):
+        assert error is None and result.get_response().id == str(k)
+        np.testing.assert_array_equal(result.as_numpy("logits"), runtime.run({"input": xs[k]})[0])
+    result, error = got[-1]
+    assert result is None and "has datatype 'INT32', the model expects FP32" in error.message()
