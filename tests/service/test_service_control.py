@@ -548,3 +548,27 @@ def test_index_shows_a_model_loading(tmp_path: Path, monkeypatch: pytest.MonkeyP
             assert await _index(client) == [{"name": "m", "version": "1", "state": "READY"}]
 
     asyncio.run(run())
+
+
+def test_poll_follows_config_json(tmp_path: Path) -> None:
+    _write(tmp_path, "m", 1, _model(1))
+    _write(tmp_path, "m", 2, _model(2), config={"version_policy": {"latest": {"num_versions": 1}}})
+
+    async def run() -> None:
+        async with serving(tmp_path, model_control="poll", repository_poll_s=3600) as (client, app):
+            control = _control(app)
+            assert [e["version"] for e in await _index(client)] == ["2"]
+            (tmp_path / "m" / "config.json").write_text(json.dumps({"version_policy": {"all": {}}}))
+            await control.poll()
+            await control.poll()  # settled: every version reloads under the new config
+            assert [(e["version"], e["state"]) for e in await _index(client)] == [("1", "READY"), ("2", "READY")]
+            (tmp_path / "m" / "config.json").write_text(json.dumps({"max_batch_size": 0}))
+            await control.poll()
+            await control.poll()
+            index = await _index(client)
+            assert [(e["version"], e["state"]) for e in index] == [("1", "READY"), ("2", "READY")]
+            assert all("max_batch_size must be a positive integer, got 0" in e["reason"] and
+                       "the previous files keep serving" in e["reason"] for e in index)
+            assert _check_answer((await _infer(client)).json()) == 2
+
+    asyncio.run(run())
