@@ -195,6 +195,7 @@ def test_kserve_runs_raw_for_two_ports(manifests: dict[str, list[dict[str, Any]]
     runtime = find(manifests, "ServingRuntime")["spec"]["containers"][0]
     isvc = find(manifests, "InferenceService")
     assert len(runtime["ports"]) == 2
+    assert find(manifests, "ServingRuntime")["spec"]["protocolVersions"] == ["v2", "grpc-v2"]
     assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
 
 
