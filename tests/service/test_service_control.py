@@ -26,6 +26,7 @@ from service_models import certified, gemm_model, gemm_reference
 
 from bnfold.repository import publish
 from service import polling
+from service.api.routes.repository import MAX_CONTROL_BODY_BYTES
 from service.config import Settings
 from service.control import ModelControl
 from service.main import create_app, lifespan
@@ -243,14 +244,18 @@ def test_explicit_index_unload_load(tmp_path: Path) -> None:
     pytest.param("models/m/load", b'{"model": 1}', "unknown key 'model'; expected ['parameters']", id="load-key"),
     pytest.param("models/m/unload", b'{"parameters": {"unload_dependents": 1}}',
                  "parameter 'unload_dependents' must be bool, got int", id="unload-type"),
+    pytest.param("index", b" " * (MAX_CONTROL_BODY_BYTES + 1), "413", id="index-too-large"),
 ])
-def test_malformed_control_bodies_are_400(tmp_path: Path, path: str, body: bytes, message: str) -> None:
+def test_malformed_control_bodies_are_4xx(tmp_path: Path, path: str, body: bytes, message: str) -> None:
     _write(tmp_path, "m", 1, _model(1))
 
     async def run() -> None:
         async with serving(tmp_path, model_control="explicit") as (client, _):
             response = await client.post(f"/v2/repository/{path}", content=body)
-            assert response.status_code == 400 and message in response.json()["error"]
+            if message == "413":
+                assert response.status_code == 413 and str(MAX_CONTROL_BODY_BYTES) in response.json()["error"]
+            else:
+                assert response.status_code == 400 and message in response.json()["error"]
             assert (await _infer(client)).status_code == 200
 
     asyncio.run(run())
