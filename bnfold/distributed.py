@@ -68,9 +68,10 @@ class Context:
         return [float(v) for v in tensor.cpu()]
 
     def agree(self, error: BaseException | None) -> None:
-        """Raise on every rank if any rank had ``error`` (the lowest failing rank's message).
+        """Raise on every rank if any rank had ``error``; every rank must call it at the same point.
 
-        Every rank must call it at the same point; in one process it re-raises ``error``.
+        Rank 0 raises its own error, or ``rank R: message`` of the lowest failing rank; the other ranks
+        raise :class:`ReportedByRankZero` (the CLI prints nothing for it). In one process: ``error``.
         """
         if not self.distributed:
             if error is not None:
@@ -78,11 +79,16 @@ class Context:
             return
         messages: list[str | None] = [None] * self.world_size
         torch.distributed.all_gather_object(messages, None if error is None else str(error))
-        if error is not None:
+        failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+        if not failed:
+            return
+        code = getattr(error, "exit_code", 2)
+        if self.is_main and error is not None:
             raise error
-        for rank, message in enumerate(messages):
-            if message is not None:
-                raise BnfoldError(f"rank {rank}: {message}")
+        rank, message = failed[0]
+        raised = (BnfoldError if self.is_main else ReportedByRankZero)(f"rank {rank}: {message}")
+        raised.exit_code = code
+        raise raised
 
     def barrier(self) -> None:
         if self.distributed:
@@ -101,6 +107,16 @@ def collective_failure(exc: BaseException) -> bool:
     if isinstance(exc, torch.distributed.DistError):
         return True
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _COLLECTIVE_MARKERS)
+
+
+class ReportedByRankZero(BnfoldError):
+    """An error all ranks raise together (:meth:`Context.agree`) on a rank other than 0, which reports it."""
+
+
+class CollectiveFailed(BnfoldError):
+    """A collective with the other ranks failed: one of them died or stopped answering. Every rank reports it."""
+
+    exit_code = 1
 
 
 def launched() -> bool:
@@ -152,19 +168,26 @@ def teardown(context: Context) -> None:
         torch.distributed.destroy_process_group()
 
 
-def launch(nproc: int, args: Sequence[str], *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+def launch(nproc: int, args: Sequence[str]) -> int:
     """Run ``python -m bnfold ARGS`` in ``nproc`` processes on this machine via ``torch.distributed.run``.
 
-    Returns when all of them succeeded; raises :class:`BnfoldError` naming the first rank that failed
-    (its exit code, or the signal that killed it). The elastic agent stops the other ranks as soon
-    as one fails (``--max-restarts 0``).
+    Returns 0 when all of them succeeded, or the exit code of the first rank that failed with one
+    (a bnfold process that exits with a code has printed its error). Raises :class:`BnfoldError`
+    naming the rank and the signal when a rank was killed (then the others, failing in their next
+    collective, are not the cause). The elastic agent stops the other ranks
+    as soon as one fails (``--max-restarts 0``).
     """
     if not isinstance(nproc, int) or nproc < 1:
         raise BnfoldError(f"--nproc must be a positive integer, got {nproc!r}")
+    import logging
+
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun would set, without its warning
+    for name in list(logging.Logger.manager.loggerDict):  # we report failures ourselves, once
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.run")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)  # each has its own level (LOGLEVEL)
     parsed = get_args_parser().parse_args([
         "--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "--max-restarts", "0",
         "--monitor-interval", "0.5", "--module", "bnfold", *args,
@@ -172,12 +195,14 @@ def launch(nproc: int, args: Sequence[str], *, timeout_s: float = DEFAULT_TIMEOU
     try:
         run(parsed)
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
-        how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
-               else f"exited with code {failure.exitcode}")
-        error = BnfoldError(f"rank {rank} of {nproc} {how}; the other ranks were stopped"
-                            + ("" if failure.exitcode < 0 else " (its error is above)"))
-        error.exit_code = failure.exitcode if failure.exitcode > 0 else 1
+        killed = sorted((rank, f) for rank, f in exc.failures.items() if f.exitcode < 0)
+        if not killed:  # every failed rank exited with a code, after printing its error
+            return exc.get_first_failure()[1].exitcode
+        rank, failure = killed[0]  # the cause: the others fail after it, in their next collective
+        error = BnfoldError(f"rank {rank} of {nproc} (pid {failure.pid}) was killed by {failure.signal_name()}; "
+                            "the other ranks were stopped and nothing was saved")
+        error.exit_code = 1
         raise error from None
     finally:
         sys.stdout.flush()
+    return 0

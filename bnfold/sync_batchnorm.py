@@ -14,9 +14,9 @@ On GPUs this is :class:`torch.nn.SyncBatchNorm`, PyTorch's, used as it is. PyTor
 tensors ("SyncBatchNorm expected input tensor to be on GPU"; its kernels ``batch_norm_stats`` and
 friends have no CPU implementation, and DDP refuses it in a CPU module), so for CPU training with
 gloo :class:`CpuSyncBatchNorm` does the same arithmetic with PyTorch's distributed autograd: the
-per-channel sums, sums of squares and counts go through one float64 ``all_reduce`` of
-:mod:`torch.distributed.nn.functional`, which is differentiable (its backward all-reduces the
-gradient), so once DDP averages the parameter gradients they equal those of one process on the
+per-channel sums, sums of squares and counts go through one float64 ``all_reduce`` whose
+backward all-reduces the gradient (what :mod:`torch.distributed.nn.functional`, now deprecated,
+did), so once DDP averages the parameter gradients they equal those of one process on the
 global batch (tests/test_distributed.py checks statistics, outputs and updated weights).
 
 :func:`convert` swaps every batch norm of a model for one (remembering the original class) and
@@ -29,8 +29,24 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.nn.functional import all_reduce
 from torch.nn.modules.batchnorm import _BatchNorm
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """``all_reduce(SUM)`` with its gradient: the gradient of a sum over ranks is the sum of the ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, tensor: torch.Tensor,  # type: ignore[override]
+                group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group  # type: ignore[attr-defined]
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx,  # type: ignore[override]
+                 grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _SumOverRanks.apply(grad, ctx.group), None  # type: ignore[attr-defined]
 
 
 class CpuSyncBatchNorm(_BatchNorm):
@@ -70,8 +86,8 @@ class CpuSyncBatchNorm(_BatchNorm):
         dims = [0, *range(2, x.ndim)]
         wide = x.to(torch.float64)  # sums in float64: the one-pass variance then loses nothing a float32 shows
         local = torch.cat([wide.sum(dims), (wide * wide).sum(dims), wide.new_full((1,), x.numel() // channels)])
-        total = all_reduce(local, op=dist.ReduceOp.SUM, group=group)  # differentiable
-        count = total[2 * channels]
+        total = _SumOverRanks.apply(local, group)
+        count = total[2 * channels].detach()
         if float(count) < 2:
             raise ValueError(f"Expected more than 1 value per channel when training, got {int(count)} in all")
         mean = total[:channels] / count

@@ -147,9 +147,12 @@ def train(
 
 def _train(config: TrainConfig, plan: _Plan, context: Context, output: str | Path | None,
            plot: str | Path | None, progress: bool) -> TrainResult:
-    if plan.batch_size % context.world_size:
-        raise BnfoldError(f"batch size {plan.batch_size} is the global batch and must divide evenly among the "
-                          f"{context.world_size} processes; give a multiple of {context.world_size}")
+    def check_batch() -> None:
+        if plan.batch_size % context.world_size:
+            raise BnfoldError(f"batch size {plan.batch_size} is the global batch and must divide evenly among the "
+                              f"{context.world_size} processes; give a multiple of {context.world_size}")
+
+    _together(context, check_batch)
     targets = [(what, Path(t)) for what, t in (("checkpoint", output), ("plot", plot)) if t is not None]
     if len(targets) == 2 and targets[0][1].resolve() == targets[1][1].resolve():
         raise BnfoldError(f"the checkpoint and the plot are the same file {str(output)!r}")
@@ -354,7 +357,7 @@ def _fit(config: TrainConfig, plan: _Plan, data: Dataset, progress: bool, contex
         except RuntimeError as exc:
             if not (context.distributed and distributed.collective_failure(exc)):
                 raise
-            raise BnfoldError(
+            raise distributed.CollectiveFailed(
                 f"rank {context.rank}: training stopped in epoch {len(history) + 1}: a collective with the other "
                 f"ranks failed, so another rank died or stopped answering (timeout {config.dist_timeout_s:g} s): "
                 + " ".join(str(exc).split())[:200]) from None

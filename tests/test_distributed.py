@@ -123,7 +123,7 @@ def _worker(rank: int, out: Path) -> None:
             context.agree(BnfoldError("destination not writable") if rank == 1 else None)
             results["agreed"] = "no error"
         except BnfoldError as exc:
-            results["agreed"] = str(exc)
+            results["agreed"] = f"{type(exc).__name__}: {exc}"
         torch.save(results, out / f"{rank}.pt")
     finally:
         distributed.teardown(context)
@@ -200,7 +200,8 @@ def test_sync_bn_without_a_process_group_is_plain_batch_norm() -> None:
 
 def test_sum_and_agree_over_two_ranks(ranks: list[dict[str, Any]]) -> None:
     assert [r["sum"] for r in ranks] == [[1.0, 3.0, 11.0]] * WORLD
-    assert [r["agreed"] for r in ranks] == ["rank 1: destination not writable", "destination not writable"]
+    assert [r["agreed"] for r in ranks] == ["BnfoldError: rank 1: destination not writable",
+                                            "ReportedByRankZero: rank 1: destination not writable"]
     assert ranks[0]["described"] == "world size 2, backend gloo, device cpu"
 
 
