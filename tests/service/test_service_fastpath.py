@@ -119,3 +119,70 @@ def test_check_api_key(tmp_path: Path, key: str | None, header: bytes, allowed: 
         check_api_key(settings, header)
     assert raised.value.status_code == 401
     assert raised.value.headers == {"WWW-Authenticate": "Bearer"}
+
+
+class _Transport(asyncio.Transport):
+    """Records each write and whether the connection was closed (and what was written before)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closed_after: int | None = None
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def write(self, data: Any) -> None:
+        assert self.closed_after is None, "written after close"
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed_after is not None
+
+    def close(self) -> None:
+        if self.closed_after is None:
+            self.closed_after = len(self.writes)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("request_head", "closed"), [
+    pytest.param(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}", False, id="keep-alive"),
+    pytest.param(b"POST /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}", True,
+                 id="connection-close"),
+])
+def test_response_head_and_body_leave_in_one_write(request_head: bytes, closed: bool) -> None:
+    """The protocol joins uvicorn's head and body writes; a connection it closes is closed after that write."""
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    from service.protocol import HttpLimits, LimitedHttpToolsProtocol
+
+    async def app(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
+        await send({"type": "http.response.body", "body": b"hello"})
+
+    async def scenario() -> _Transport:
+        config = Config(app=app, access_log=False, log_level="warning", lifespan="off")
+        config.load()
+        protocol = LimitedHttpToolsProtocol(config, ServerState(), {}, asyncio.get_running_loop(),
+                                            limits=HttpLimits(16384, 30.0, 30.0))
+        transport = _Transport()
+        protocol.connection_made(transport)
+        protocol.data_received(request_head)
+        for _ in range(1000):
+            if protocol.cycle is not None and protocol.cycle.response_complete:
+                break
+            await asyncio.sleep(0)
+        protocol.connection_lost(None)
+        return transport
+
+    transport = asyncio.run(scenario())
+    assert len(transport.writes) == 1
+    assert transport.writes[0].startswith(b"HTTP/1.1 200 OK\r\n") and transport.writes[0].endswith(b"\r\n\r\nhello")
+    assert (transport.closed_after == 1) if closed else transport.closed_after in (None, 1)
