@@ -30,9 +30,8 @@ examples:
   bnfold fold weights.pt --arch cnn --input-shape 3,32,32 -o model.onnx
   bnfold fold w.pt --model mymodels.py:build --input-shape 3,32,32 -o m.onnx
   bnfold fold model.onnx -o folded.onnx    # ONNX in: fold the graph itself
-  bnfold fold digits.pt --quantize int8 -o digits-int8.onnx
-  bnfold fold digits.pt --quantize int8 --keep-float auto --repository models \
-      --name digits                         # int8 next to the float versions
+  bnfold fold digits.pt --quantize int8 --repository models --name digits
+  bnfold fold digits.pt --quantize int8 --keep-float auto -o digits-int8.onnx
 
 A bare state_dict needs its architecture (--arch, or --model for your own
 factory) and, unless its weights fix it, the shape of one input sample
