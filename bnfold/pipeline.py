@@ -19,6 +19,9 @@ Every step either succeeds or raises; nothing is written until every check has p
    vector, and re-check all of it on the serialized bytes;
 7. *write* atomically: an output file, a new repository version, a JSON report.
 
+With ``quantize`` (``--quantize int8``), step 6's certified graph is quantized and held to the
+int8 contract (:mod:`bnfold.quantize`) before step 7, and the int8 graph is what is written.
+
 What is verified, counted and certified is the graph that is written. An ONNX input is folded
 with the ONNX rewriter and verified with onnxruntime (original vs folded); steps 6 and 7 are the
 same. The CLI commands ``fold``, ``inspect`` and ``verify`` are thin wrappers over :func:`run`,
