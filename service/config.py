@@ -84,6 +84,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"  # also accepts upper case
     access_log: bool = False  # one JSON line per request (costs throughput)
     require_certificate: bool = False  # true = a model version without a bnfold certificate is not ready
+    providers: str = "CPUExecutionProvider"  # onnxruntime execution providers, comma-separated, preferred first
     # Model control (README "Model control"): none = the repository as found at start-up; explicit = the
     # /v2/repository load and unload calls (one worker only); poll = follow the repository, each worker itself.
     model_control: Literal["none", "explicit", "poll"] = "none"
@@ -114,6 +115,17 @@ class Settings(BaseSettings):
                              f"only, so the workers would serve different models; use "
                              f"{ENV_PREFIX}MODEL_CONTROL=poll (every worker follows the repository) or one worker")
         return self
+
+    @field_validator("providers", mode="after")
+    @classmethod
+    def _providers(cls, value: str) -> str:
+        from service.runtime import parse_providers
+
+        return ",".join(parse_providers(value))  # ValueError names what is missing: a start-up error
+
+    @property
+    def provider_list(self) -> tuple[str, ...]:
+        return tuple(self.providers.split(","))
 
     @field_validator("log_level", mode="before")
     @classmethod

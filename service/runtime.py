@@ -7,10 +7,21 @@ that is *safe*, i.e. the rows do not interact, is decided by :mod:`service.indep
 
 ``threads`` must lie between 1 and the usable CPUs: onnxruntime starts every intra-op thread when
 the session is created, and a huge count crashes the whole process (100000 segfaults it).
+
+Execution providers (``BNFOLD_PROVIDERS``, :func:`parse_providers`): onnxruntime's names, in order of
+preference, each one this onnxruntime has (``CUDAExecutionProvider`` needs the ``onnxruntime-gpu``
+package); nodes a provider cannot run go to the next. onnxruntime silently falls back to the CPU
+when a GPU provider cannot start (no driver, a CUDA or cuDNN library missing); a session whose
+first choice did not start is refused instead, so a model never passes for GPU-served while it
+runs on the CPU. The CUDA provider runs with ``use_tf32=0``: in IEEE float32, not TF32 (10-bit
+mantissa, about 1e-3 relative error on Ampere and newer GPUs), so the certificate's self-test
+(:mod:`service.selftest`) holds its float32 tolerance ``atol + rtol * max|reference|`` (1e-5 +
+1e-4 of the output scale by default) on the GPU too: the same tolerance on every provider.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +34,36 @@ SHRINK_INPUT_BYTES = 1024 * 1024  # runs with more input than this shrink the ar
 _SHRINK = ort.RunOptions()
 _SHRINK.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
+CPU = "CPUExecutionProvider"
+# Options bnfold sets per provider (see the module docstring); other providers get onnxruntime's defaults.
+PROVIDER_OPTIONS: dict[str, dict[str, str]] = {"CUDAExecutionProvider": {"use_tf32": "0"}}
+_HINTS = {"CUDAExecutionProvider": "; install onnxruntime-gpu in place of onnxruntime (one of the two, not both)",
+          "TensorrtExecutionProvider": "; install onnxruntime-gpu with TensorRT"}
+_providers: tuple[str, ...] = (CPU,)  # the process-wide choice, set by use_providers() at start-up
+
+
+def parse_providers(text: str, available: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The comma-separated provider names of ``text``, in order; raises ``ValueError`` naming any that
+    ``available`` (default: ``onnxruntime.get_available_providers()``) lacks, or a repeated one."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    have = list(ort.get_available_providers() if available is None else available)
+    if not names:
+        raise ValueError(f"must name at least one execution provider, e.g. {CPU}; available: {', '.join(have)}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"names {', '.join(repeated)} more than once")
+    for name in names:
+        if name not in have:
+            raise ValueError(f"names {name}, which this onnxruntime {ort.__version__} does not have (available: "
+                             f"{', '.join(have)}){_HINTS.get(name, '')}")
+    return names
+
+
+def use_providers(providers: Sequence[str]) -> None:
+    """Make ``providers`` (checked by :func:`parse_providers`) what every later :class:`ModelRuntime` uses."""
+    global _providers
+    _providers = tuple(providers)
+
 
 def _spec(arg: ort.NodeArg) -> TensorSpec:
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or []))
@@ -33,11 +74,14 @@ class ModelRuntime:
     """An onnxruntime session for one ``model.onnx`` with ``threads`` intra-op threads.
 
     ``model`` (the file's bytes) is what the session loads when given, so that a file checked by
-    its digest is the file served; else the session reads ``path``. Raises ``ValueError`` for a
-    thread count outside ``1..usable CPUs``, and whatever onnxruntime raises for a bad model.
+    its digest is the file served; else the session reads ``path``. ``providers``: execution
+    providers in order of preference (default: those of :func:`use_providers`). Raises
+    ``ValueError`` for a thread count outside ``1..usable CPUs`` or a first provider that did not
+    start, and whatever onnxruntime raises for a bad model.
     """
 
-    def __init__(self, path: Path, threads: int, spinning: bool = False, model: bytes | None = None) -> None:
+    def __init__(self, path: Path, threads: int, spinning: bool = False, model: bytes | None = None,
+                 providers: Sequence[str] | None = None) -> None:
         cpus = usable_cpus()
         if type(threads) is not int or not 1 <= threads <= cpus:
             raise ValueError(f"intra-op threads must be an integer from 1 to the {cpus} usable CPUs, got {threads!r}")
@@ -51,8 +95,14 @@ class ModelRuntime:
         options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
         self.path = path
         self.threads = threads
+        wanted = tuple(providers) if providers is not None else _providers
         self.session = ort.InferenceSession(str(path) if model is None else model, sess_options=options,
-                                            providers=["CPUExecutionProvider"])
+                                            providers=[(name, PROVIDER_OPTIONS.get(name, {})) for name in wanted])
+        self.providers: tuple[str, ...] = tuple(self.session.get_providers())  # those that started, in order
+        if wanted and wanted[0] not in self.providers:
+            raise ValueError(f"execution provider {wanted[0]} did not start (onnxruntime fell back to "
+                             f"{', '.join(self.providers)}); check the GPU driver and the CUDA and cuDNN libraries, "
+                             f"or set BNFOLD_PROVIDERS={CPU}")
         self.inputs = [_spec(arg) for arg in self.session.get_inputs()]
         self.outputs = [_spec(arg) for arg in self.session.get_outputs()]
         self.output_names = [spec.name for spec in self.outputs]
