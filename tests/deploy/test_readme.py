@@ -191,6 +191,15 @@ def check_python(argv: list[str], ctx: Context) -> None:
     assert len(argv) == 2 and (REPO / argv[1]).is_file(), argv
 
 
+def check_torchrun(argv: list[str], ctx: Context) -> None:
+    """torchrun's own parser takes the launcher options; what it launches must be ``-m bnfold ...``."""
+    from torch.distributed.run import get_args_parser
+
+    args = get_args_parser().parse_args(argv[1:])
+    assert args.module and args.training_script == "bnfold", argv
+    check_bnfold(["bnfold", *args.training_script_args], ctx)
+
+
 def check_source(argv: list[str], ctx: Context) -> None:
     assert argv == [".", ".venv/bin/activate"], argv
 
@@ -210,6 +219,7 @@ CHECKERS: dict[str, Callable[[list[str], Context], None]] = {
     "python3": check_python,
     ".": check_source,
     ".ci/run": check_script,
+    "torchrun": check_torchrun,
 }
 
 
