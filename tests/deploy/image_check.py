@@ -108,6 +108,11 @@ class Podman:
         self.containers.append(cid)
         return cid
 
+    def logs(self, cid: str) -> str:
+        """The end of a container's stdout and stderr."""
+        result = self("logs", cid, check=False)
+        return (result.stdout + result.stderr)[-3000:]
+
     def close(self) -> None:
         for cid in reversed(self.containers):
             self("rm", "--force", "--time", "5", cid, timeout=60, check=False)
@@ -206,25 +211,34 @@ def request(url: str, body: Any = None) -> tuple[int, Any]:
 
 
 def serve(podman: Podman, *args: str) -> tuple[str, str]:
-    """Start the image's CMD on a free loopback port; wait until ready. Returns (container ID, URL)."""
-    port = free_port()
-    cid = podman.start("--network", "host", "--env", "BNFOLD_HOST=127.0.0.1", "--env", f"BNFOLD_PORT={port}",
-                       *args)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + READY_S
-    while True:
-        try:
-            if request(f"{url}/v2/health/ready")[0] == 200:
+    """Start the image's CMD on a free loopback port; wait until ready. Returns (container ID, URL).
+
+    The host network, so nothing depends on podman's port forwarding; a port taken between
+    choosing and binding it (the container then exits with "address already in use") is retried.
+    """
+    for _ in range(3):
+        port = free_port()
+        cid = podman.start("--network", "host", "--env", "BNFOLD_HOST=127.0.0.1", "--env", f"BNFOLD_PORT={port}",
+                           *args)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + READY_S
+        while True:
+            try:
+                ready = request(f"{url}/v2/health/ready")[0] == 200
+            except (OSError, ValueError):
+                ready = False  # not listening yet
+            state = json.loads(podman("inspect", "--format", "{{json .State}}", cid).stdout)
+            if ready and state.get("Running"):  # still running: it did not fail to bind, say
                 return cid, url
-        except (OSError, ValueError):
-            pass  # not listening yet
-        state = json.loads(podman("inspect", "--format", "{{json .State}}", cid).stdout)
-        if not state.get("Running"):
-            logs = podman("logs", cid, check=False).stdout[-3000:]
-            raise CheckFailed(f"the container exited with {state.get('ExitCode')} before it was ready:\n{logs}")
-        if time.monotonic() > deadline:
-            raise CheckFailed(f"not ready within {READY_S} s:\n{podman('logs', cid, check=False).stdout[-3000:]}")
-        time.sleep(0.5)
+            if not state.get("Running"):
+                logs = podman.logs(cid)
+                if "address already in use" in logs:
+                    break
+                raise CheckFailed(f"the container exited with {state.get('ExitCode')} before it was ready:\n{logs}")
+            if time.monotonic() > deadline:
+                raise CheckFailed(f"not ready within {READY_S} s:\n{podman.logs(cid)}")
+            time.sleep(0.5)
+    raise CheckFailed("three free ports were taken before the server could bind them")
 
 
 def reference(model: Path, x: np.ndarray) -> np.ndarray:
