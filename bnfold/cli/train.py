@@ -19,9 +19,11 @@ examples:
   bnfold train --arch cnn --data images/ --image-size 32 -o cnn.pt
                                          # images/: one sub-folder per class
   bnfold train --width 32 --epochs 20 --lr 1e-3 --optimizer sgd -o cnn.pt
-  bnfold train --nproc 2 --batch-size 64 -o cnn.pt   # 2 processes, 32 samples each
+  bnfold train --nproc 2 --batch-size 64 -o cnn.pt
+                                         # 2 processes, 32 samples each per step
   torchrun --nproc-per-node 4 -m bnfold train --device cuda -o cnn.pt
-  bnfold train --resume cnn.pt --epochs 30 -o cnn30.pt   # continue its saved epoch
+  bnfold train --resume cnn.pt --epochs 30 -o cnn30.pt
+                                         # continue from its saved epoch
 
 Ctrl-C stops early and saves the best epoch so far. --batch-size is the global
 batch: each of N processes takes batch-size / N samples per step.
@@ -51,7 +53,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--label-column", metavar="NAME", help="CSV label column (default: label)")
     p.add_argument("--image-size", type=int, metavar="N", help="image folders: resize to N x N (default: 32)")
     p.add_argument("--epochs", type=int, metavar="N", help="epochs (default: per architecture)")
-    p.add_argument("--batch-size", type=int, metavar="N", help="batch size (default: per architecture)")
+    p.add_argument("--batch-size", type=int, metavar="N",
+                   help="global batch size, split evenly among the processes (default: per architecture)")
     p.add_argument("--lr", type=float, metavar="X", help="peak learning rate (default: per architecture)")
     p.add_argument("--weight-decay", type=float, metavar="X", help="weight decay (default: per architecture)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="AdamW or SGD with momentum")
