@@ -17,12 +17,14 @@ core alike), all graph optimizations on (what the server runs):
   onnxruntime uses ``vpmaddubsw`` + ``vpmaddwd``, so the gain is smaller;
 * the 1-minute load average before and after, since the machine is shared.
 
-Serving requests/s of int8 models is not measured here (see the README's int8 section).
+In the full run, serving: one ``bnfold serve`` with version 1 float and version 2 int8 of one
+ResNet, requests/s of batch-1 requests at 32 connections (:func:`serving`).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -186,7 +188,8 @@ def run(out: Path, mode: str = "full") -> dict[str, Any]:
             "contract_met": m["reason"] is None, "contract_miss": m["reason"], "layers": m["layers"],
             "float_bytes": len(float_bytes), "int8_bytes": len(int8_bytes), "latency": rows,
         })
-    body = {"mode": mode, "machine": common.machine(), "cpu_int8": cpu_int8_support(),
+    serving_body = serving(mode, out) if mode == "full" else None
+    body = {"mode": mode, "machine": common.machine(), "cpu_int8": cpu_int8_support(), "serving": serving_body,
             "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
             "method": "every layer int8: minmax calibration, 256 samples, QDQ, per-channel 7-bit weights, "
                       "uint8 activations; onnxruntime all optimizations, 1 thread, medians of interleaved rounds",
@@ -195,6 +198,71 @@ def run(out: Path, mode: str = "full") -> dict[str, Any]:
     (out / "int8.md").write_text(markdown(body))
     plot(body, out / "int8.png")
     return body
+
+
+SERVING_MODEL = "torchvision/resnet18"  # falls back to bnfold's resnet on 3x32x32 without torchvision/timm
+
+
+def serving(mode: str, out: Path) -> dict[str, Any]:
+    """Requests/s of batch-1 binary requests at 32 connections: version 1 float, version 2 its certified int8.
+
+    One ``bnfold serve`` process (dynamic batching, the defaults) pinned to CPU 0 serves both versions;
+    the load generator runs on CPU 1; 3 interleaved slices of 3 s per version, median slice reported.
+    """
+    import tempfile
+
+    import numpy as np
+
+    from benchmarks import loadgen
+    from benchmarks import serving as bench_serving
+    from bnfold import pipeline, quantize
+    from bnfold.quantize.calibration import Calibration
+
+    if real_models(mode):
+        label, source = SERVING_MODEL, real_source(SERVING_MODEL)
+    else:
+        label = "resnet 3x32x32"
+        source = pipeline.load_source(common.calibrated_checkpoint("resnet", (3, 32, 32)))
+    common.log(f"serving: {label}, float as version 1, int8 as version 2")
+    shape = tuple(source.input_shape)
+    outcome = pipeline.fold_and_certify(source, pipeline.Config(n_random=8, use_data=False))
+    calibration = Calibration(x=synthetic_images(256, shape, 1), name="synthetic images",
+                              eval_x=synthetic_images(512, shape, 2), eval_name="synthetic images", eval_y=None,
+                              notes=[])
+    int8 = quantize.quantize_outcome(outcome, calibration, quantize.QuantizeOptions())
+    generator = "wrk" if loadgen.ensure_wrk(install=False) else "asyncio"
+    sample = synthetic_images(1, shape, 3)
+    raw = sample.astype("<f4").tobytes()
+    header = json.dumps({"inputs": [{"name": int8.certificate.input_name, "shape": list(sample.shape),
+                                     "datatype": "FP32", "parameters": {"binary_data_size": len(raw)}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
+    rps: dict[str, list[float]] = {"1": [], "2": []}
+    errors = 0
+    with tempfile.TemporaryDirectory(prefix="bnfold-int8-serving-") as tmp:
+        for version, proto in (("1", outcome.onnx_model), ("2", int8.onnx_model)):
+            (Path(tmp) / "m" / version).mkdir(parents=True)
+            (Path(tmp) / "m" / version / "model.onnx").write_bytes(proto.SerializeToString())
+        port = bench_serving.free_port()
+        env = {"BNFOLD_MODEL_REPOSITORY": tmp, "BNFOLD_PORT": str(port), "BNFOLD_HOST": "127.0.0.1",
+               "BNFOLD_LOG_LEVEL": "warning", "PYTHONPATH": str(common.ROOT)}
+        with bench_serving.server([sys.executable, "-m", "service"], f"http://127.0.0.1:{port}/v2/health/ready",
+                                  env=env, log=Path(tmp) / "server.log"):
+            for version in rps:  # check both answer before timing
+                url = f"http://127.0.0.1:{port}/v2/models/m/versions/{version}/infer"
+                answer, answer_headers = bench_serving.post(url, header + raw, headers)
+                assert np.all(np.isfinite(bench_serving.decode_output(answer, answer_headers)))
+            for round_ in range(3):
+                for version in (["1", "2"] if round_ % 2 == 0 else ["2", "1"]):
+                    url = f"http://127.0.0.1:{port}/v2/models/m/versions/{version}/infer"
+                    load = loadgen.run_load(generator, url, header + raw, headers, concurrency=32, seconds=3.0,
+                                            cpus=bench_serving.GENERATOR_CPUS)
+                    rps[version].append(load.rps)
+                    errors += load.errors
+    median = {v: sorted(r)[len(r) // 2] for v, r in rps.items()}
+    return {"model": label, "input_shape": list(shape), "generator": generator, "concurrency": 32,
+            "float_rps": median["1"], "int8_rps": median["2"], "speedup": median["2"] / median["1"],
+            "slices": rps, "errors": errors}
 
 
 def markdown(body: dict[str, Any]) -> str:
@@ -222,6 +290,13 @@ def markdown(body: dict[str, Any]) -> str:
         ["model", "batch 1 ms (float / int8)", "speedup", "batch 32 ms (float / int8)", "speedup",
          "int8 samples/s (b32)", "top-1 agreement", "accuracy (float / int8)", "contract met", "KiB (float / int8)"],
         rows)
+    served = body.get("serving")
+    if served:
+        table += (f"\nServing {served['model']} {'x'.join(map(str, served['input_shape']))} with `bnfold serve` "
+                  f"(one process on CPU 0, dynamic batching), batch-1 binary requests at {served['concurrency']} "
+                  f"connections ({served['generator']} on CPU 1), median of 3 interleaved 3 s slices: version 1 "
+                  f"float **{served['float_rps']:.0f}** req/s, version 2 int8 **{served['int8_rps']:.0f}** req/s "
+                  f"(**{served['speedup']:.2f}x**; {served['errors']} errors).\n")
     return head + table + (
         "\nSpeedup = float latency / int8 latency (throughput ratio), every layer int8. Accuracy is on the digits "
         "validation split; n/a for the models with random weights (the 3x32x32 ResNets and the real "
