@@ -97,6 +97,7 @@ class Podman:
 
     def __init__(self, conf: Path) -> None:
         self.env = os.environ | {"CONTAINERS_CONF": str(conf)}
+        self.scratch = conf.parent
         self.containers: list[str] = []
 
     def __call__(self, *args: str, timeout: float = 60, check: bool = True,
@@ -104,9 +105,14 @@ class Podman:
         return run(["podman", *args], timeout, env=self.env, check=check, log=log)
 
     def start(self, *args: str) -> str:
-        cid = self("run", "--detach", *args, IMAGE, timeout=120).stdout.strip()
-        self.containers.append(cid)
-        return cid
+        """``podman run --detach``; the ID comes from --cidfile, so a container that fails to start is removed too."""
+        cidfile = self.scratch / f"container-{len(self.containers)}.id"
+        try:
+            self("run", "--detach", "--cidfile", str(cidfile), *args, IMAGE, timeout=120)
+        finally:
+            if cidfile.exists():
+                self.containers.append(cidfile.read_text().strip())
+        return self.containers[-1]
 
     def logs(self, cid: str) -> str:
         """The end of a container's stdout and stderr."""
