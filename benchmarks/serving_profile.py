@@ -2,7 +2,8 @@
 
 Two views of one batch-1 request (the serving benchmark's models and bodies):
 
-* **Stages, timed in-process** (``perf_counter``, median of rounds, one pinned CPU): each stage called
+* **Stages, timed in-process** (CPU time of the process, ``time.process_time``: what other processes on a
+  shared machine take is not counted; median of rounds, one pinned CPU): each stage called
   on its own, in a loop, with the request the load generator sends --
 
   - *HTTP + ASGI*: uvicorn's httptools protocol (with :mod:`service.protocol`'s limits) parsing the
@@ -44,6 +45,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -71,10 +74,10 @@ def _per_call_us(fn: Callable[[], Any], n: int, rounds: int) -> float:
         fn()
     times = []
     for _ in range(rounds):
-        start = time.perf_counter()
+        start = time.process_time()
         for _ in range(n):
             fn()
-        times.append((time.perf_counter() - start) / n)
+        times.append((time.process_time() - start) / n)
     return statistics.median(times) * 1e6
 
 
@@ -83,10 +86,10 @@ async def _per_call_us_async(fn: Callable[[], Awaitable[Any]], n: int, rounds: i
         await fn()
     times = []
     for _ in range(rounds):
-        start = time.perf_counter()
+        start = time.process_time()
         for _ in range(n):
             await fn()
-        times.append((time.perf_counter() - start) / n)
+        times.append((time.process_time() - start) / n)
     return statistics.median(times) * 1e6
 
 
@@ -191,6 +194,8 @@ def in_process(repo: Path, model: serving.Model, encoding: str, n: int, rounds: 
                           n, rounds)
     out["array building"] = max(0.0, decode - out["JSON decode"])
     out["onnxruntime"] = _per_call_us(lambda: runtime.run(request.inputs), n, rounds)
+    rows32 = {"input": np.concatenate([request.inputs["input"]] * 32)}
+    out["onnxruntime per row, batch of 32"] = _per_call_us(lambda: runtime.run(rows32), max(1, n // 32), rounds) / 32
     app = create_app(settings)
     metrics = app.state.service.metrics
 
@@ -279,17 +284,33 @@ def live(repo: Path, model: serving.Model, encoding: str, concurrency: int, seco
     return result
 
 
+def live_trivial(body: bytes, seconds: float) -> dict[str, float]:
+    """Server CPU per request of the load generator's trivial endpoint (uvloop + httptools, no framework, a
+    fixed answer) at c=32 with ``body``: the floor of any Python HTTP server's cost per request."""
+    port = serving.free_port()
+    with serving.server([sys.executable, str(common.BENCH / "loadgen.py"), "--serve-trivial", str(port)],
+                        f"http://127.0.0.1:{port}/", log=common.CACHE / "serving-profile" / "trivial.log") as proc:
+        url = f"http://127.0.0.1:{port}/"
+        loadgen.run_wrk(url, body, {}, concurrency=32, seconds=1, cpus=serving.GENERATOR_CPUS)
+        before = _ticks(proc.pid)
+        load = loadgen.run_wrk(url, body, {}, concurrency=32, seconds=seconds, cpus=serving.GENERATOR_CPUS)
+        cpu_us = (_ticks(proc.pid) - before) / os.sysconf("SC_CLK_TCK") / max(1, load.requests) * 1e6
+    return {"rps": load.rps, "server_cpu_us_per_request": cpu_us}
+
+
 def classify(frames: list[str]) -> str:
-    """The stage of one sampled stack (outermost frame first): see :data:`RULES`; else the event loop.
+    """The stage of one sampled stack (outermost frame first): its innermost frame that a :data:`RULES`
+    fragment names; else the event loop.
 
     A stack whose innermost Python frame is the loop's ``run`` is in uvloop's C code: polling, socket
     reads and writes, callbacks not yet in Python.
     """
     if frames and frames[-1].startswith(("Runner.run ", "run_until_complete ", "run_forever ")):
         return "socket I/O and event loop"
-    for stage, fragment in RULES:
-        if any(fragment in frame for frame in reversed(frames)):
-            return stage
+    for frame in reversed(frames):  # the innermost frame of a known stage decides (numpy's frames have none)
+        for stage, fragment in RULES:
+            if fragment in frame:
+                return stage
     return "socket I/O and event loop"
 
 
@@ -318,7 +339,10 @@ def run(out: Path, *, mode: str = "full") -> dict[str, Any]:
                 common.log(f"serving profile: {model.name} {encoding}: live, c={c}")
                 results[str(c)] = live(workdir / "repo-batching", model, encoding, c, seconds, out,
                                   py_spy if c == 32 and mode != "smoke" else None)
-            rows.append({"model": model.name, "encoding": encoding, "stages_us": stages, "live": results})
+            body_bytes = (model.oip_binary() if encoding == "binary" else model.oip_json())[0]
+            common.log(f"serving profile: {model.name} {encoding}: the trivial endpoint's floor")
+            rows.append({"model": model.name, "encoding": encoding, "stages_us": stages, "live": results,
+                         "trivial_http": live_trivial(body_bytes, seconds)})
     body = {"benchmark": "serving_profile", "mode": mode, "machine": common.machine(), "py_spy": py_spy,
             "settings": {"calls_per_round": n, "rounds": rounds, "live_seconds": seconds,
                          "server_cpus": sorted(serving.SERVER_CPUS), "generator_cpus": sorted(serving.GENERATOR_CPUS)},
@@ -334,7 +358,8 @@ def markdown(body: dict[str, Any]) -> str:
             f"{body['settings']['generator_cpus']}, server CPU from /proc. Load average "
             f"{body['machine']['load_average_1_5_15']}.\n\n")
     header = ["stage (us per request)"] + [f"{r['model']} {r['encoding']}" for r in body["results"]]
-    keys = [*STAGES[:-1], "queueing + hand-off, worker thread", "whole request in-process"]
+    keys = [*STAGES[:-1], "onnxruntime per row, batch of 32", "queueing + hand-off, worker thread",
+            "whole request in-process"]
     rows = [[k, *[f"{r['stages_us'].get(k, 0.0):.1f}" for r in body["results"]]] for k in keys]
     for c in (1, 32):
         rows.append([f"live server CPU per request, c={c}",
@@ -342,6 +367,10 @@ def markdown(body: dict[str, Any]) -> str:
     rows.append(["socket I/O and event loop, c=1 (live - in-process)",
                  *[f"{r['live']['1']['server_cpu_us_per_request'] - r['stages_us']['whole request in-process']:.1f}"
                    for r in body["results"]]])
+    rows.append(["floor: trivial HTTP endpoint, live CPU per request, c=32",
+                 *[f"{r['trivial_http']['server_cpu_us_per_request']:.1f}" for r in body["results"]]])
+    rows.append(["best share of the c=32 ceiling with that floor: row / (row + floor)",
+                 *[f"{_floor_share(r):.2f}" for r in body["results"]]])
     text += common.markdown_table(header, rows)
     text += ("\nThe stages are timed one by one; *whole request in-process* is one request through the real app "
              "and protocol (fake transport). At c=32 onnxruntime runs batches, so its cost per request is below "
@@ -354,6 +383,13 @@ def markdown(body: dict[str, Any]) -> str:
             [[s, *[f"{100 * r['live']['32']['profile_shares'].get(s, 0.0):.1f}"
                    for r in profiled]] for s in STAGES])
     return text
+
+
+def _floor_share(row: dict[str, Any]) -> float:
+    """The largest share of in-process onnxruntime's c=32 req/s a Python HTTP server could reach: one row's
+    run at batch 32 over that plus the trivial endpoint's CPU per request (which does no work at all)."""
+    run = row["stages_us"]["onnxruntime per row, batch of 32"]
+    return run / (run + row["trivial_http"]["server_cpu_us_per_request"])
 
 
 def main(argv: list[str] | None = None) -> int:
