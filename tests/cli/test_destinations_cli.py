@@ -112,3 +112,20 @@ def test_serve_reads_the_repository_from_the_environment_too(run_bnfold, tmp_pat
     proc = run_bnfold("serve", env={"BNFOLD_MODEL_REPOSITORY": str(tmp_path / "nope")}, timeout=120)
     assert proc.returncode == 2
     assert f"model repository '{tmp_path / 'nope'}' does not exist" in _one_error_line(proc.stderr)
+
+
+def test_poll_mode_may_start_on_an_empty_repository_but_not_a_missing_one(tmp_path: Path) -> None:
+    from bnfold.cli.serve import check_repository
+    from bnfold.errors import BnfoldError
+
+    check_repository(tmp_path, may_be_empty=True)  # models written later go live by themselves
+    with pytest.raises(BnfoldError, match="holds no model"):
+        check_repository(tmp_path)
+    with pytest.raises(BnfoldError, match="does not exist"):
+        check_repository(tmp_path / "typo", may_be_empty=True)
+
+
+def test_serve_help_lists_model_control(run_bnfold) -> None:
+    proc = run_bnfold("serve", "--help")
+    assert proc.returncode == 0
+    assert "--model-control {none,explicit,poll}" in proc.stdout and "--repository-poll-s" in proc.stdout
