@@ -158,6 +158,8 @@ def _as_array(data: Any, spec: TensorSpec, what: str = "data") -> np.ndarray:
         array = np.asarray(data)
     except (ValueError, TypeError, OverflowError) as exc:
         raise _fail(f"input {spec.name!r} {what} is not a regular (non-ragged) array of numbers: {exc}") from None
+    if dtype.kind == "u" and dtype.itemsize == 8 and array.dtype.kind in "fO":
+        array = _uint64_integers(data, array, spec, what)
     if array.size and array.dtype.kind not in _ACCEPTED_KINDS[dtype.kind]:
         got = {"U": "strings", "O": "mixed values or objects", "b": "booleans", "f": "floats"}.get(
             array.dtype.kind, str(array.dtype))
@@ -177,6 +179,19 @@ def _as_array(data: Any, spec: TensorSpec, what: str = "data") -> np.ndarray:
                             f"finite {spec.datatype} ({float(np.finfo(dtype).max):.6g}): they would be inf")
             return cast
     return array.astype(dtype, copy=False)
+
+
+def _uint64_integers(data: Any, inferred: np.ndarray, spec: TensorSpec, what: str) -> np.ndarray:
+    """JSON integers for a UINT64 input that numpy inferred as float64 or objects: it does so when one
+    value is at least 2**63 and another is small, or any is past 2**64. Kept exact when every value is an
+    integer (never a float or a boolean) within [0, 2**64 - 1]; otherwise ``inferred``, refused by the caller."""
+    values = np.asarray(data, dtype=object)
+    if values.shape != inferred.shape or not all(type(v) is int for v in values.flat):
+        return inferred
+    low, high = min(values.flat), max(values.flat)
+    if low < 0 or high >= 1 << 64:
+        raise _fail(f"input {spec.name!r} values [{low}, {high}] do not fit {spec.datatype} [0, {(1 << 64) - 1}]")
+    return np.array(values.tolist(), dtype=np.uint64)
 
 
 def _all_finite(array: np.ndarray) -> bool:

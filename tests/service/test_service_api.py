@@ -290,6 +290,31 @@ def test_integer_inputs_are_checked(client: TestClient, data: list[Any], message
     assert_error(client.post("/v2/models/types/infer", json={"inputs": inputs}), 400, message)
 
 
+def _uint64_request(data: list[Any]) -> dict[str, Any]:
+    inputs = [{"name": f"in_{n}", "datatype": n, "shape": [2, 2], "data": [False] * 4 if n == "BOOL" else [0] * 4}
+              for n in TYPES]
+    inputs[[f"in_{n}" for n in TYPES].index("in_UINT64")]["data"] = data
+    return {"inputs": inputs, "outputs": [{"name": "out_UINT64"}]}
+
+
+def test_uint64_json_values_past_int64_stay_exact(client: TestClient) -> None:
+    """numpy infers float64 for [2**64 - 1, 1]; the service must not round (or refuse) such integers."""
+    data = [2**64 - 1, 1, 2**63, 0]
+    response = client.post("/v2/models/types/infer", json=_uint64_request(data))
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"][0]["data"] == data
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    pytest.param([2**64, 0, 0, 0], "holds floats", id="past-2**64"),  # JSON parsing makes it a float
+    pytest.param([2**63, -1, 0, 0], "values [-1, 9223372036854775808] do not fit UINT64", id="negative"),
+    pytest.param([2**63, 1.5, 0, 0], "holds floats", id="float"),
+    pytest.param([2**63, True, 0, 0], "holds floats", id="bool"),
+])
+def test_uint64_json_values_are_checked(client: TestClient, data: list[Any], message: str) -> None:
+    assert_error(client.post("/v2/models/types/infer", json=_uint64_request(data)), 400, message)
+
+
 def test_missing_input(client: TestClient) -> None:
     inputs = [{"name": "in_FP32", "datatype": "FP32", "shape": [1, 2], "data": [0, 0]}]
     assert_error(client.post("/v2/models/types/infer", json={"inputs": inputs}), 400, "missing inputs ['in_BOOL'")
