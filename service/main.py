@@ -33,7 +33,6 @@ from service.logs import event, log_config
 from service.metrics import ServiceMetrics, shared_directory
 from service.protocol import HttpLimits, protocol_factory
 from service.repository import ModelRepository
-from service.runtime import use_providers
 
 KEEP_ALIVE_S = 5  # uvicorn's default: an idle keep-alive connection is closed after this
 
@@ -107,7 +106,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               openapi_url=None if keyed else "/openapi.json", docs_url=None if keyed else "/docs",
                               redoc_url=None if keyed else "/redoc")
     registry = ServiceMetrics()
-    use_providers(settings.provider_list)  # BNFOLD_PROVIDERS: every model session's providers
     model_repository = ModelRepository(settings, registry)
     app.state.service = Service(settings, model_repository, registry, ModelControl(model_repository))
     # Inference bypasses FastAPI's request machinery (see service.api.fastpath for the measurements);

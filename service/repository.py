@@ -463,7 +463,8 @@ class ModelRepository:
                 entry.reason = f"{entry.file} has sha256 {actual}, but {CONFIG_FILE} pins sha256 {expected}"
                 return
         try:
-            runtime = ModelRuntime(entry.path, threads, spinning=self.settings.ort_spinning, model=data)
+            runtime = ModelRuntime(entry.path, threads, spinning=self.settings.ort_spinning, model=data,
+                                   providers=self.settings.provider_list)
         except Exception as exc:  # onnxruntime raises several types for unreadable/invalid models
             entry.reason = f"failed to load: {type(exc).__name__}: {self._public(exc)}"
             return

@@ -39,7 +39,6 @@ CPU = "CPUExecutionProvider"
 PROVIDER_OPTIONS: dict[str, dict[str, str]] = {"CUDAExecutionProvider": {"use_tf32": "0"}}
 _HINTS = {"CUDAExecutionProvider": "; install onnxruntime-gpu in place of onnxruntime (one of the two, not both)",
           "TensorrtExecutionProvider": "; install onnxruntime-gpu with TensorRT"}
-_providers: tuple[str, ...] = (CPU,)  # the process-wide choice, set by use_providers() at start-up
 
 
 def parse_providers(text: str, available: Sequence[str] | None = None) -> tuple[str, ...]:
@@ -59,11 +58,6 @@ def parse_providers(text: str, available: Sequence[str] | None = None) -> tuple[
     return names
 
 
-def use_providers(providers: Sequence[str]) -> None:
-    """Make ``providers`` (checked by :func:`parse_providers`) what every later :class:`ModelRuntime` uses."""
-    global _providers
-    _providers = tuple(providers)
-
 
 def _spec(arg: ort.NodeArg) -> TensorSpec:
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or []))
@@ -75,7 +69,7 @@ class ModelRuntime:
 
     ``model`` (the file's bytes) is what the session loads when given, so that a file checked by
     its digest is the file served; else the session reads ``path``. ``providers``: execution
-    providers in order of preference (default: those of :func:`use_providers`). Raises
+    providers in order of preference (default: the CPU's; the service passes ``BNFOLD_PROVIDERS``). Raises
     ``ValueError`` for a thread count outside ``1..usable CPUs`` or a first provider that did not
     start, and whatever onnxruntime raises for a bad model.
     """
@@ -95,7 +89,7 @@ class ModelRuntime:
         options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
         self.path = path
         self.threads = threads
-        wanted = tuple(providers) if providers is not None else _providers
+        wanted = tuple(providers) if providers is not None else (CPU,)
         self.session = ort.InferenceSession(str(path) if model is None else model, sess_options=options,
                                             providers=[(name, PROVIDER_OPTIONS.get(name, {})) for name in wanted])
         self.providers: tuple[str, ...] = tuple(self.session.get_providers())  # those that started, in order

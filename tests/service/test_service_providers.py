@@ -106,8 +106,27 @@ def test_the_service_serves_on_the_configured_providers(tmp_path: Path) -> None:
     (tmp_path / "classifier" / "1").mkdir(parents=True)
     (tmp_path / "classifier" / "1" / "model.onnx").write_bytes(certified(gemm_model(1), 1).SerializeToString())
     settings = Settings(model_repository=tmp_path, intra_op_threads=1, providers="CPUExecutionProvider")
-    try:
-        with TestClient(create_app(settings)) as client:
-            assert client.get("/v2/models/classifier/ready").status_code == 200
-    finally:
-        runtime.use_providers((CPU,))
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/v2/models/classifier/ready").status_code == 200
+        served = client.app.state.service.repository.models["classifier"][1].runtime  # type: ignore[attr-defined]
+        assert served.providers == (CPU,)
+
+
+def test_the_repository_passes_the_configured_providers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each app's settings choose its sessions' providers (no process-wide state between apps)."""
+    (tmp_path / "classifier" / "1").mkdir(parents=True)
+    (tmp_path / "classifier" / "1" / "model.onnx").write_bytes(certified(gemm_model(1), 1).SerializeToString())
+    asked: list[tuple[str, ...]] = []
+    real = runtime.ModelRuntime.__init__
+
+    def spy(self: ModelRuntime, *args: Any, providers: Any = None, **kwargs: Any) -> None:
+        asked.append(tuple(providers))
+        real(self, *args, providers=(CPU,), **kwargs)
+
+    monkeypatch.setattr(runtime.ModelRuntime, "__init__", spy)
+    monkeypatch.setattr(runtime.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", CPU])
+    settings = Settings(model_repository=tmp_path, intra_op_threads=1,
+                        providers="CUDAExecutionProvider,CPUExecutionProvider")
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/v2/models/classifier/ready").status_code == 200
+    assert asked and all(p == ("CUDAExecutionProvider", CPU) for p in asked)
