@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -198,7 +199,9 @@ def launch(nproc: int, args: Sequence[str]) -> int:
         killed = sorted((rank, f) for rank, f in exc.failures.items() if f.exitcode < 0)
         if not killed:  # every failed rank exited with a code, after printing its error
             return exc.get_first_failure()[1].exitcode
-        rank, failure = killed[0]  # the cause: the others fail after it, in their next collective
+        # The cause: the agent stops the other ranks with SIGTERM once one failed, so a rank killed by
+        # another signal comes first; the ranks' order says nothing (rank 0 may be the one stopped).
+        rank, failure = min(killed, key=lambda item: (item[1].exitcode == -signal.SIGTERM, item[0]))
         error = BnfoldError(f"rank {rank} of {nproc} (pid {failure.pid}) was killed by {failure.signal_name()}; "
                             "the other ranks were stopped and nothing was saved")
         error.exit_code = 1

@@ -258,3 +258,24 @@ def test_setup_refuses_incomplete_launch_variables(monkeypatch: pytest.MonkeyPat
         monkeypatch.setenv(key, value)
     with pytest.raises(BnfoldError, match=message):
         distributed.setup(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("order", [pytest.param((0, 1), id="rank0-first"), pytest.param((1, 0), id="rank1-first")])
+def test_launch_names_the_killed_rank_not_the_one_the_agent_stopped(monkeypatch: pytest.MonkeyPatch,
+                                                                    order: tuple[int, int]) -> None:
+    """rank 1 killed by SIGKILL, rank 0 then stopped by the agent's SIGTERM: the report names rank 1."""
+    import signal
+
+    import torch.distributed.run as run_module
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    codes = {0: -signal.SIGTERM, 1: -signal.SIGKILL}
+    failures = {rank: ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=codes[rank], error_file="")
+                for rank in order}
+
+    def fail(_: Any) -> None:
+        raise ChildFailedError("bnfold", failures)
+
+    monkeypatch.setattr(run_module, "run", fail)
+    with pytest.raises(BnfoldError, match=r"^rank 1 of 2 \(pid 101\) was killed by SIGKILL; "):
+        distributed.launch(2, ["train"])
