@@ -14,14 +14,20 @@ machine affects every server alike -- the same method as the folding benchmark's
     arrive as JSON, and we wrote no custom binary endpoint for it);
 (e) in-process onnxruntime on the same CPU with the same session settings as (a): the ceiling.
     At concurrency ``c`` it is ``c`` rows per ``session.run`` (perfect batching, no HTTP, no
-    encoding): requests/s = ``c`` / median run time, latency = the median run time;
+    encoding): requests/s = ``c`` / median run time, latency = the median run time. It is measured
+    in slices inside each point's interleaved rounds, rotated with the servers (a process pinned to
+    the server CPU, idle between slices), so that every share of it compares numbers taken seconds
+    apart; each server's share uses the ceiling slices of its own body encoding's rounds;
 (f) peers (:mod:`benchmarks.peers`), each from its own venv given by ``--peer NAME=PYTHON`` (default
     ``/tmp/venv-peers-NAME/bin/python``; a peer whose interpreter is missing is skipped, and the
     table says so): Triton through PyTriton (dynamic batcher; JSON and binary), MLServer (adaptive
     batching; JSON only, it does not accept the binary extension), KServe's ModelServer (no
     in-process batcher; JSON and binary) and LitServe (dynamic batching; its own JSON body);
 (g) with ``--baseline DIR``: ``bnfold serve`` (batching) from another source tree, e.g. the commit
-    before a change (``git archive COMMIT | tar -x -C DIR``), labelled ``--baseline-label``.
+    before a change (``git archive COMMIT | tar -x -C DIR``), labelled ``--baseline-label``;
+(h) the Python floor (``oip_floor.py``): the cheapest OIP server we could write in Python (httptools,
+    orjson, per-iteration batching, onnxruntime inline, no checks). A goal the floor misses too is
+    beyond any Python server; one it meets is bnfold's own overhead (the goals table says which).
 
 Bodies are Open Inference Protocol requests of one sample, JSON (``data`` as a flat list) or binary
 (raw FP32 after a JSON header; binary output requested). Models: bnfold's ``resnet`` on 3x32x32
@@ -61,6 +67,7 @@ CONCURRENCY = (1, 8, 32, 64)
 BENTOML_VENV = common.BENCH / ".venv-bentoml"
 BENTOML_PIN = "bentoml==1.4.39"
 SERVER_CPUS, GENERATOR_CPUS = {0}, {1}
+BN, CEIL, FLOOR = "bnfold serve (batching)", "in-process onnxruntime", "Python floor (no checks)"
 
 
 @dataclass(frozen=True)
@@ -236,33 +243,73 @@ def ensure_bentoml(venv: Path = BENTOML_VENV) -> Path | None:
 # in-process ceiling (run in a subprocess pinned to the server CPU)
 
 
-def ceiling(onnx_path: Path, shape: list[int], concurrency: tuple[int, ...], repeats: int) -> list[dict[str, Any]]:
-    """Median ``session.run`` time of ``c`` rows, with ``bnfold serve``'s session settings, for each ``c``."""
+def ceiling(runtime: Any, shape: list[int], c: int, seconds: float) -> list[float]:
+    """Times (s) of ``session.run`` on ``c`` rows with ``bnfold serve``'s session settings, for ``seconds``.
+
+    The ceiling at ``c`` is ``c`` / the median time. A few warm-up runs first (not returned); at least 5 timed.
+    """
+    x = np.random.default_rng(0).standard_normal((c, *shape)).astype(np.float32)
+    for _ in range(3):
+        runtime.run({"input": x})
+    times: list[float] = []
+    end = time.perf_counter() + seconds
+    while len(times) < 5 or time.perf_counter() < end:
+        start = time.perf_counter()
+        runtime.run({"input": x})
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def ceiling_worker(models: dict[str, tuple[str, list[int]]]) -> None:
+    """Answer each stdin line ``{"model", "c", "seconds"}`` with one ceiling slice, a JSON line on stdout."""
     from service.runtime import ModelRuntime
 
-    runtime = ModelRuntime(onnx_path, threads=1)
-    rows = []
-    for c in concurrency:
-        x = np.random.default_rng(0).standard_normal((c, *shape)).astype(np.float32)
-        for _ in range(max(5, repeats // 10)):
-            runtime.run({"input": x})
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            runtime.run({"input": x})
-            times.append(time.perf_counter() - start)
+    runtimes = {name: (ModelRuntime(Path(path), threads=1), shape) for name, (path, shape) in models.items()}
+    print("ready", flush=True)
+    for line in sys.stdin:
+        ask = json.loads(line)
+        runtime, shape = runtimes[ask["model"]]
+        times = ceiling(runtime, shape, ask["c"], ask["seconds"])
         med = statistics.median(times)
-        rows.append({"concurrency": c, "rps": c / med, "p50_ms": med * 1e3,
-                     "p99_ms": float(np.percentile(times, 99)) * 1e3})
-    return rows
+        print(json.dumps({"runs": len(times), "seconds": sum(times), "rps": ask["c"] / med, "p50_ms": med * 1e3,
+                          "p99_ms": float(np.percentile(times, 99)) * 1e3}), flush=True)
 
 
-def run_ceiling(model: Model, concurrency: tuple[int, ...], repeats: int) -> list[dict[str, Any]]:
-    cmd = _taskset(SERVER_CPUS, [sys.executable, str(Path(__file__).resolve()), "--ceiling", str(model.onnx),
-                                 "--shape", json.dumps(model.input_shape), "--repeats", str(repeats),
-                                 "--concurrency", json.dumps(list(concurrency))])
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=common.ROOT)
-    return list(json.loads(done.stdout.strip().splitlines()[-1]))
+class Ceiling:
+    """The in-process ceiling as one process pinned to the server CPU, measured a slice at a time between servers."""
+
+    label = CEIL
+
+    def __init__(self, models: dict[str, Model]) -> None:
+        spec = json.dumps({m.name: [str(m.onnx), m.input_shape] for m in models.values()})
+        self.proc = subprocess.Popen(_taskset(SERVER_CPUS, [sys.executable, str(Path(__file__).resolve()),
+                                                            "--ceiling-worker", spec]),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=common.ROOT)
+        self._read()  # "ready"
+
+    def _read(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the in-process ceiling worker exited with {self.proc.wait()}")
+        return line
+
+    def slice(self, model: str, c: int, seconds: float) -> loadgen.Load:
+        """One slice: ``session.run`` of ``c`` rows for ``seconds``, as a load (requests = rows run)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"model": model, "c": c, "seconds": seconds}) + "\n")
+        self.proc.stdin.flush()
+        got = json.loads(self._read())
+        return loadgen.Load("none", c, got["seconds"], got["runs"] * c, 0, got["rps"], got["p50_ms"], got["p99_ms"])
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,6 +349,10 @@ def targets(models: dict[str, Model], workdir: Path, bentoml: Path | None, peers
     found.append(Target("naive FastAPI + PyTorch", [py, str(common.BENCH / "naive_server.py"), "--port", str(port),
                                                     *[f"--model={m.name}={m.checkpoint}" for m in models.values()]],
                         f"http://127.0.0.1:{port}/v2/health/ready",
+                        {m: f"http://127.0.0.1:{port}/v2/models/{m}/infer" for m in models}, ("json", "binary")))
+    port = free_port()
+    found.append(Target(FLOOR, [py, str(common.BENCH / "oip_floor.py"), str(port),
+                                *[f"{m.name}={m.onnx}" for m in models.values()]], f"http://127.0.0.1:{port}/",
                         {m: f"http://127.0.0.1:{port}/v2/models/{m}/infer" for m in models}, ("json", "binary")))
     if bentoml is not None:
         port = free_port()
@@ -391,6 +442,7 @@ def run(out: Path, *, mode: str = "full", skip: tuple[str, ...] = (), generator:
     running = [t for t in targets(models, workdir, bentoml, available, baseline)
                if not any(s in t.label.lower() for s in skip)]
     pids: dict[str, int] = {}
+    ceiling_slices: dict[tuple[str, str, int], list[loadgen.Load]] = {}  # (model, encoding, c) -> slices
     with contextlib.ExitStack() as stack:
         # Every server runs at once (idle ones cost nothing) so that each point's slices can be interleaved.
         for i, target in enumerate(list(running)):
@@ -417,6 +469,8 @@ def run(out: Path, *, mode: str = "full", skip: tuple[str, ...] = (), generator:
                                    "max_abs_error_vs_inprocess": err, "startup_s": startup})
                     if err > 1e-4 * max(1.0, float(np.max(np.abs(references[name])))):
                         raise RuntimeError(f"{target.label} answered {got} for {name}, expected {references[name]}")
+        ceil = Ceiling(models)
+        stack.callback(ceil.close)
         for name, model in models.items():
             for encoding in ("json", "binary"):
                 group = [t for t in running if encoding in t.encodings]
@@ -425,9 +479,15 @@ def run(out: Path, *, mode: str = "full", skip: tuple[str, ...] = (), generator:
                 for c in levels:
                     slices: dict[str, list[loadgen.Load]] = {t.label: [] for t in group}
                     cpu: dict[str, float] = {t.label: 0.0 for t in group}
+                    ceiling_slices[name, encoding, c] = []
                     for round_ in range(rounds):
-                        shift = round_ % len(group)
-                        for target in group[shift:] + group[:shift]:
+                        turn: list[Target | Ceiling] = [*group, ceil]  # the ceiling takes its turn with the servers
+                        shift = round_ % len(turn)
+                        for member in turn[shift:] + turn[:shift]:
+                            if isinstance(member, Ceiling):
+                                ceiling_slices[name, encoding, c].append(member.slice(name, c, seconds / rounds))
+                                continue
+                            target = member
                             before = common.tree_cpu_seconds(pids[target.label])
                             slices[target.label].append(load(target.urls[name], *_body(target, model, encoding), c,
                                                              seconds / rounds))
@@ -441,22 +501,23 @@ def run(out: Path, *, mode: str = "full", skip: tuple[str, ...] = (), generator:
                         common.log(f"  {target.label} {name} {encoding} c={c}: {result.rps:.0f} req/s, "
                                    f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, "
                                    f"server CPU {cpu_ms:.3f} ms/request, errors {result.errors}")
-    ceilings = {m.name: run_ceiling(m, levels, 300 if mode == "full" else 50) for m in models.values()}
-    for name, ceil in ceilings.items():
-        for point in ceil:
-            rows.append({"server": "in-process onnxruntime", "model": name, "encoding": "none", "body_bytes": 0,
-                         "generator": "none", "seconds": 0.0, "requests": 0, "errors": 0,
-                         "server_cpu_ms_per_request": point["p50_ms"] / point["concurrency"], **point})
+                    top = _median_load(ceiling_slices[name, encoding, c])
+                    common.log(f"  {CEIL} {name} (beside {encoding}) c={c}: {top.rps:.0f} req/s, "
+                               f"p50 {top.p50_ms:.2f} ms")
+    rows.extend(ceiling_rows(ceiling_slices))
     body_ = {"benchmark": "serving", "mode": mode, "machine": common.machine(),
              "settings": {"generator": generator, "server_cpus": sorted(SERVER_CPUS),
                           "generator_cpus": sorted(GENERATOR_CPUS), "seconds_per_point": seconds,
                           "interleaved_rounds": rounds,
+                          "ceiling": "in slices of seconds_per_point / interleaved_rounds, one per round beside "
+                                     "the servers of each point",
                           "concurrency": list(levels), "request_rows": 1,
                           "bnfold_settings": "defaults: max_batch_size 64, max_queue_delay_ms 0, 1 intra-op thread",
                           "bentoml": BENTOML_PIN if bentoml else None,
                           "peers": {k: str(v) for k, v in available.items()},
                           "baseline": None if baseline is None else {"tree": str(baseline[0]), "label": baseline[1]}},
-             "generator_ceiling": generator_ceiling, "checks": checks, "skipped_servers": skipped, "results": rows}
+             "generator_ceiling": generator_ceiling, "latency_floor": _latency_floor(generator_ceiling),
+             "checks": checks, "skipped_servers": skipped, "results": rows}
     body_["targets"] = target_summary(body_)
     if mode != "smoke" and "grpc" not in skip:  # gRPC vs HTTP binary vs HTTP JSON, one server (grpc_load.py)
         from benchmarks import grpc_load
@@ -478,6 +539,26 @@ def _median_load(slices: list[loadgen.Load]) -> loadgen.Load:
                         statistics.median(s.p99_ms for s in slices))
 
 
+def ceiling_rows(slices: dict[tuple[str, str, int], list[loadgen.Load]]) -> list[dict[str, Any]]:
+    """One in-process row per (model, c): medians over every slice; ``beside``: those of each encoding's rounds."""
+    by_point: dict[tuple[str, int], dict[str, list[loadgen.Load]]] = {}
+    for (model, encoding, c), loads in slices.items():
+        by_point.setdefault((model, c), {})[encoding] = loads
+    rows = []
+    for (model, c), by_encoding in by_point.items():
+        result = _median_load([s for loads in by_encoding.values() for s in loads])
+        beside = {e: {k: v for k, v in _median_load(loads).to_dict().items() if k in ("rps", "p50_ms", "p99_ms")}
+                  for e, loads in by_encoding.items()}
+        rows.append({"server": CEIL, "model": model, "encoding": "none", "body_bytes": 0, **result.to_dict(),
+                     "server_cpu_ms_per_request": result.p50_ms / c, "beside": beside})
+    return rows
+
+
+def _latency_floor(generator_ceiling: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The trivial endpoint's c=1 point: an HTTP round trip that does no work, no server's c=1 p50 gets under it."""
+    return next((g for g in generator_ceiling if g["concurrency"] == 1), None)
+
+
 def _reference(model: Model) -> np.ndarray:
     from bnfold.export import read_onnx
     from bnfold.verification import ort_runner
@@ -490,14 +571,19 @@ def _find(rows: list[dict[str, Any]], server: str, model: str, encoding: str, c:
                  and r["concurrency"] == c), None)
 
 
+def _ceiling(rows: list[dict[str, Any]], model: str, encoding: str, c: int) -> dict[str, Any] | None:
+    """The in-process ceiling at ``c`` as measured in the rounds of ``encoding``'s servers (else over the run)."""
+    top = _find(rows, CEIL, model, "none", c)
+    return None if top is None else dict(top.get("beside", {}).get(encoding, top))
+
+
 def target_summary(body: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's serving targets, per model and encoding, from one run's rows."""
     rows, out = body["results"], []
-    bn, naive, bento, ceil = ("bnfold serve (batching)", "naive FastAPI + PyTorch", "BentoML (adaptive batching)",
-                              "in-process onnxruntime")
+    naive, bento = "naive FastAPI + PyTorch", "BentoML (adaptive batching)"
     for model in sorted({r["model"] for r in rows}):
         for encoding in ("json", "binary"):
-            ours32 = _find(rows, bn, model, encoding, 32)
+            ours32 = _find(rows, BN, model, encoding, 32)
             if ours32 is not None:
                 for other, want in ((bento, 2.0), (naive, 4.0)):
                     theirs = _find(rows, other, model, "json" if other == bento else encoding, 32)
@@ -513,7 +599,7 @@ def target_summary(body: dict[str, Any]) -> list[dict[str, Any]]:
                                                   f">= {want:g}x", "model": model, "encoding": encoding,
                                         "ours": mine, "theirs": other_cpu, "value": other_cpu / mine,
                                         "met": other_cpu / mine >= want})
-            ours1, base = _find(rows, bn, model, encoding, 1), _find(rows, ceil, model, "none", 1)
+            ours1, base = _find(rows, BN, model, encoding, 1), _ceiling(rows, model, encoding, 1)
             if ours1 is not None and base is not None:
                 gap = ours1["p50_ms"] - base["p50_ms"]
                 out.append({"target": "c=1 p50 within 1 ms of in-process onnxruntime", "model": model,
@@ -529,16 +615,17 @@ P50_GAP_MS = 0.10
 BASELINE_GAIN = 1.5  # for the overhead-bound model (cnn)
 
 
-def _goals(body: dict[str, Any], model: str, encoding: str) -> list[dict[str, Any]]:
-    rows, bn, ceil = body["results"], "bnfold serve (batching)", "in-process onnxruntime"
+def _goals(body: dict[str, Any], model: str, encoding: str, server: str = BN) -> list[dict[str, Any]]:
+    """Issue 16's goals for ``server`` (bnfold by default; the floor to tell what any Python server reaches)."""
+    rows = body["results"]
     out = []
-    ours32, top = _find(rows, bn, model, encoding, 32), _find(rows, ceil, model, "none", 32)
+    ours32, top = _find(rows, server, model, encoding, 32), _ceiling(rows, model, encoding, 32)
     if ours32 is not None and top is not None:
         share = ours32["rps"] / top["rps"]
         out.append({"target": f"c=32 req/s >= {CEILING_SHARE[encoding]:g} of in-process onnxruntime", "model": model,
                     "encoding": encoding, "ours": ours32["rps"], "theirs": top["rps"], "value": share,
                     "met": share >= CEILING_SHARE[encoding]})
-    ours1, base = _find(rows, bn, model, encoding, 1), _find(rows, ceil, model, "none", 1)
+    ours1, base = _find(rows, server, model, encoding, 1), _ceiling(rows, model, encoding, 1)
     if ours1 is not None and base is not None:
         gap = ours1["p50_ms"] - base["p50_ms"]
         out.append({"target": f"c=1 p50 within {P50_GAP_MS:g} ms of in-process onnxruntime", "model": model,
@@ -553,18 +640,50 @@ def _goals(body: dict[str, Any], model: str, encoding: str) -> list[dict[str, An
     return out
 
 
-def ceiling_shares(body: dict[str, Any], c: int = 32) -> list[list[str]]:
-    """Rows (server, then per model and encoding: req/s at ``c`` / in-process onnxruntime's) for the ratio table."""
+def goal_verdicts(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each of bnfold's issue-16 goals beside the floor's value in the same run, and why a missed one is missed.
+
+    Verdict: ``met``; ``beyond the floor`` (the floor misses it too: no Python server we could write meets
+    it); ``bnfold overhead`` (the floor meets it: bnfold's own cost, fixable); ``floor not measured``.
+    """
+    out = []
+    for model in sorted({r["model"] for r in body["results"]}):
+        for encoding in ("json", "binary"):
+            floor = {g["target"]: g for g in _goals(body, model, encoding, FLOOR)}
+            for goal in _goals(body, model, encoding):
+                other = floor.get(goal["target"])
+                verdict = ("met" if goal["met"] else "floor not measured" if other is None
+                           else "bnfold overhead" if other["met"] else "beyond the floor")
+                out.append({"goal": goal["target"], "model": model, "encoding": encoding, "bnfold": goal["value"],
+                            "floor": None if other is None else other["value"], "met": goal["met"],
+                            "floor_met": None if other is None else other["met"], "verdict": verdict})
+    return out
+
+
+def _shares(body: dict[str, Any], reference: str, c: int) -> list[list[str]]:
+    """Rows (server, then per model and encoding: req/s at ``c`` / ``reference``'s) for a ratio table."""
     rows = body["results"]
     cells = [(m, e) for m in sorted({r["model"] for r in rows}) for e in ("json", "binary")]
     out = []
-    for server_ in dict.fromkeys(r["server"] for r in rows if r["encoding"] != "none"):
+    for server_ in dict.fromkeys(r["server"] for r in rows if r["encoding"] != "none" and r["server"] != reference):
         line = [server_]
         for model, encoding in cells:
-            r, top = _find(rows, server_, model, encoding, c), _find(rows, "in-process onnxruntime", model, "none", c)
+            r = _find(rows, server_, model, encoding, c)
+            top = (_ceiling(rows, model, encoding, c) if reference == CEIL
+                   else _find(rows, reference, model, encoding, c))
             line.append("-" if r is None or top is None else f"{r['rps'] / top['rps']:.2f}")
         out.append(line)
     return [["server", *[f"{m} {e}" for m, e in cells]], *out]
+
+
+def ceiling_shares(body: dict[str, Any], c: int = 32) -> list[list[str]]:
+    """Each server's req/s at ``c`` / the in-process ceiling's, measured in the same rounds; header first."""
+    return _shares(body, CEIL, c)
+
+
+def floor_shares(body: dict[str, Any], c: int = 32) -> list[list[str]]:
+    """Each server's req/s at ``c`` / the Python floor's in the same run; header first."""
+    return _shares(body, FLOOR, c)
 
 
 def markdown(body: dict[str, Any]) -> str:
@@ -591,7 +710,26 @@ def markdown(body: dict[str, Any]) -> str:
          for g in body["generator_ceiling"]])
     if s["concurrency"] and 32 in s["concurrency"]:
         header_, *shares = ceiling_shares(body)
-        text += "\n### Share of in-process onnxruntime's req/s at c=32\n\n" + common.markdown_table(header_, shares)
+        text += ("\n### Share of in-process onnxruntime's req/s at c=32 (ceiling measured in the same rounds)\n\n"
+                 + common.markdown_table(header_, shares))
+        if any(r["server"] == FLOOR for r in body["results"]):
+            header_, *shares = floor_shares(body)
+            text += "\n### Share of the Python floor's req/s at c=32 (same run)\n\n"
+            text += common.markdown_table(header_, shares)
+    verdicts = goal_verdicts(body)
+    if verdicts:
+        text += "\n### Issue 16 goals: bnfold beside the Python floor (oip_floor.py), same run\n\n"
+        text += common.markdown_table(
+            ["goal", "model", "body", "bnfold", "floor", "verdict"],
+            [[v["goal"], v["model"], v["encoding"], _number(v["goal"], v["bnfold"]),
+              "-" if v["floor"] is None else _number(v["goal"], v["floor"]),
+              v["verdict"] if v["met"] else f"**not met**: {v['verdict']}"] for v in verdicts])
+    latency = body.get("latency_floor")
+    if latency:
+        beyond = latency["p50_ms"] > P50_GAP_MS
+        text += (f"\nLatency floor: the trivial endpoint (no work, largest JSON body) answers at c=1 in p50 "
+                 f"{latency['p50_ms']:.3f} ms, the HTTP round trip and load generator alone; a c=1 gap "
+                 f"of {P50_GAP_MS:g} ms is {'below' if beyond else 'above'} it.\n")
     if body.get("skipped_servers"):
         text += "\n### Not measured\n\n" + common.markdown_table(
             ["server", "why"], [[k, v[:200]] for k, v in body["skipped_servers"].items()])
@@ -608,9 +746,13 @@ def markdown(body: dict[str, Any]) -> str:
     return text
 
 
+def _number(target: str, value: float) -> str:
+    unit = " ms" if target.startswith("c=1 p50") else "" if " of in-process" in target else "x"
+    return f"{value:.2f}{unit}"
+
+
 def _value(target: dict[str, Any]) -> str:
-    unit = " ms" if target["target"].startswith("c=1 p50") else "" if " of in-process" in target["target"] else "x"
-    return f"{target['value']:.2f}{unit}"
+    return _number(target["target"], target["value"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -623,14 +765,10 @@ def main(argv: list[str] | None = None) -> int:
                              "default /tmp/venv-peers-NAME/bin/python, skipped when missing")
     parser.add_argument("--baseline", type=Path, metavar="DIR", help="also serve bnfold from this source tree")
     parser.add_argument("--baseline-label", default="bnfold serve (batching), baseline tree")
-    parser.add_argument("--ceiling", type=Path, help=argparse.SUPPRESS)  # internal: in-process ceiling
-    parser.add_argument("--shape", help=argparse.SUPPRESS)
-    parser.add_argument("--repeats", type=int, default=300, help=argparse.SUPPRESS)
-    parser.add_argument("--concurrency", default="[1, 8, 32, 64]", help=argparse.SUPPRESS)
+    parser.add_argument("--ceiling-worker", help=argparse.SUPPRESS)  # internal: {name: [onnx, shape]}, see Ceiling
     args = parser.parse_args(argv)
-    if args.ceiling is not None:
-        print(json.dumps(ceiling(args.ceiling, json.loads(args.shape), tuple(json.loads(args.concurrency)),
-                                 args.repeats)))
+    if args.ceiling_worker is not None:
+        ceiling_worker(json.loads(args.ceiling_worker))
         return 0
     peers = default_peers()
     for spec in args.peer:

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import fold_cost, loadgen, report  # noqa: E402
+from benchmarks.serving import goal_verdicts as serving_goal_verdicts  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -95,12 +96,21 @@ def test_linear_fit(x: list[float], y: list[float], slope: float, intercept: flo
 def test_serving_values(smoke: Path) -> None:
     body = _load(smoke, "serving")
     servers = {r["server"] for r in body["results"]}
-    assert servers == {"bnfold serve (batching)", "naive FastAPI + PyTorch", "in-process onnxruntime"}
+    assert servers == {"bnfold serve (batching)", "naive FastAPI + PyTorch", "Python floor (no checks)",
+                       "in-process onnxruntime"}
     for r in body["results"]:
         assert r["errors"] == 0 and _positive(r["rps"]) and 0 < r["p50_ms"] <= r["p99_ms"]
-    assert len(body["checks"]) == 4 and all(c["max_abs_error_vs_inprocess"] <= 1e-4 for c in body["checks"])
+    assert len(body["checks"]) == 6 and all(c["max_abs_error_vs_inprocess"] <= 1e-4 for c in body["checks"])
     assert all(_positive(g["rps"]) and g["errors"] == 0 for g in body["generator_ceiling"])
+    assert body["latency_floor"] == next(g for g in body["generator_ceiling"] if g["concurrency"] == 1)
     assert {t["target"] for t in body["targets"]} >= {"c=1 p50 within 1 ms of in-process onnxruntime"}
+    # The ceiling was measured in slices beside each encoding's servers, not once at the end.
+    ceilings = [r for r in body["results"] if r["server"] == "in-process onnxruntime"]
+    assert sorted(r["concurrency"] for r in ceilings) == [1, 8]
+    for r in ceilings:
+        assert set(r["beside"]) == {"json", "binary"} and r["requests"] >= 2 * 5 * r["concurrency"]
+        assert all(_positive(b["rps"]) for b in r["beside"].values())
+    assert {v["verdict"] for v in serving_goal_verdicts(body)} <= {"met", "beyond the floor", "bnfold overhead"}
 
 
 def test_asyncio_generator_counts_errors_and_latency(tmp_path: Path) -> None:
@@ -164,6 +174,79 @@ def test_serving_goals_and_ceiling_shares_from_rows() -> None:
     header, *rows = serving.ceiling_shares(body)
     assert header == ["server", "cnn json", "cnn binary"]
     assert rows == [[bn, "-", "0.93"], [before, "-", "0.60"]]
+
+
+def _ceiling(model: str, c: int, rps: float, p50: float, beside: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    return {**_row("in-process onnxruntime", model, "none", c, rps, p50),
+            "beside": {e: {"rps": r, "p50_ms": p, "p99_ms": p} for e, (r, p) in beside.items()}}
+
+
+def test_serving_goals_beside_the_floor_from_rows() -> None:
+    """Each goal shows bnfold and the floor; a miss is the floor's too (beyond it) or bnfold's alone (overhead)."""
+    from benchmarks import serving
+
+    bn, floor, before = "bnfold serve (batching)", "Python floor (no checks)", "bnfold serve, before"
+    body = {"settings": {"baseline": {"label": before, "tree": "/x"}}, "results": [
+        # resnet binary: the floor meets 0.92 of the ceiling, bnfold does not (overhead)
+        _row(bn, "resnet", "binary", 32, 800.0, 40.0), _row(floor, "resnet", "binary", 32, 940.0, 30.0),
+        # resnet json: both miss 0.75 (beyond the floor); the ceiling of json's rounds is 900, not the median 950
+        _row(bn, "resnet", "json", 32, 450.0, 60.0), _row(floor, "resnet", "json", 32, 630.0, 50.0),
+        _ceiling("resnet", 32, 950.0, 33.0, {"json": (900.0, 35.0), "binary": (1000.0, 32.0)}),
+        # cnn binary c=1: bnfold within 0.1 ms (met); cnn json c=1: neither (beyond the floor)
+        _row(bn, "cnn", "binary", 1, 3000.0, 0.12), _row(floor, "cnn", "binary", 1, 4000.0, 0.10),
+        _row(bn, "cnn", "json", 1, 2000.0, 0.45), _row(floor, "cnn", "json", 1, 3000.0, 0.25),
+        _ceiling("cnn", 1, 20000.0, 0.05, {"json": (20000.0, 0.05), "binary": (20000.0, 0.05)}),
+        # cnn binary c=32: 1.4x the baseline, the floor 5x; no floor row for json (not measured)
+        _row(bn, "cnn", "binary", 32, 1400.0, 20.0), _row(floor, "cnn", "binary", 32, 5000.0, 6.0),
+        _row(before, "cnn", "binary", 32, 1000.0, 30.0), _row(bn, "cnn", "json", 32, 1600.0, 20.0),
+        _row(before, "cnn", "json", 32, 1000.0, 30.0)]}
+    got = {(v["goal"], v["model"], v["encoding"]): v for v in serving.goal_verdicts(body)}
+    share92, share75 = "c=32 req/s >= 0.92 of in-process onnxruntime", "c=32 req/s >= 0.75 of in-process onnxruntime"
+    p50, gain = "c=1 p50 within 0.1 ms of in-process onnxruntime", f"c=32 req/s >= 1.5x {before}"
+    overhead = got[share92, "resnet", "binary"]
+    assert (overhead["bnfold"], overhead["floor"]) == (pytest.approx(0.80), pytest.approx(0.94))
+    assert overhead["verdict"] == "bnfold overhead" and not overhead["met"] and overhead["floor_met"]
+    beyond = got[share75, "resnet", "json"]
+    assert (beyond["bnfold"], beyond["floor"]) == (pytest.approx(0.50), pytest.approx(0.70))
+    assert beyond["verdict"] == "beyond the floor"
+    assert got[p50, "cnn", "binary"]["verdict"] == "met"
+    assert got[p50, "cnn", "binary"]["bnfold"] == pytest.approx(0.07)
+    assert got[p50, "cnn", "json"]["verdict"] == "beyond the floor"
+    assert got[p50, "cnn", "json"]["floor"] == pytest.approx(0.20)
+    assert got[gain, "cnn", "binary"]["verdict"] == "bnfold overhead"
+    assert got[gain, "cnn", "binary"]["floor"] == pytest.approx(5.0)
+    assert got[gain, "cnn", "json"]["verdict"] == "met"
+    assert got[gain, "cnn", "json"]["floor"] is None
+    header, *rows = serving.floor_shares(body)
+    assert header == ["server", "cnn json", "cnn binary", "resnet json", "resnet binary"]
+    assert rows == [[bn, "-", "0.28", "0.71", "0.85"], [before, "-", "0.20", "-", "-"]]
+    header, *rows = serving.ceiling_shares(body)
+    assert rows[:2] == [[bn, "-", "-", "0.50", "0.80"], [floor, "-", "-", "0.70", "0.94"]]
+    text = serving.markdown({**body, "machine": {"load_average_1_5_15": [1.0, 1.0, 1.0]}, "generator_ceiling": [],
+                             "targets": [], "latency_floor": {"concurrency": 1, "p50_ms": 0.18},
+                             "settings": {**body["settings"], "generator": "wrk", "generator_cpus": [1],
+                                          "server_cpus": [0], "seconds_per_point": 1.0, "concurrency": [1, 32]}})
+    assert "| c=32 req/s >= 0.75 of in-process onnxruntime | resnet | json | 0.50 | 0.70 | " \
+           "**not met**: beyond the floor |" in text
+    assert "c=1 in p50 0.180 ms" in text
+
+
+def test_serving_ceiling_rows_from_slices() -> None:
+    """The ceiling row of a (model, c) is the median of every slice; ``beside`` holds each encoding's rounds."""
+    from benchmarks import serving
+
+    def ceil(rps: float, p50: float) -> loadgen.Load:
+        return loadgen.Load("none", 8, 1.0, 800, 0, rps, p50, 2 * p50)
+
+    slices = {("cnn", "json", 8): [ceil(100.0, 1.0), ceil(300.0, 3.0), ceil(200.0, 2.0)],
+              ("cnn", "binary", 8): [ceil(400.0, 4.0), ceil(600.0, 6.0)]}
+    (row,) = serving.ceiling_rows(slices)
+    assert (row["server"], row["model"], row["encoding"], row["concurrency"]) == ("in-process onnxruntime", "cnn",
+                                                                                   "none", 8)
+    assert (row["rps"], row["p50_ms"], row["requests"]) == (300.0, 3.0, 4000)
+    assert row["server_cpu_ms_per_request"] == pytest.approx(3.0 / 8)
+    assert row["beside"] == {"json": {"rps": 200.0, "p50_ms": 2.0, "p99_ms": 4.0},
+                             "binary": {"rps": 500.0, "p50_ms": 5.0, "p99_ms": 10.0}}
 
 
 @pytest.mark.parametrize(("frames", "stage"), [
