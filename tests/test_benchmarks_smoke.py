@@ -186,7 +186,7 @@ def test_serving_goals_beside_the_floor_from_rows() -> None:
     from benchmarks import serving
 
     bn, floor, before = "bnfold serve (batching)", "Python floor (no checks)", "bnfold serve, before"
-    body = {"settings": {"baseline": {"label": before, "tree": "/x"}}, "results": [
+    body: dict[str, Any] = {"settings": {"baseline": {"label": before, "tree": "/x"}}, "results": [
         # resnet binary: the floor meets 0.92 of the ceiling, bnfold does not (overhead)
         _row(bn, "resnet", "binary", 32, 800.0, 40.0), _row(floor, "resnet", "binary", 32, 940.0, 30.0),
         # resnet json: both miss 0.75 (beyond the floor); the ceiling of json's rounds is 900, not the median 950
