@@ -519,6 +519,7 @@ def run(out: Path, *, mode: str = "full", skip: tuple[str, ...] = (), generator:
              "generator_ceiling": generator_ceiling, "latency_floor": _latency_floor(generator_ceiling),
              "checks": checks, "skipped_servers": skipped, "results": rows}
     body_["targets"] = target_summary(body_)
+    body_["goals"] = goal_verdicts(body_)
     if mode != "smoke" and "grpc" not in skip:  # gRPC vs HTTP binary vs HTTP JSON, one server (grpc_load.py)
         from benchmarks import grpc_load
 
@@ -716,7 +717,7 @@ def markdown(body: dict[str, Any]) -> str:
             header_, *shares = floor_shares(body)
             text += "\n### Share of the Python floor's req/s at c=32 (same run)\n\n"
             text += common.markdown_table(header_, shares)
-    verdicts = goal_verdicts(body)
+    verdicts = body.get("goals") or goal_verdicts(body)
     if verdicts:
         text += "\n### Issue 16 goals: bnfold beside the Python floor (oip_floor.py), same run\n\n"
         text += common.markdown_table(
