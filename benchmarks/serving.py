@@ -392,7 +392,7 @@ def run(out: Path, *, mode: str = "full", skip: tuple[str, ...] = (), generator:
     ``skip``: leave out servers whose label contains one of these (lower case), e.g. ``("bentoml",)``.
     ``peers``: :data:`PEERS` key -> interpreter (default :func:`default_peers`); a missing one is skipped.
     ``baseline``: (source tree, label) of another ``bnfold serve`` to measure beside this one.
-    Smoke mode serves only the cnn, from bnfold (batching) and the naive server, at concurrency 1 and 8.
+    Smoke mode serves only the cnn, from bnfold (batching), the naive server and the floor, at concurrency 1 and 8.
     """
     common.check_mode(mode)
     workdir = common.CACHE / f"serving-{mode}"
