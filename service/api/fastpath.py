@@ -16,6 +16,10 @@ Behaviour is that of the FastAPI routes it replaces: the same API-key check
 metrics, 500 ``{"error": "internal server error"}`` for a bug. :func:`openapi_paths` documents the
 routes in the OpenAPI schema.
 
+:meth:`InferenceEndpoints.answer` is the handler of both paths into it: the ASGI one above, and
+:mod:`service.protocol`'s direct path (:meth:`ServiceApp.direct_route`), which hands over a small
+body it read whole already and skips ASGI altogether.
+
 Admission (:mod:`service.api.admission`) costs O(1) per request: the request takes its share of the
 worker's byte budget as it reads and decodes (503 + ``Retry-After`` past ``max_inflight_bytes``),
 and registers for its deadline (504 past ``request_timeout_s``, 408 if the body was still arriving).
@@ -28,6 +32,7 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -54,6 +59,9 @@ PREDICT = "/v1/models/{name}:predict"
 PATTERNS = [(re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$"), path)
             for path in (INFER, INFER_VERSION, PREDICT)]
 _JSON = [(b"content-type", b"application/json")]
+Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]  # status, body, headers besides content-length
+# (path, path parameters, lower-cased raw headers, whole body) -> the answer; see ServiceApp.direct_route
+DirectHandler = Callable[[str, dict[str, str], list[tuple[bytes, bytes]], bytes], Awaitable[Answer | None]]
 _CLOSE = (b"connection", b"close")
 
 
@@ -69,52 +77,72 @@ class InferenceEndpoints:
         self.deadlines = Deadlines(settings.request_timeout_s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        answer = await self.answer(scope["path"], scope["path_params"], scope["headers"], receive=receive)
+        if answer is not None:
+            status, payload, extra = answer
+            await _send(send, status, payload, extra)
+
+    async def answer(self, path: str, params: dict[str, str], raw_headers: list[tuple[bytes, bytes]], *,
+                     receive: Receive | None = None, body: bytes | None = None) -> Answer | None:
+        """Status, body and extra headers of the answer to one request; ``None`` when the client left.
+
+        The body comes from ``receive`` (read with the limits of :mod:`service.api.body`), or is ``body``:
+        one that the HTTP protocol read whole already (:mod:`service.protocol`'s direct path: at most
+        ``max_body_bytes``, identity encoding), taken from the byte budget here.
+        """
         headers: dict[bytes, bytes] = {}
-        for key, value in scope["headers"]:  # names arrive lower-cased; the first of a repeated header wins
+        for key, value in raw_headers:  # names arrive lower-cased; the first of a repeated header wins
             headers.setdefault(key, value)
-        params = scope["path_params"]
         service = self.service
         task = asyncio.current_task()
         deadlines = self.deadlines
         deadlines.add(task, time.monotonic())  # type: ignore[arg-type]
         share = Share(self.budget)
-        read = False
+        read = body is not None
         try:
             check_api_key(service.settings, headers.get(b"authorization", b""))
             try:
-                body = await read_body(receive, headers.get(b"content-length"), headers.get(b"content-encoding"),
-                                       service.settings.max_body_bytes, share)
+                if body is None:
+                    assert receive is not None
+                    body = await read_body(receive, headers.get(b"content-length"), headers.get(b"content-encoding"),
+                                           service.settings.max_body_bytes, share)
+                else:
+                    share.take(len(body))
             except ServiceError as exc:  # the budget is full
                 raise http_error(exc, service.settings.retry_after_s) from None
             read = True
-            payload, extra = await self._run(scope["path"].endswith(":predict"), params["name"],
-                                             params.get("version"), body, headers, share)
+            payload, extra = await self._run(path.endswith(":predict"), params["name"], params.get("version"), body,
+                                             headers, share)
             deadlines.remove(task)  # type: ignore[arg-type]
-            await _send(send, 200, payload, extra)
+            return 200, payload, extra
         except HTTPException as exc:
             service.metrics.http_error(exc.status_code)
-            await _send(send, exc.status_code, orjson.dumps({"error": str(exc.detail)}),
-                        [*_JSON, *((k.lower().encode("latin-1"), v.encode("latin-1"))
-                                   for k, v in (exc.headers or {}).items()), *(() if read else (_CLOSE,))])
+            return exc.status_code, orjson.dumps({"error": str(exc.detail)}), \
+                [*_JSON, *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (exc.headers or {}).items()),
+                 *(() if read else (_CLOSE,))]
         except ClientGone:
-            pass
+            return None
         except asyncio.CancelledError:
             if not deadlines.missed(task):  # type: ignore[arg-type]
                 raise  # the server is shutting down
             status = 504 if read else 408
             service.metrics.http_error(status)
             what = "did not finish" if read else "body did not arrive"
-            await _send(send, status, orjson.dumps({"error": f"the request {what} within "
-                                                    f"{deadlines.timeout_s:g} s (BNFOLD_REQUEST_TIMEOUT_S)"}),
-                        [*_JSON, _CLOSE])
+            return status, orjson.dumps({"error": f"the request {what} within {deadlines.timeout_s:g} s "
+                                                  "(BNFOLD_REQUEST_TIMEOUT_S)"}), [*_JSON, _CLOSE]
         except Exception as exc:  # a bug: the same answer and log line as FastAPI's handler for the other routes
-            event(logging.ERROR, "internal error", path=scope["path"], error=f"{type(exc).__name__}: {exc}")
-            await _send(send, 500, b'{"error":"internal server error"}', _JSON)
+            event(logging.ERROR, "internal error", path=path, error=f"{type(exc).__name__}: {exc}")
+            return 500, b'{"error":"internal server error"}', _JSON
         finally:
             deadlines.remove(task)  # type: ignore[arg-type]
             if share.held >= TRIM_BYTES:  # a large request: its memory goes back to the OS, not just to malloc
                 trim_soon()
             share.release()
+
+    async def answer_read(self, path: str, params: dict[str, str], raw_headers: list[tuple[bytes, bytes]],
+                          body: bytes) -> Answer | None:
+        """:meth:`answer` for a body the HTTP protocol read whole already (a :data:`DirectHandler`)."""
+        return await self.answer(path, params, raw_headers, body=body)
 
     async def _run(self, predict: bool, name: str, version: str | None, body: bytes,
                    headers: dict[bytes, bytes], share: Share) -> tuple[bytes, list[tuple[bytes, bytes]]]:
@@ -151,6 +179,16 @@ async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes,
     await send({"type": "http.response.body", "body": body})
 
 
+def match_inference(path: str) -> dict[str, str] | None:
+    """The path parameters when ``path`` (without the root path) is an inference route, else ``None``."""
+    if path.endswith(("/infer", ":predict")):
+        for pattern, _ in PATTERNS:
+            match = pattern.match(path)
+            if match:
+                return match.groupdict()
+    return None
+
+
 def routes(endpoints: InferenceEndpoints) -> list[BaseRoute]:
     """The same handler as Starlette routes, for FastAPI's router (405 for other methods, trailing-slash redirects)."""
     return [Route(path, endpoints, methods=["POST"]) for _, path in PATTERNS]
@@ -166,17 +204,22 @@ class ServiceApp(FastAPI):
         if endpoints is not None and scope["type"] == "http" and scope["method"] == "POST":
             path: str = scope["path"]
             root = scope.get("root_path", "")
-            if root and path.startswith(root):
-                path = path[len(root):]
-            if path.endswith(("/infer", ":predict")):
-                for pattern, _ in PATTERNS:
-                    match = pattern.match(path)
-                    if match:
-                        scope["path_params"] = match.groupdict()
-                        scope["app"] = self
-                        await endpoints(scope, receive, send)
-                        return
+            params = match_inference(path[len(root):] if root and path.startswith(root) else path)
+            if params is not None:
+                scope["path_params"] = params
+                scope["app"] = self
+                await endpoints(scope, receive, send)
+                return
         await super().__call__(scope, receive, send)
+
+    def direct_route(self, path: str) -> tuple[DirectHandler, dict[str, str]] | None:
+        """The handler and path parameters of a ``POST`` to ``path`` that :mod:`service.protocol` may serve
+        without ASGI (a body read whole already), or ``None``: then the request goes through :meth:`__call__`."""
+        endpoints = self.endpoints
+        if endpoints is None:
+            return None
+        params = match_inference(path)
+        return None if params is None else (endpoints.answer_read, params)
 
     def openapi(self) -> dict[str, Any]:
         """FastAPI's schema of the other routes, plus :func:`openapi_paths` (built once, then cached)."""

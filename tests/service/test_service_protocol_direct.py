@@ -1,0 +1,319 @@
+"""The protocol's direct path (:mod:`service.protocol`): inference requests answered without ASGI.
+
+Every request is sent twice over the real protocol and app with a fake transport: once with the
+direct path on, once with it off (the ASGI path). The answers must be the same bytes, except the
+``date`` header; pipelining, split reads, disconnects, the limits' timers and connection handling
+are checked on the direct path itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pydantic import SecretStr
+from uvicorn.config import Config
+from uvicorn.server import ServerState
+
+from service.config import Settings
+from service.main import create_app
+from service.protocol import DIRECT_BODY_BYTES, HttpLimits, LimitedHttpToolsProtocol, _DirectCycle
+
+X = [[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 2.5, 0.0]]
+JSON_BODY = json.dumps({"id": "r1", "inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 4],
+                                                "data": [v for row in X for v in row]}]}).encode()
+
+
+def _binary_body() -> tuple[bytes, int]:
+    raw = np.asarray(X, np.float32).tobytes()
+    header = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 4],
+                                     "parameters": {"binary_data_size": len(raw)}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    return header + raw, len(header)
+
+
+def _post(path: str, body: bytes, extra: str = "") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+
+class _Transport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.data = b""
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def write(self, data: Any) -> None:
+        assert not self.closed, "written after close"
+        self.data += bytes(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+Scenario = Callable[[Callable[[bool], Awaitable[tuple[LimitedHttpToolsProtocol, _Transport]]]], Awaitable[Any]]
+
+
+def _run(settings: Settings, scenario: Scenario, limits: HttpLimits | None = None) -> Any:
+    """Run ``scenario(connect)`` with the app started; ``connect(direct)`` opens a connection."""
+    async def main() -> Any:
+        app = create_app(settings)
+        config = Config(app=app, access_log=False, log_level="warning", lifespan="off")
+        config.load()
+        state = ServerState()
+        opened: list[LimitedHttpToolsProtocol] = []
+
+        async def connect(direct: bool) -> tuple[LimitedHttpToolsProtocol, _Transport]:
+            protocol = LimitedHttpToolsProtocol(config, state, {}, asyncio.get_running_loop(),
+                                                limits=limits or HttpLimits(16384, 30.0, 30.0))
+            if not direct:
+                protocol._direct = None
+            transport = _Transport()
+            protocol.connection_made(transport)
+            opened.append(protocol)
+            return protocol, transport
+
+        async with app.router.lifespan_context(app):
+            try:
+                return await scenario(connect)
+            finally:
+                for protocol in opened:
+                    protocol.connection_lost(None)
+
+    return asyncio.run(main())
+
+
+async def _until(condition: Callable[[], bool], what: str, seconds: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.001)
+
+
+def _responses(data: bytes) -> list[tuple[bytes, dict[bytes, bytes], bytes]]:
+    """Split what was written into (status line, headers, body) by content-length."""
+    out = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        status, *lines = head.split(b"\r\n")
+        headers = dict(line.split(b": ", 1) for line in lines)
+        if status.startswith(b"HTTP/1.1 1"):  # an interim answer (100 Continue): no body
+            data = rest
+            continue
+        length = int(headers[b"content-length"])
+        out.append((status, headers, rest[:length]))
+        data = rest[length:]
+    return out
+
+
+def _answers(settings: Settings, raw: bytes, direct: bool, count: int = 1) -> tuple[list[Any], bool, Any]:
+    async def scenario(connect: Any) -> tuple[list[Any], bool, Any]:
+        protocol, transport = await connect(direct)
+        protocol.data_received(raw)
+        await _until(lambda: transport.closed or len(_responses(transport.data)) >= count, "the answers")
+        await asyncio.sleep(0.01)  # nothing more may follow
+        return _responses(transport.data), transport.closed, protocol.cycle
+
+    return _run(settings, scenario)  # type: ignore[no-any-return]
+
+
+def _same(settings: Settings, raw: bytes, unread_closes: bool = False) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """The one answer to ``raw``, asserted equal on both paths (but the date), and that it took the direct path.
+
+    ``unread_closes``: the ASGI path refuses before reading the body and closes the connection, so that
+    the rest of the body is not read; the direct path has read the body already and keeps it open.
+    """
+    direct, direct_closed, cycle = _answers(settings, raw, True)
+    asgi, asgi_closed, _ = _answers(settings, raw, False)
+    assert isinstance(cycle, _DirectCycle)
+    assert len(direct) == len(asgi) == 1
+    for answer in (direct[0], asgi[0]):
+        answer[1].pop(b"date", None)
+    if unread_closes:
+        assert asgi_closed and asgi[0][1].pop(b"connection") == b"close"
+        assert not direct_closed and b"connection" not in direct[0][1]
+    else:
+        assert direct_closed == asgi_closed
+    assert direct[0] == asgi[0]
+    return direct[0]  # type: ignore[no-any-return]
+
+
+BINARY, HEADER_LENGTH = _binary_body()
+CASES = {
+    "json": _post("/v2/models/classifier/infer", JSON_BODY),
+    "binary": _post("/v2/models/classifier/infer", BINARY, f"Inference-Header-Content-Length: {HEADER_LENGTH}\r\n"),
+    "version": _post("/v2/models/classifier/versions/1/infer", JSON_BODY),
+    "predict": _post("/v1/models/classifier:predict", json.dumps({"instances": X}).encode()),
+    "query-string": _post("/v2/models/classifier/infer?x=1", JSON_BODY),
+    "malformed-json": _post("/v2/models/classifier/infer", b'{"inputs": ['),
+    "wrong-datatype": _post("/v2/models/classifier/infer", JSON_BODY.replace(b"FP32", b"INT8")),
+    "unknown-model": _post("/v2/models/nope/infer", JSON_BODY),
+    "unknown-version": _post("/v2/models/classifier/versions/9/infer", JSON_BODY),
+    "not-ready": _post("/v2/models/tampered/infer", JSON_BODY),
+    "bad-header-length": _post("/v2/models/classifier/infer", BINARY, "Inference-Header-Content-Length: 99999\r\n"),
+    "connection-close": _post("/v2/models/classifier/infer", JSON_BODY, "Connection: close\r\n"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_direct_answers_equal_the_asgi_path(settings: Settings, case: str) -> None:
+    status, headers, body = _same(settings, CASES[case])
+    expected = {"json": 200, "binary": 200, "version": 200, "predict": 200, "query-string": 200,
+                "connection-close": 200, "malformed-json": 400, "wrong-datatype": 400, "bad-header-length": 400,
+                "unknown-model": 404, "unknown-version": 404, "not-ready": 503}[case]
+    assert status.startswith(b"HTTP/1.1 %d " % expected), (status, body)
+    if expected != 200:
+        assert json.loads(body)["error"]
+    assert (headers.get(b"connection") == b"close") == (case == "connection-close")
+
+
+def test_the_direct_answer_is_the_model_output(settings: Settings) -> None:
+    _, headers, body = _same(settings, CASES["binary"])
+    length = int(headers[b"inference-header-content-length"])
+    header = json.loads(body[:length])
+    out = np.frombuffer(body[length:], np.float32).reshape(header["outputs"][0]["shape"])
+    _, _, reference = _same(settings, CASES["json"])
+    expected = np.asarray(json.loads(reference)["outputs"][0]["data"], np.float32).reshape(out.shape)
+    np.testing.assert_array_equal(out, expected)  # the same model run, two encodings
+
+
+@pytest.mark.parametrize(("key", "authorization", "status"), [
+    pytest.param("s3cret", "", 401, id="missing"), pytest.param("s3cret", "Bearer nope", 401, id="wrong"),
+    pytest.param("s3cret", "Bearer s3cret", 200, id="right")])
+def test_the_api_key_is_checked_on_the_direct_path(repository: Path, key: str, authorization: str,
+                                                    status: int) -> None:
+    settings = Settings(model_repository=repository, intra_op_threads=1, api_key=SecretStr(key))
+    extra = f"Authorization: {authorization}\r\n" if authorization else ""
+    answer = _same(settings, _post("/v2/models/classifier/infer", JSON_BODY, extra), unread_closes=status == 401)
+    assert answer[0].startswith(b"HTTP/1.1 %d " % status)
+    if status == 401:
+        assert answer[1][b"www-authenticate"] == b"Bearer"
+        assert key.encode() not in answer[2]
+
+
+@pytest.mark.parametrize("raw", [
+    pytest.param(_post("/v2/models/classifier/infer", JSON_BODY, "Expect: 100-continue\r\n"), id="expect"),
+    pytest.param(b"POST /v2/models/classifier/infer HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 + b"%x\r\n" % len(JSON_BODY) + JSON_BODY + b"\r\n0\r\n\r\n", id="chunked"),
+    pytest.param(_post("/v2/models/classifier/infer", JSON_BODY, "Content-Encoding: identity\r\n"),
+                 id="content-encoding"),
+    pytest.param(_post("/v2/models/classifier/infer", JSON_BODY).replace(b"HTTP/1.1", b"HTTP/1.0", 1), id="http-1.0"),
+    pytest.param(_post("/v2/models/classifie%72/infer", JSON_BODY), id="percent-encoded"),
+    pytest.param(_post("/v2/models/classifier/infer", b" " * DIRECT_BODY_BYTES + JSON_BODY), id="large-body"),
+])
+def test_what_the_direct_path_does_not_take_goes_through_asgi_and_is_served(settings: Settings, raw: bytes) -> None:
+    answers, _, cycle = _answers(settings, raw, True)
+    assert not isinstance(cycle, _DirectCycle)
+    assert answers[0][0].startswith(b"HTTP/1.1 200 "), answers
+    assert json.loads(answers[0][2])["outputs"][0]["shape"] == [2, 3]
+
+
+def test_pipelined_requests_are_answered_in_order(settings: Settings) -> None:
+    """Direct, ASGI (a probe) and direct requests in one read: three answers, in the order asked."""
+    probe = b"GET /v2/health/live HTTP/1.1\r\nHost: a\r\n\r\n"
+    first = _post("/v2/models/classifier/infer", JSON_BODY.replace(b'"r1"', b'"first"'))
+    last = _post("/v2/models/classifier/versions/2/infer", JSON_BODY.replace(b'"r1"', b'"last"'))
+    answers, closed, _ = _answers(settings, first + probe + last + probe, True, count=4)
+    assert not closed
+    assert [a[0][:12] for a in answers] == [b"HTTP/1.1 200"] * 4
+    assert json.loads(answers[0][2])["id"] == "first"
+    assert b"outputs" not in answers[1][2]
+    assert json.loads(answers[2][2])["id"] == "last" and json.loads(answers[2][2])["model_version"] == "2"
+
+
+def test_a_body_arriving_in_pieces_is_served(settings: Settings) -> None:
+    raw = CASES["binary"]
+
+    async def scenario(connect: Any) -> Any:
+        protocol, transport = await connect(True)
+        for start in range(0, len(raw), 7):
+            protocol.data_received(raw[start:start + 7])
+            await asyncio.sleep(0)
+        await _until(lambda: bool(transport.data), "the answer")
+        return _responses(transport.data), protocol.cycle
+
+    answers, cycle = _run(settings, scenario)
+    assert isinstance(cycle, _DirectCycle)
+    assert len(answers) == 1 and answers[0][0].startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_stalled_direct_body_gets_408_from_the_limits(settings: Settings) -> None:
+    raw = CASES["json"]
+
+    async def scenario(connect: Any) -> Any:
+        protocol, transport = await connect(True)
+        protocol.data_received(raw[:-5])  # the head and most of the body, then nothing
+        await _until(lambda: transport.closed or bool(transport.data), "the refusal", seconds=30)
+        return transport.data, protocol.cycle
+
+    data, cycle = _run(settings, scenario, HttpLimits(16384, 0.5, 0.2))
+    assert isinstance(cycle, _DirectCycle) and cycle.disconnected
+    assert data.startswith(b"HTTP/1.1 408 ") and b"BNFOLD_BODY_TIMEOUT_S" in data
+
+
+def test_a_client_gone_before_its_answer_gets_nothing_and_the_server_goes_on(settings: Settings) -> None:
+    async def scenario(connect: Any) -> Any:
+        protocol, transport = await connect(True)
+        protocol.data_received(CASES["json"])
+        protocol.connection_lost(None)  # before the answer's task ran
+        await asyncio.sleep(0.05)
+        written_after_loss = transport.data
+        again, again_transport = await connect(True)
+        again.data_received(CASES["json"])
+        await _until(lambda: bool(again_transport.data), "the next answer")
+        return written_after_loss, _responses(again_transport.data)
+
+    written, answers = _run(settings, scenario)
+    assert written == b""
+    assert answers[0][0].startswith(b"HTTP/1.1 200 ")
+
+
+def test_shutdown_lets_an_inflight_direct_request_finish_then_closes(settings: Settings) -> None:
+    async def scenario(connect: Any) -> Any:
+        protocol, transport = await connect(True)
+        protocol.data_received(CASES["json"])
+        protocol.shutdown()  # as uvicorn does on SIGTERM: the answer still goes out, then the connection closes
+        await _until(lambda: transport.closed, "the close")
+        return _responses(transport.data)
+
+    answers = _run(settings, scenario)
+    assert len(answers) == 1 and answers[0][0].startswith(b"HTTP/1.1 200 ")
+    assert answers[0][1][b"connection"] == b"close"
+
+
+def test_the_direct_path_counts_metrics_like_the_asgi_path(settings: Settings) -> None:
+    async def scenario(connect: Any) -> Any:
+        for direct in (True, False):
+            protocol, transport = await connect(direct)
+            protocol.data_received(CASES["json"] + CASES["malformed-json"])
+            await _until(lambda t=transport: len(_responses(t.data)) >= 2, "the answers")  # type: ignore[misc]
+        protocol, transport = await connect(False)
+        protocol.data_received(b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n")
+        await _until(lambda: bool(_responses(transport.data)), "the metrics")
+        return _responses(transport.data)[0][2].decode()
+
+    text = _run(settings, scenario)
+    assert 'bnfold_requests_total{model="classifier",outcome="success"} 2.0' in text
+    assert 'bnfold_requests_total{model="classifier",outcome="invalid_input"} 2.0' in text
