@@ -148,11 +148,16 @@ class Batcher:
         if self._queue.qsize() + len(self._pending) >= self.max_queue_size:
             raise Overloaded(f"model {self.name!r} already has {self.max_queue_size} requests queued "
                              "(max_queue_size); retry later")
-        nbytes = sum(a.nbytes for a in feeds.values())
         loop = asyncio.get_running_loop()
-        first = next(iter(feeds.values()))
+        if len(feeds) == 1:  # the common case, without the generators below
+            ((name, first),) = feeds.items()
+            nbytes = first.nbytes
+            key: tuple[Any, ...] = ((name, first.shape[1:], first.dtype.str),) if self.batches else ()
+        else:
+            first = next(iter(feeds.values()))
+            nbytes = sum(a.nbytes for a in feeds.values())
+            key = tuple((n, a.shape[1:], a.dtype.str) for n, a in feeds.items()) if self.batches else ()
         rows = first.shape[0] if self.batches and first.ndim else 1
-        key = tuple((n, a.shape[1:], a.dtype.str) for n, a in feeds.items()) if self.batches else ()
         item = _Item(feeds, rows, key, loop.create_future(), loop, nbytes)
         with self._bytes_lock:  # also orders this put before a failure's drain of the queue (_fail)
             if self.failure is not None:
@@ -195,13 +200,19 @@ class Batcher:
         if fail is not None:
             _deliver_here([(item, fail) for item in pending])
             return
-        groups: dict[tuple[Any, ...], list[list[_Item]]] = {}
+        groups: dict[tuple[Any, ...], tuple[list[list[_Item]], list[int]]] = {}
+        limit = self.max_batch_size
         for item in pending:  # compatible requests together, at most max_batch_size rows a batch, in order
-            batches = groups.setdefault(item.key, [[]])
-            if batches[-1] and sum(i.rows for i in batches[-1]) + item.rows > self.max_batch_size:
+            group = groups.get(item.key)
+            if group is None:
+                group = groups[item.key] = ([[]], [0])
+            batches, rows_of = group
+            if batches[-1] and rows_of[-1] + item.rows > limit:
                 batches.append([])
+                rows_of.append(0)
             batches[-1].append(item)
-        for batches in groups.values():
+            rows_of[-1] += item.rows
+        for batches, _ in groups.values():
             for batch in batches:
                 try:
                     self._execute(batch, _deliver_here)
