@@ -6,8 +6,9 @@ Two views of one batch-1 request (the serving benchmark's models and bodies):
   shared machine take is not counted; median of rounds, one pinned CPU): each stage called
   on its own, in a loop, with the request the load generator sends --
 
-  - *HTTP + ASGI*: uvicorn's httptools protocol (with :mod:`service.protocol`'s limits) parsing the
-    raw request bytes, building the ASGI scope and task, and writing the response, around a trivial app;
+  - *HTTP*: uvicorn's httptools protocol (with :mod:`service.protocol`'s limits) parsing the raw
+    request bytes and taking it onto the direct path (no ASGI), its task, and writing the answer of a
+    trivial handler;
   - *auth, limits, body*: the fast path's API-key check, admission share and body read;
   - *JSON decode*: ``orjson`` on the JSON (the whole body, or the binary extension's header);
   - *array building*: the rest of :func:`service.codec.decode_infer_request` (checks, ``np.asarray``
@@ -52,7 +53,7 @@ if __package__ in (None, ""):
 
 from benchmarks import common, loadgen, serving
 
-STAGES = ("HTTP + ASGI (uvicorn, httptools)", "auth, limits, body", "JSON decode", "array building",
+STAGES = ("HTTP (httptools, uvicorn, direct path)", "auth, limits, body", "JSON decode", "array building",
           "queueing + hand-off", "onnxruntime", "response building", "socket I/O and event loop")
 # Live-profile stage of a sample: the first rule whose fragment is in one of its frames (innermost first).
 RULES: tuple[tuple[str, str], ...] = (
@@ -64,8 +65,8 @@ RULES: tuple[tuple[str, str], ...] = (
     ("queueing + hand-off", "batching.py"), ("auth, limits, body", "body.py"), ("auth, limits, body", "deps.py"),
     ("auth, limits, body", "admission.py"), ("auth, limits, body", "fastpath.py"),
     ("auth, limits, body", "inference.py"),
-    ("HTTP + ASGI (uvicorn, httptools)", "uvicorn"), ("HTTP + ASGI (uvicorn, httptools)", "protocol.py"),
-    ("HTTP + ASGI (uvicorn, httptools)", "starlette"),
+    ("HTTP (httptools, uvicorn, direct path)", "uvicorn"), ("HTTP (httptools, uvicorn, direct path)", "protocol.py"),
+    ("HTTP (httptools, uvicorn, direct path)", "starlette"),
 )
 
 
@@ -153,12 +154,21 @@ async def _protocol_us(app: Any, raw: bytes, n: int, rounds: int) -> float:
         protocol.connection_lost(None)
 
 
-async def _trivial_app(scope: Any, receive: Any, send: Any) -> None:
-    if scope["type"] != "http":
-        return
-    await receive()
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-    await send({"type": "http.response.body", "body": b"ok"})
+class _TrivialApp:
+    """An app whose every ``POST`` takes :mod:`service.protocol`'s direct path to a handler answering ``ok``."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:  # ASGI: what is not direct
+        if scope["type"] != "http":
+            return
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def direct_route(self, path: str) -> tuple[Callable[..., Awaitable[Any]], dict[str, str]]:
+        async def handler(path: str, params: dict[str, str], headers: Any, body: bytes) -> Any:
+            return 200, b"ok", []
+
+        return handler, {}
 
 
 def in_process(repo: Path, model: serving.Model, encoding: str, n: int, rounds: int) -> dict[str, float]:
@@ -214,8 +224,8 @@ def in_process(repo: Path, model: serving.Model, encoding: str, n: int, rounds: 
             await batcher.submit(feeds)  # the first run sets the per-row estimate
             got[label] = await _per_call_us_async(functools.partial(batcher.submit, feeds), n, rounds)
             batcher.close()
-        got["HTTP + ASGI (uvicorn, httptools)"] = await _protocol_us(_trivial_app, _raw_request("/", b"", {}),
-                                                                     n, rounds)
+        got["HTTP (httptools, uvicorn, direct path)"] = await _protocol_us(_TrivialApp(), _raw_request("/", b"", {}),
+                                                                           n, rounds)
         async with app.router.lifespan_context(app):
             raw = _raw_request(f"/v2/models/{model.name}/infer", body, headers)
             got["whole request in-process"] = await _protocol_us(app, raw, n, rounds)
@@ -230,7 +240,7 @@ def in_process(repo: Path, model: serving.Model, encoding: str, n: int, rounds: 
     got = runner(served())
     out["queueing + hand-off"] = got["inline"]
     out["queueing + hand-off, worker thread"] = got["thread"]
-    out["HTTP + ASGI (uvicorn, httptools)"] = got["HTTP + ASGI (uvicorn, httptools)"]
+    out["HTTP (httptools, uvicorn, direct path)"] = got["HTTP (httptools, uvicorn, direct path)"]
     out["whole request in-process"] = got["whole request in-process"]
     return out
 
@@ -282,6 +292,21 @@ def live(repo: Path, model: serving.Model, encoding: str, concurrency: int, seco
             result["profile_shares"] = {k: v / total for k, v in shares.most_common()}
             result["profile_samples"] = total
     return result
+
+
+def live_floor(model: serving.Model, encoding: str, seconds: float) -> dict[str, float]:
+    """Server CPU per request at c=32 of the Python floor (``oip_floor.py``: the least work an OIP server
+    can do, onnxruntime included) for ``model`` with ``encoding`` bodies."""
+    port = serving.free_port()
+    body, headers = model.oip_binary() if encoding == "binary" else model.oip_json()
+    with serving.server([sys.executable, str(common.BENCH / "oip_floor.py"), str(port), f"{model.name}={model.onnx}"],
+                        f"http://127.0.0.1:{port}/", log=common.CACHE / "serving-profile" / "floor.log") as proc:
+        url = f"http://127.0.0.1:{port}/v2/models/{model.name}/infer"
+        loadgen.run_wrk(url, body, headers, concurrency=32, seconds=1, cpus=serving.GENERATOR_CPUS)
+        before = _ticks(proc.pid)
+        load = loadgen.run_wrk(url, body, headers, concurrency=32, seconds=seconds, cpus=serving.GENERATOR_CPUS)
+        cpu_us = (_ticks(proc.pid) - before) / os.sysconf("SC_CLK_TCK") / max(1, load.requests) * 1e6
+    return {"rps": load.rps, "server_cpu_us_per_request": cpu_us}
 
 
 def live_trivial(body: bytes, seconds: float) -> dict[str, float]:
@@ -341,8 +366,10 @@ def run(out: Path, *, mode: str = "full") -> dict[str, Any]:
                                   py_spy if c == 32 and mode != "smoke" else None)
             body_bytes = (model.oip_binary() if encoding == "binary" else model.oip_json())[0]
             common.log(f"serving profile: {model.name} {encoding}: the trivial endpoint's floor")
+            trivial = live_trivial(body_bytes, seconds)
+            common.log(f"serving profile: {model.name} {encoding}: the Python floor")
             rows.append({"model": model.name, "encoding": encoding, "stages_us": stages, "live": results,
-                         "trivial_http": live_trivial(body_bytes, seconds)})
+                         "trivial_http": trivial, "python_floor": live_floor(model, encoding, seconds)})
     body = {"benchmark": "serving_profile", "mode": mode, "machine": common.machine(), "py_spy": py_spy,
             "settings": {"calls_per_round": n, "rounds": rounds, "live_seconds": seconds,
                          "server_cpus": sorted(serving.SERVER_CPUS), "generator_cpus": sorted(serving.GENERATOR_CPUS)},
@@ -371,6 +398,12 @@ def markdown(body: dict[str, Any]) -> str:
                  *[f"{r['trivial_http']['server_cpu_us_per_request']:.1f}" for r in body["results"]]])
     rows.append(["best share of the c=32 ceiling with that floor: row / (row + floor)",
                  *[f"{_floor_share(r):.2f}" for r in body["results"]]])
+    if all("python_floor" in r for r in body["results"]):
+        rows.append(["Python floor (oip_floor.py), live CPU per request, c=32",
+                     *[f"{r['python_floor']['server_cpu_us_per_request']:.1f}" for r in body["results"]]])
+        over = [r["live"]["32"]["server_cpu_us_per_request"] - r["python_floor"]["server_cpu_us_per_request"]
+                for r in body["results"]]
+        rows.append(["bnfold over the Python floor, c=32 (checks, layers)", *[f"{v:.1f}" for v in over]])
     text += common.markdown_table(header, rows)
     text += ("\nThe stages are timed one by one; *whole request in-process* is one request through the real app "
              "and protocol (fake transport). At c=32 onnxruntime runs batches, so its cost per request is below "
