@@ -5,7 +5,8 @@
     python benchmarks/run_all.py --smoke    # seconds; what CI runs (tests/test_benchmarks_smoke.py)
 
 Options: ``--only folding|fold_cost|serving|route_overhead`` (repeatable), ``--skip-server LABEL`` (e.g. bentoml),
-``--generator wrk|asyncio``. ``benchmarks/real_archs.py`` (torchvision and timm architectures) is not run from here:
+``--generator wrk|asyncio``, ``--baseline DIR`` (``--baseline-label``): serve bnfold from another tree beside this one.
+``benchmarks/real_archs.py`` (torchvision and timm architectures) is not run from here:
 it needs the ``real`` extra in an environment of its own (benchmarks/README.md).
 """
 
@@ -83,7 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-server", action="append", default=[], metavar="LABEL",
                         help="serving: skip servers whose label contains LABEL (e.g. bentoml)")
     parser.add_argument("--generator", choices=["auto", "wrk", "asyncio"], default="auto")
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="serving: also serve bnfold from this source tree (see serving.py --baseline)")
+    parser.add_argument("--baseline-label", default="bnfold serve (batching), baseline tree")
     args = parser.parse_args(argv)
+    if args.baseline is not None and not (args.baseline / "service" / "__main__.py").is_file():
+        parser.error(f"--baseline {args.baseline} is not a bnfold source tree (no service/__main__.py)")
     out = common.out_dir(args.out, args.mode)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -96,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = fold_cost.run(out, mode=args.mode)
         elif name == "serving":
             results[name] = serving.run(out, mode=args.mode, skip=tuple(s.lower() for s in args.skip_server),
-                                        generator=args.generator)
+                                        generator=args.generator,
+                                        baseline=None if args.baseline is None else (args.baseline.resolve(),
+                                                                                     args.baseline_label))
         else:
             results[name] = route_overhead.run(out, mode=args.mode)
     plots.draw(out)
