@@ -33,9 +33,10 @@ handler gets (path, path parameters, headers, body) and its answer leaves in one
 uvicorn's default headers. At most :data:`DIRECT_BODY_BYTES` of body, so it holds no more per
 connection than uvicorn's own buffer would. It takes only plain requests: ``POST``, HTTP/1.1, a
 ``Content-Length`` (no chunked body, no ``Content-Encoding``, no ``Expect: 100-continue``, no
-upgrade), a path without percent-escapes, under uvicorn's concurrency limit, and no access log
+upgrade), a path without percent-escapes or fragment, under uvicorn's concurrency limit, and no access log
 (written by the ASGI path only); anything else goes through ASGI as before. Pipelining, disconnects,
-shutdown and this module's timeouts see a :class:`_DirectCycle` where uvicorn keeps its cycle. Under
+shutdown and this module's timeouts see a :class:`_DirectCycle` where uvicorn keeps its cycle; the
+app's request deadline (``direct_timeout_s``) bounds the body's arrival, as it does on the ASGI path. Under
 load it cut the server's CPU per request by a fifth for a small model (``benchmarks/serving.py``).
 """
 
@@ -104,13 +105,16 @@ class _DirectCycle:
     started = False  # its turn came (no earlier response pending on the connection)
     message_event = _NoEvent()
 
+    deadline = float("inf")  # loop time by which the body must have arrived (the app's request deadline)
+
     def __init__(self, handler: DirectHandler, path: str, params: dict[str, str],
-                 headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
+                 headers: list[tuple[bytes, bytes]], keep_alive: bool, timeout_s: float | None) -> None:
         self.handler = handler
         self.path = path
         self.params = params
         self.headers = headers
         self.keep_alive = keep_alive
+        self.timeout_s = timeout_s  # the app's request deadline (BNFOLD_REQUEST_TIMEOUT_S), if it has one
         self.body: list[bytes] = []
 
 
@@ -235,8 +239,26 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         else:
             self._body_seen = now
             due = now + self.limits.body_timeout_s
+            cycle = self.cycle
+            if type(cycle) is _DirectCycle and cycle.deadline < due:  # the request deadline comes first
+                due = cycle.deadline
+                if self._timer is not None and self._timer.when() > due:  # armed for a later check
+                    self._timer.cancel()
+                    self._timer = None
         if self._timer is None:
             self._arm(due)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's 400 for bytes httptools cannot parse, and a close. A request before them still running
+        (pipelined, either path) sees a disconnect first: its answer would follow the close, or interleave."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True
+            cycle.message_event.set()
+            if cycle.response_started:  # never interleave with a response being written: just close
+                self.transport.close()
+                return
+        super().send_400_response(msg)
 
     # -- parser callbacks ----------------------------------------------------------------------
 
@@ -297,8 +319,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         url = self.url
         query = url.find(b"?")
         raw_path = url if query < 0 else url[:query]
-        if b"%" in raw_path or not raw_path.isascii() or not raw_path.startswith(b"/"):
-            return False
+        if b"%" in raw_path or b"#" in raw_path or not raw_path.isascii() or not raw_path.startswith(b"/"):
+            return False  # escapes and a fragment: uvicorn's URL parser makes the path
         length = None
         for name, value in self.headers:
             if name == b"content-length":
@@ -317,11 +339,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if route is None:
             return False
         handler, params = route
-        cycle = _DirectCycle(handler, path, params, self.headers, parser.should_keep_alive())
+        cycle = _DirectCycle(handler, path, params, self.headers, parser.should_keep_alive(),
+                             getattr(direct, "direct_timeout_s", None))
         existing = self.cycle
         self.cycle = cycle  # type: ignore[assignment]
         if existing is None or existing.response_complete:
-            cycle.started = True
+            self._begin_direct(cycle)
         else:  # pipelined behind a response still pending: uvicorn starts it after that one (on_response_complete)
             self.flow.pause_reading()
             self.pipeline.appendleft((cycle, None))  # type: ignore[arg-type]
@@ -329,11 +352,17 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         if type(cycle) is _DirectCycle:  # a pipelined direct request whose turn came
-            cycle.started = True
+            self._begin_direct(cycle)
             if not cycle.more_body:
                 self._run_direct(cycle)
             return
         super()._start_asgi_task(cycle, app)
+
+    def _begin_direct(self, cycle: _DirectCycle) -> None:
+        """Its turn came: its deadline runs from now, as an ASGI request's from the start of its task."""
+        cycle.started = True
+        if cycle.timeout_s is not None:
+            cycle.deadline = self.loop.time() + cycle.timeout_s
 
     def _run_direct(self, cycle: _DirectCycle) -> None:
         task = self.loop.create_task(self._serve_direct(cycle))
@@ -401,12 +430,19 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if self._state != _BODY or cycle is None or not cycle.more_body:
             return
+        deadline = float("inf")
+        if type(cycle) is _DirectCycle:
+            deadline = cycle.deadline
+            if now >= deadline:  # the ASGI path's answer (service.api.fastpath), whose deadline covers the body
+                self._refuse(408, f"the request body did not arrive within {cycle.timeout_s:g} s "
+                                  "(BNFOLD_REQUEST_TIMEOUT_S)")
+                return
         if self.flow.read_paused:  # the server stopped reading (the app is busy): not the client's pause
-            self._arm(now + self.limits.body_timeout_s)
+            self._arm(min(now + self.limits.body_timeout_s, deadline))
             return
         due = self._body_seen + self.limits.body_timeout_s
         if now < due:
-            self._arm(due)
+            self._arm(min(due, deadline))
         elif cycle.response_started:  # the app answered already (a 413, say): only the connection is left
             self._refused = True
             self.transport.close()

@@ -221,6 +221,13 @@ class ServiceApp(FastAPI):
         params = match_inference(path)
         return None if params is None else (endpoints.answer_read, params)
 
+    @property
+    def direct_timeout_s(self) -> float | None:
+        """The request deadline (``request_timeout_s``), which :mod:`service.protocol` applies to a direct
+        request's body while it arrives (the handler's own deadline starts once it has it)."""
+        endpoints = self.endpoints
+        return None if endpoints is None else endpoints.deadlines.timeout_s
+
     def openapi(self) -> dict[str, Any]:
         """FastAPI's schema of the other routes, plus :func:`openapi_paths` (built once, then cached)."""
         if self.openapi_schema is None:

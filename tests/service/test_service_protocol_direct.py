@@ -317,3 +317,62 @@ def test_the_direct_path_counts_metrics_like_the_asgi_path(settings: Settings) -
     text = _run(settings, scenario)
     assert 'bnfold_requests_total{model="classifier",outcome="success"} 2.0' in text
     assert 'bnfold_requests_total{model="classifier",outcome="invalid_input"} 2.0' in text
+
+
+def test_a_fragment_is_routed_as_the_asgi_path_routes_it(settings: Settings) -> None:
+    """``#...`` is not part of the path (uvicorn's URL parser drops it): the direct path must not route on it."""
+    raw = _post("/v2/models/classifier#/infer", JSON_BODY)
+    direct, _, cycle = _answers(settings, raw, True)
+    asgi, _, _ = _answers(settings, raw, False)
+    assert not isinstance(cycle, _DirectCycle)
+    assert direct[0][0] == asgi[0][0] and direct[0][2] == asgi[0][2]
+
+
+def test_a_trickled_direct_body_gets_408_at_the_request_deadline(repository: Path) -> None:
+    """Each pause is under the body timeout, but the whole body takes longer than ``request_timeout_s``:
+    408 and close, as on the ASGI path, instead of a connection held for as long as the client likes."""
+    settings = Settings(model_repository=repository, intra_op_threads=1, request_timeout_s=0.3)
+    raw = CASES["json"]
+
+    async def scenario(connect: Any) -> Any:
+        results = []
+        for direct in (True, False):
+            protocol, transport = await connect(direct)
+            protocol.data_received(raw[:-20])
+            for byte in range(len(raw) - 20, len(raw) - 1):  # one byte per 0.05 s, never the last one
+                if transport.data or transport.closed:
+                    break
+                protocol.data_received(raw[byte:byte + 1])
+                await asyncio.sleep(0.05)
+            await _until(lambda t=transport: bool(t.data), "the refusal")  # type: ignore[misc]
+            results.append(_responses(transport.data)[0])
+        return results
+
+    direct, asgi = _run(settings, scenario, HttpLimits(16384, 30.0, 30.0))
+    for answer in (direct, asgi):
+        assert answer[0].startswith(b"HTTP/1.1 408 "), answer
+        assert answer[1][b"connection"] == b"close"
+    assert json.loads(direct[2]) == json.loads(asgi[2])
+
+
+def test_an_invalid_request_behind_a_direct_one_in_flight_writes_nothing_after_the_close(
+        settings: Settings) -> None:
+    """A pipelined request httptools cannot parse gets uvicorn's 400 and a close; the answer of the
+    request before it, still running, must not be written after that close (nor interleave with it)."""
+    raw = CASES["json"] + b"GARBAGE\r\n\r\n"
+    loop_errors: list[Any] = []
+
+    async def scenario(connect: Any) -> Any:
+        asyncio.get_running_loop().set_exception_handler(lambda _, context: loop_errors.append(context))
+        out = []
+        for direct in (True, False):
+            protocol, transport = await connect(direct)
+            protocol.data_received(raw)
+            await _until(lambda t=transport: t.closed, "the close")  # type: ignore[misc]
+            await _until(lambda p=protocol: not p.tasks, "the request's end")  # type: ignore[misc]
+            out.append(_responses(transport.data))
+        return out
+
+    for answers in _run(settings, scenario):
+        assert [a[0][:12] for a in answers] == [b"HTTP/1.1 400"]
+    assert loop_errors == []
