@@ -89,6 +89,18 @@ class _Answered:
         self.message_event = asyncio.Event()
 
 
+class _Unparsable(_Answered):
+    """Stands in for a request httptools could not parse, pipelined behind answers still pending: its 400
+    waits its turn (:meth:`LimitedHttpToolsProtocol.send_400_response`)."""
+
+    response_started = response_complete = disconnected = False
+
+    def __init__(self, message: str, before: Any) -> None:
+        super().__init__()
+        self.message = message
+        self.before = before  # the request parsed last: a disconnect reaches it, as uvicorn's would
+
+
 class _NoEvent:
     """What uvicorn and the limits set on a cycle's ``message_event``; a direct cycle has no reader to wake."""
 
@@ -212,6 +224,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        cycle = self.cycle
+        if type(cycle) is _Unparsable and not cycle.before.response_complete:
+            cycle.before.disconnected = True
+            cycle.before.message_event.set()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -249,16 +265,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._arm(due)
 
     def send_400_response(self, msg: str) -> None:
-        """uvicorn's 400 for bytes httptools cannot parse, and a close. A request before them still running
-        (pipelined, either path) sees a disconnect first: its answer would follow the close, or interleave."""
+        """uvicorn's 400 for bytes httptools cannot parse, and a close; in its turn, after the answers to the
+        requests before those bytes (pipelined, either path), which uvicorn would write after the close."""
         cycle = self.cycle
-        if cycle is not None and not cycle.response_complete:
-            cycle.disconnected = True
-            cycle.message_event.set()
-            if cycle.response_started:  # never interleave with a response being written: just close
-                self.transport.close()
-                return
-        super().send_400_response(msg)
+        if cycle is None or cycle.response_complete:
+            super().send_400_response(msg)
+            return
+        self._refused = True  # the parser is broken: what follows is read and dropped
+        self.cycle = _Unparsable(msg, cycle)  # type: ignore[assignment]
+        self.pipeline.appendleft((self.cycle, None))  # type: ignore[arg-type]
 
     # -- parser callbacks ----------------------------------------------------------------------
 
@@ -351,12 +366,20 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         return True
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        if type(cycle) is _Unparsable:  # the answers before it are complete (_OneWriteCycle writes right after)
+            cycle.response_complete = True
+            self.loop.call_soon(self._send_unparsable, cycle.message)
+            return
         if type(cycle) is _DirectCycle:  # a pipelined direct request whose turn came
             self._begin_direct(cycle)
             if not cycle.more_body:
                 self._run_direct(cycle)
             return
         super()._start_asgi_task(cycle, app)
+
+    def _send_unparsable(self, message: str) -> None:
+        if not self.transport.is_closing():
+            super().send_400_response(message)
 
     def _begin_direct(self, cycle: _DirectCycle) -> None:
         """Its turn came: its deadline runs from now, as an ASGI request's from the start of its task."""

@@ -357,8 +357,8 @@ def test_a_trickled_direct_body_gets_408_at_the_request_deadline(repository: Pat
 
 def test_an_invalid_request_behind_a_direct_one_in_flight_writes_nothing_after_the_close(
         settings: Settings) -> None:
-    """A pipelined request httptools cannot parse gets uvicorn's 400 and a close; the answer of the
-    request before it, still running, must not be written after that close (nor interleave with it)."""
+    """A pipelined request httptools cannot parse gets uvicorn's 400 and a close, in its turn: after the
+    answer of the request before it, still running (which uvicorn would write after that close)."""
     raw = CASES["json"] + b"GARBAGE\r\n\r\n"
     loop_errors: list[Any] = []
 
@@ -374,5 +374,23 @@ def test_an_invalid_request_behind_a_direct_one_in_flight_writes_nothing_after_t
         return out
 
     for answers in _run(settings, scenario):
-        assert [a[0][:12] for a in answers] == [b"HTTP/1.1 400"]
+        assert [a[0][:12] for a in answers] == [b"HTTP/1.1 200", b"HTTP/1.1 400"]
     assert loop_errors == []
+
+
+def test_a_client_gone_after_unparsable_bytes_gets_nothing_written(settings: Settings) -> None:
+    """The 400 waits behind the running request; a disconnect then reaches that request: nothing is written."""
+    async def scenario(connect: Any) -> Any:
+        out = []
+        for direct in (True, False):
+            protocol, transport = await connect(direct)
+            protocol.data_received(CASES["json"] + b"GARBAGE\r\n\r\n")
+            protocol.connection_lost(None)
+            written: list[bytes] = []
+            transport.write = written.append  # type: ignore[method-assign,assignment]
+            await _until(lambda p=protocol: not p.tasks, "the request's end")  # type: ignore[misc]
+            await asyncio.sleep(0.01)
+            out.append(transport.data + b"".join(written))
+        return out
+
+    assert _run(settings, scenario) == [b"", b""]
