@@ -400,6 +400,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         except Exception as exc:  # a bug in the handler: what uvicorn does for an ASGI app, with the service's body
             event(logging.ERROR, "internal error", path=cycle.path, error=f"{type(exc).__name__}: {exc}")
             answer = _INTERNAL_ERROR
+        except asyncio.CancelledError:  # the server's forced shutdown: uvicorn answers an ASGI request 500 and closes
+            status, payload, extra = _INTERNAL_ERROR
+            answer = (status, payload, [*extra, _CONNECTION_CLOSE])
         if answer is None:  # nobody to answer
             cycle.response_complete = True
             self.transport.close()

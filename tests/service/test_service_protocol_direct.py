@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from uvicorn.server import ServerState
 
 from service.config import Settings
 from service.main import create_app
-from service.protocol import DIRECT_BODY_BYTES, HttpLimits, LimitedHttpToolsProtocol, _DirectCycle
+from service.protocol import DIRECT_BODY_BYTES, HttpLimits, LimitedHttpToolsProtocol, _direct_app, _DirectCycle
 
 X = [[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 2.5, 0.0]]
 JSON_BODY = json.dumps({"id": "r1", "inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 4],
@@ -394,3 +395,36 @@ def test_a_client_gone_after_unparsable_bytes_gets_nothing_written(settings: Set
         return out
 
     assert _run(settings, scenario) == [b"", b""]
+
+
+def test_a_request_cancelled_by_a_forced_shutdown_gets_500_and_a_close(settings: Settings) -> None:
+    """Past uvicorn's graceful shutdown timeout it cancels the requests still running: an ASGI one gets
+    uvicorn's 500 and a close, and so must a direct one (not silence on an open connection)."""
+    release = threading.Event()
+
+    async def scenario(connect: Any) -> Any:
+        out = []
+        for direct in (True, False):
+            protocol, transport = await connect(direct)
+            entry = _direct_app(protocol.app).state.service.repository.get("classifier")
+            original = entry.batcher._run
+            entry.batcher._run = lambda feeds, run=original: (release.wait(30), run(feeds))[1]
+            try:
+                protocol.data_received(CASES["json"])
+                await _until(lambda p=protocol: bool(p.tasks), "the request's start")  # type: ignore[misc]
+                await asyncio.sleep(0.05)
+                protocol.shutdown()
+                for task in list(protocol.tasks):
+                    task.cancel()
+                await _until(lambda p=protocol: not p.tasks, "the request's end")  # type: ignore[misc]
+            finally:
+                entry.batcher._run = original
+            out.append((_responses(transport.data), transport.closed))
+        release.set()
+        return out
+
+    try:
+        for answers, closed in _run(settings, scenario):
+            assert [a[0][:12] for a in answers] == [b"HTTP/1.1 500"] and closed
+    finally:
+        release.set()
