@@ -428,3 +428,36 @@ def test_a_request_cancelled_by_a_forced_shutdown_gets_500_and_a_close(settings:
             assert [a[0][:12] for a in answers] == [b"HTTP/1.1 500"] and closed
     finally:
         release.set()
+
+
+def test_a_direct_request_past_its_deadline_gets_the_asgi_paths_504_and_its_budget_back(repository: Path) -> None:
+    settings = Settings(model_repository=repository, intra_op_threads=1, request_timeout_s=0.3)
+    release = threading.Event()
+
+    async def scenario(connect: Any) -> Any:
+        out = []
+        for direct in (True, False):
+            protocol, transport = await connect(direct)
+            app = _direct_app(protocol.app)
+            entry = app.state.service.repository.get("classifier")
+            original = entry.batcher._run
+            entry.batcher._run = lambda feeds, run=original: (release.wait(30), run(feeds))[1]
+            try:
+                protocol.data_received(CASES["json"])
+                await _until(lambda t=transport: t.closed, "the 504")  # type: ignore[misc]
+                await _until(lambda p=protocol: not p.tasks, "the request's end")  # type: ignore[misc]
+            finally:
+                entry.batcher._run = original
+            out.append((_responses(transport.data), app.endpoints.budget.used))
+        release.set()
+        return out
+
+    try:
+        (direct, direct_used), (asgi, asgi_used) = _run(settings, scenario)
+    finally:
+        release.set()
+    for answers in (direct, asgi):
+        answers[0][1].pop(b"date", None)
+    assert direct == asgi and direct[0][0].startswith(b"HTTP/1.1 504 ")
+    assert json.loads(direct[0][2])["error"] == "the request did not finish within 0.3 s (BNFOLD_REQUEST_TIMEOUT_S)"
+    assert direct_used == asgi_used == 0
