@@ -460,8 +460,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if type(cycle) is _DirectCycle:
             deadline = cycle.deadline
             if now >= deadline:  # the ASGI path's answer (service.api.fastpath), whose deadline covers the body
-                self._refuse(408, f"the request body did not arrive within {cycle.timeout_s:g} s "
-                                  "(BNFOLD_REQUEST_TIMEOUT_S)")
+                self._refuse(408, self._direct.direct_late())
                 return
         if self.flow.read_paused:  # the server stopped reading (the app is busy): not the client's pause
             self._arm(min(now + self.limits.body_timeout_s, deadline))

@@ -228,6 +228,13 @@ class ServiceApp(FastAPI):
         endpoints = self.endpoints
         return None if endpoints is None else endpoints.deadlines.timeout_s
 
+    def direct_late(self) -> str:
+        """Count the 408 of a direct request whose body missed its deadline; the ASGI path's error message."""
+        endpoints = self.endpoints
+        assert endpoints is not None  # direct_timeout_s was not None
+        endpoints.service.metrics.http_error(408)
+        return f"the request body did not arrive within {endpoints.deadlines.timeout_s:g} s (BNFOLD_REQUEST_TIMEOUT_S)"
+
     def openapi(self) -> dict[str, Any]:
         """FastAPI's schema of the other routes, plus :func:`openapi_paths` (built once, then cached)."""
         if self.openapi_schema is None:

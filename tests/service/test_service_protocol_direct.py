@@ -347,6 +347,10 @@ def test_a_trickled_direct_body_gets_408_at_the_request_deadline(repository: Pat
                 await asyncio.sleep(0.05)
             await _until(lambda t=transport: bool(t.data), "the refusal")  # type: ignore[misc]
             results.append(_responses(transport.data)[0])
+        protocol, transport = await connect(False)
+        protocol.data_received(b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n")
+        await _until(lambda: bool(_responses(transport.data)), "the metrics")
+        assert 'bnfold_http_errors_total{status="408"} 2.0' in _responses(transport.data)[0][2].decode()
         return results
 
     direct, asgi = _run(settings, scenario, HttpLimits(16384, 30.0, 30.0))
