@@ -266,9 +266,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's 400 for bytes httptools cannot parse, and a close; in its turn, after the answers to the
-        requests before those bytes (pipelined, either path), which uvicorn would write after the close."""
+        requests before those bytes (pipelined, either path), which uvicorn would write after the close.
+        Bytes inside the body of the request parsed last get it at once: that request's answer waits for them."""
         cycle = self.cycle
-        if cycle is None or cycle.response_complete:
+        if cycle is None or cycle.response_complete or cycle.more_body:
             super().send_400_response(msg)
             return
         self._refused = True  # the parser is broken: what follows is read and dropped

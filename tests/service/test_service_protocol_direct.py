@@ -465,3 +465,12 @@ def test_a_direct_request_past_its_deadline_gets_the_asgi_paths_504_and_its_budg
     assert direct == asgi and direct[0][0].startswith(b"HTTP/1.1 504 ")
     assert json.loads(direct[0][2])["error"] == "the request did not finish within 0.3 s (BNFOLD_REQUEST_TIMEOUT_S)"
     assert direct_used == asgi_used == 0
+
+
+def test_an_unparsable_chunk_in_the_body_being_read_gets_400_at_once(settings: Settings) -> None:
+    """The bytes httptools cannot parse are the running request's own body: its 400 cannot wait for an
+    answer to that request (which would wait for the rest of the body): it goes out now, and closes."""
+    raw = (b"POST /v2/models/classifier/infer HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"5\r\n{\"inp\r\nZZ\r\n")
+    answers, closed, _ = _answers(settings, raw, True)
+    assert closed and [a[0][:12] for a in answers] == [b"HTTP/1.1 400"]
