@@ -33,11 +33,14 @@ handler gets (path, path parameters, headers, body) and its answer leaves in one
 uvicorn's default headers. At most :data:`DIRECT_BODY_BYTES` of body, so it holds no more per
 connection than uvicorn's own buffer would. It takes only plain requests: ``POST``, HTTP/1.1, a
 ``Content-Length`` (no chunked body, no ``Content-Encoding``, no ``Expect: 100-continue``, no
-upgrade), a path without percent-escapes or fragment, under uvicorn's concurrency limit, and no access log
-(written by the ASGI path only); anything else goes through ASGI as before. Pipelining, disconnects,
-shutdown and this module's timeouts see a :class:`_DirectCycle` where uvicorn keeps its cycle; the
-app's request deadline (``direct_timeout_s``) bounds the body's arrival, as it does on the ASGI path. Under
-load it cut the server's CPU per request by a fifth for a small model (``benchmarks/serving.py``).
+upgrade), a path without percent-escapes or fragment, under uvicorn's concurrency limit, and no
+access log (written by the ASGI path only); anything else goes through ASGI as before. Pipelining,
+disconnects, shutdown and this module's timeouts see a :class:`_DirectCycle` where uvicorn keeps its
+cycle; the app's request deadline (``direct_timeout_s``) bounds the body's arrival, as on the ASGI
+path. Under load it cut the server's CPU per request by a fifth for a small model (``benchmarks/serving.py``).
+
+Bytes that httptools cannot parse get uvicorn's 400 and a close after the answers to the requests
+pipelined before them (:meth:`LimitedHttpToolsProtocol.send_400_response`), on either path.
 """
 
 from __future__ import annotations
