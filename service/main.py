@@ -72,9 +72,9 @@ def freeze_startup_objects() -> None:
 
     Start-up leaves hundreds of thousands of long-lived objects (modules, the app, the loaded models'
     wrappers) that every full collection walks again, and requests allocate enough containers (the
-    JSON of a request: its dicts and lists) to trigger those collections. That walk cost about 45 us
-    per JSON request to the small CNN under load (192 -> 148 us of CPU per request in-process,
-    measured), a quarter of the request. Frozen objects are still freed by reference counting; only
+    JSON of a request: its dicts and lists) to trigger those collections. That walk cost 25-45 us
+    of CPU per JSON request to the small CNN under load (in-process, interleaved A/B runs), up to a
+    quarter of the request. Frozen objects are still freed by reference counting; only
     a reference cycle among them would never be collected. Only a serving process does it (the apps of
     :func:`run` and the module-level :data:`app`): a process building many apps, a test run, would keep
     the cycles of every app it discarded.
