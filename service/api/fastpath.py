@@ -32,7 +32,6 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -49,6 +48,7 @@ from service.api.schemas import Predictions
 from service.errors import ServiceError
 from service.logs import event
 from service.metrics import UNKNOWN_MODEL
+from service.protocol import Answer, DirectHandler
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()  # ASGI header names are lower-case bytes
@@ -59,9 +59,6 @@ PREDICT = "/v1/models/{name}:predict"
 PATTERNS = [(re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$"), path)
             for path in (INFER, INFER_VERSION, PREDICT)]
 _JSON = [(b"content-type", b"application/json")]
-Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]  # status, body, headers besides content-length
-# (path, path parameters, lower-cased raw headers, whole body) -> the answer; see ServiceApp.direct_route
-DirectHandler = Callable[[str, dict[str, str], list[tuple[bytes, bytes]], bytes], Awaitable[Answer | None]]
 _CLOSE = (b"connection", b"close")
 
 
@@ -82,13 +79,14 @@ class InferenceEndpoints:
             status, payload, extra = answer
             await _send(send, status, payload, extra)
 
-    async def answer(self, path: str, params: dict[str, str], raw_headers: list[tuple[bytes, bytes]], *,
-                     receive: Receive | None = None, body: bytes | None = None) -> Answer | None:
+    async def answer(self, path: str, params: dict[str, str], raw_headers: list[tuple[bytes, bytes]],
+                     body: bytes | None = None, *, receive: Receive | None = None) -> Answer | None:
         """Status, body and extra headers of the answer to one request; ``None`` when the client left.
 
         The body comes from ``receive`` (read with the limits of :mod:`service.api.body`), or is ``body``:
         one that the HTTP protocol read whole already (:mod:`service.protocol`'s direct path: at most
-        ``max_body_bytes``, identity encoding), taken from the byte budget here.
+        ``max_body_bytes``, identity encoding), taken from the byte budget here. With ``body`` given,
+        this is a :data:`service.protocol.DirectHandler`.
         """
         headers: dict[bytes, bytes] = {}
         for key, value in raw_headers:  # names arrive lower-cased; the first of a repeated header wins
@@ -127,9 +125,7 @@ class InferenceEndpoints:
                 raise  # the server is shutting down
             status = 504 if read else 408
             service.metrics.http_error(status)
-            what = "did not finish" if read else "body did not arrive"
-            return status, orjson.dumps({"error": f"the request {what} within {deadlines.timeout_s:g} s "
-                                                  "(BNFOLD_REQUEST_TIMEOUT_S)"}), [*_JSON, _CLOSE]
+            return status, orjson.dumps({"error": late_message(read, deadlines.timeout_s)}), [*_JSON, _CLOSE]
         except Exception as exc:  # a bug: the same answer and log line as FastAPI's handler for the other routes
             event(logging.ERROR, "internal error", path=path, error=f"{type(exc).__name__}: {exc}")
             return 500, b'{"error":"internal server error"}', _JSON
@@ -138,11 +134,6 @@ class InferenceEndpoints:
             if share.held >= TRIM_BYTES:  # a large request: its memory goes back to the OS, not just to malloc
                 trim_soon()
             share.release()
-
-    async def answer_read(self, path: str, params: dict[str, str], raw_headers: list[tuple[bytes, bytes]],
-                          body: bytes) -> Answer | None:
-        """:meth:`answer` for a body the HTTP protocol read whole already (a :data:`DirectHandler`)."""
-        return await self.answer(path, params, raw_headers, body=body)
 
     async def _run(self, predict: bool, name: str, version: str | None, body: bytes,
                    headers: dict[bytes, bytes], share: Share) -> tuple[bytes, list[tuple[bytes, bytes]]]:
@@ -177,6 +168,12 @@ async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes,
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-length", str(len(body)).encode()), *headers]})
     await send({"type": "http.response.body", "body": body})
+
+
+def late_message(read: bool, timeout_s: float) -> str:
+    """The error of a request past its deadline: 504 once its body was read, 408 while it still arrived."""
+    what = "did not finish" if read else "body did not arrive"
+    return f"the request {what} within {timeout_s:g} s (BNFOLD_REQUEST_TIMEOUT_S)"
 
 
 def match_inference(path: str) -> dict[str, str] | None:
@@ -219,7 +216,7 @@ class ServiceApp(FastAPI):
         if endpoints is None:
             return None
         params = match_inference(path)
-        return None if params is None else (endpoints.answer_read, params)
+        return None if params is None else (endpoints.answer, params)
 
     @property
     def direct_timeout_s(self) -> float | None:
@@ -233,7 +230,7 @@ class ServiceApp(FastAPI):
         endpoints = self.endpoints
         assert endpoints is not None  # direct_timeout_s was not None
         endpoints.service.metrics.http_error(408)
-        return f"the request body did not arrive within {endpoints.deadlines.timeout_s:g} s (BNFOLD_REQUEST_TIMEOUT_S)"
+        return late_message(False, endpoints.deadlines.timeout_s)
 
     def openapi(self) -> dict[str, Any]:
         """FastAPI's schema of the other routes, plus :func:`openapi_paths` (built once, then cached)."""
