@@ -15,6 +15,10 @@ hand-overs and a self-pipe write per batch; at low load, most of the latency a r
 ``benchmarks/results/serving_profile.md``). The loop is blocked for at most about ``inline_s``; anything
 longer, the first run of a model (no estimate yet), or a queue the worker is busy with, goes to the worker.
 
+A request is queued with a callback (:meth:`Batcher.enqueue`), which gets its outputs or the error
+of its run once, on the caller's loop: straight from an inline batch, or from the one
+``call_soon_threadsafe`` per loop that a worker's batch takes; :meth:`Batcher.submit` awaits the same.
+
 The worker survives any exception while it collects or runs a batch (the batch's callers get the
 error). Should it stop anyway, or be closed, the batcher *fails*: every request it holds or has
 queued, and every later one, gets :class:`~service.errors.ModelNotReady` (503) instead of waiting
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import queue
 import threading
@@ -36,8 +41,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from service.errors import InvalidInput, ModelNotReady, Overloaded
+from service.logs import event
 
 RunFn = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+Done = Callable[[list[np.ndarray] | BaseException], None]  # a request's outputs, or why it got none
 Results = list[tuple["_Item", list[np.ndarray] | BaseException]]
 INLINE_S = 0.005  # a batch expected to run this long at most runs on the event loop (see the module docstring)
 
@@ -51,7 +58,7 @@ class _Item:
     feeds: dict[str, np.ndarray]
     rows: int
     key: tuple[Any, ...]
-    future: asyncio.Future[list[np.ndarray]]
+    done: Done
     loop: asyncio.AbstractEventLoop
     nbytes: int
     enqueued: float = field(default_factory=time.perf_counter)
@@ -60,24 +67,35 @@ class _Item:
 _STOP = object()
 
 
-def _resolve(future: asyncio.Future[list[np.ndarray]], result: list[np.ndarray] | BaseException) -> None:
-    if future.done():  # the caller went away
-        return
-    if isinstance(result, BaseException):
-        future.set_exception(result)
-    else:
-        future.set_result(result)
+def _resolve(done: Done, result: list[np.ndarray] | BaseException) -> None:
+    """Call ``done(result)``; a failing callback is logged and does not stop the batch's other answers."""
+    try:
+        done(result)
+    except Exception as exc:  # a bug in the caller's callback: the other requests of the batch still get theirs
+        event(logging.ERROR, "internal error", where="batch callback", error=f"{type(exc).__name__}: {exc}")
 
 
-def _resolve_all(pairs: list[tuple[asyncio.Future[list[np.ndarray]], list[np.ndarray] | BaseException]]) -> None:
-    for future, result in pairs:
-        _resolve(future, result)
+def _resolve_all(pairs: list[tuple[Done, list[np.ndarray] | BaseException]]) -> None:
+    for done, result in pairs:
+        _resolve(done, result)
 
 
 def _deliver_here(results: list[tuple[_Item, list[np.ndarray] | BaseException]]) -> None:
-    """Resolve the futures of a batch run inline, in their own loop's thread."""
+    """Answer the requests of a batch run inline, in their own loop's thread."""
     for item, result in results:
-        _resolve(item.future, result)
+        _resolve(item.done, result)
+
+
+def _setter(future: asyncio.Future[list[np.ndarray]]) -> Done:
+    """A :data:`Done` resolving ``future``, unless its waiter went away (cancelled) before the answer."""
+    def done(result: list[np.ndarray] | BaseException) -> None:
+        if future.done():
+            return
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+    return done
 
 
 def _deliver(item: _Item, result: list[np.ndarray] | BaseException) -> None:
@@ -89,7 +107,7 @@ def _deliver_all(results: list[tuple[_Item, list[np.ndarray] | BaseException]]) 
     """:func:`_deliver` for a whole batch: one event-loop wake-up per loop, not one per request."""
     by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
     for item, result in results:
-        by_loop.setdefault(item.loop, []).append((item.future, result))
+        by_loop.setdefault(item.loop, []).append((item.done, result))
     for loop, pairs in by_loop.items():
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(_resolve_all, pairs)
@@ -139,9 +157,18 @@ class Batcher:
         return self._queue.qsize()
 
     async def submit(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Queue one request and wait for its own outputs.
+        """Queue one request and wait for its own outputs (:meth:`enqueue` with a future)."""
+        future: asyncio.Future[list[np.ndarray]] = asyncio.get_running_loop().create_future()
+        self.enqueue(feeds, _setter(future))
+        return await future
 
-        Raises :class:`Overloaded` when the queue is full, :class:`ModelNotReady` once the batcher failed.
+    def enqueue(self, feeds: dict[str, np.ndarray], done: Done) -> None:
+        """Queue one request; ``done`` gets its own outputs (or the exception of its run) once, on this loop.
+
+        Call on the event loop. Raises :class:`Overloaded` when the queue is full, :class:`ModelNotReady`
+        once the batcher failed (and then ``done`` is never called). No task and no future: the answer
+        reaches ``done`` straight from the batch (inline) or from the one wake-up per batch that a
+        worker's answers take (``call_soon_threadsafe``).
         """
         if self.failure is not None:
             raise self._not_ready()
@@ -158,7 +185,7 @@ class Batcher:
             nbytes = sum(a.nbytes for a in feeds.values())
             key = tuple((n, a.shape[1:], a.dtype.str) for n, a in feeds.items()) if self.batches else ()
         rows = first.shape[0] if self.batches and first.ndim else 1
-        item = _Item(feeds, rows, key, loop.create_future(), loop, nbytes)
+        item = _Item(feeds, rows, key, done, loop, nbytes)
         with self._bytes_lock:  # also orders this put before a failure's drain of the queue (_fail)
             if self.failure is not None:
                 raise self._not_ready()
@@ -174,7 +201,6 @@ class Batcher:
                 self._pending.append(item)
             else:
                 self._queue.put(item)
-        return await item.future
 
     def _inline_possible(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Whether a request on ``loop`` may wait for an inline run (called under ``_bytes_lock``)."""

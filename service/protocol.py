@@ -29,8 +29,9 @@ system calls and two TCP segments per small response, which the client reads in 
 *The direct path.* An inference request that the app routes directly (``app.direct_route(path)``,
 :class:`service.api.fastpath.ServiceApp`) is answered without ASGI: no scope, middleware,
 ``receive``/``send`` messages or response-cycle object; the body is collected as it is parsed, the
-handler gets (path, path parameters, headers, body) and its answer leaves in one ``write`` with
-uvicorn's default headers. At most :data:`DIRECT_BODY_BYTES` of body, so it holds no more per
+handler gets (path, path parameters, headers, body, ``respond``) and returns at once; the answer it
+gives ``respond`` (from the batch's callback: no task, future or ``await`` per request) leaves in one
+``write`` with uvicorn's default headers. At most :data:`DIRECT_BODY_BYTES` of body, so it holds no more per
 connection than uvicorn's own buffer would. It takes only plain requests: ``POST``, HTTP/1.1, a
 ``Content-Length`` (no chunked body, no ``Content-Encoding``, no ``Expect: 100-continue``, no
 upgrade), a path without percent-escapes or fragment, under uvicorn's concurrency limit, and no
@@ -48,7 +49,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +70,9 @@ LINGER_S = 2.0  # longest a refused connection stays open
 # reading (HIGH_WATER_LIMIT), so a stalled upload holds no more on the direct path than on the ASGI one.
 DIRECT_BODY_BYTES = HIGH_WATER_LIMIT
 Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]  # status, body, headers besides content-length
-DirectHandler = Callable[[str, dict[str, str], list[tuple[bytes, bytes]], bytes], Awaitable[Answer | None]]
+Respond = Callable[[Answer | None], None]  # takes a request's answer (None: nobody to answer), once
+# (path, path parameters, headers, body, respond): returns at once; ``respond`` gets the answer later or now.
+DirectHandler = Callable[[str, dict[str, str], list[tuple[bytes, bytes]], bytes, Respond], None]
 _CONNECTION_CLOSE = (b"connection", b"close")
 _INTERNAL_ERROR: Answer = (500, b'{"error":"internal server error"}', [(b"content-type", b"application/json")])
 
@@ -131,6 +134,15 @@ class _DirectCycle:
         self.keep_alive = keep_alive
         self.timeout_s = timeout_s  # the app's request deadline (BNFOLD_REQUEST_TIMEOUT_S), if it has one
         self.body: list[bytes] = []
+        self.respond: Respond | None = None  # set while the handler has the request
+
+    def cancel(self, msg: Any = None) -> None:
+        """uvicorn's forced shutdown (past its graceful timeout) cancels running requests: an ASGI one gets
+        its 500 and a close, and so does this one, which is then answered; the handler's answer is dropped."""
+        respond = self.respond
+        if respond is not None and not self.response_complete:
+            status, payload, extra = _INTERNAL_ERROR
+            respond((status, payload, [*extra, _CONNECTION_CLOSE]))
 
 
 def _direct_app(app: Any) -> Any:
@@ -213,6 +225,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._refused = False
         self._dropped = 0  # bytes read and dropped after a refusal
+        self._handling = False  # a direct request's handler is running (inside the parser's callbacks)
         # The direct path (see the module docstring): off with access logging, which only the ASGI path writes.
         self._direct = None if self.access_log else _direct_app(config.loaded_app)
 
@@ -392,32 +405,56 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             cycle.deadline = self.loop.time() + cycle.timeout_s
 
     def _run_direct(self, cycle: _DirectCycle) -> None:
-        task = self.loop.create_task(self._serve_direct(cycle))
-        task.add_done_callback(self.tasks.discard)
-        self.tasks.add(task)
-
-    async def _serve_direct(self, cycle: _DirectCycle) -> None:
+        """Hand the request to its handler. The cycle counts as one of uvicorn's running tasks until answered:
+        shutdown waits for it, and past the graceful timeout cancels it (:meth:`_DirectCycle.cancel`)."""
         body = cycle.body[0] if len(cycle.body) == 1 else b"".join(cycle.body)
         cycle.body = []
+        cycle.respond = respond = functools.partial(self._direct_answer, cycle)  # dropped once answered
+        self.tasks.add(cycle)  # type: ignore[arg-type]
+        self._handling = True
         try:
-            answer = await cycle.handler(cycle.path, cycle.params, cycle.headers, body)
+            cycle.handler(cycle.path, cycle.params, cycle.headers, body, respond)
         except Exception as exc:  # a bug in the handler: what uvicorn does for an ASGI app, with the service's body
             event(logging.ERROR, "internal error", path=cycle.path, error=f"{type(exc).__name__}: {exc}")
-            answer = _INTERNAL_ERROR
-        except asyncio.CancelledError:  # the server's forced shutdown: uvicorn answers an ASGI request 500 and closes
-            status, payload, extra = _INTERNAL_ERROR
-            answer = (status, payload, [*extra, _CONNECTION_CLOSE])
+            respond(_INTERNAL_ERROR)
+        finally:
+            self._handling = False
+
+    def _direct_answer(self, cycle: _DirectCycle, answer: Answer | None) -> None:
+        """Write a direct request's answer (its :data:`Respond`), unless it was answered or its client left.
+
+        An answer given while the handler still runs (an error found at once) is written from the next loop
+        iteration: the handler runs inside the parser's callbacks, where finishing a response would start the
+        next pipelined request (recursively, for many of them) and arm the keep-alive timer mid-request.
+        """
+        if self._handling:
+            self.loop.call_soon(self._direct_answer, cycle, answer)
+            return
+        self.tasks.discard(cycle)  # type: ignore[arg-type]
+        if cycle.response_complete:  # answered already: cancelled by the forced shutdown
+            return
+        cycle.respond = None
         if answer is None:  # nobody to answer
             cycle.response_complete = True
             self.transport.close()
             return
         if cycle.disconnected:
             return
+        if self.flow.write_paused:  # the client is not reading its earlier answers: write once it does
+            task = self.loop.create_task(self._write_drained(cycle, answer))
+            task.add_done_callback(self.tasks.discard)
+            self.tasks.add(task)
+            return
+        self._write_direct(cycle, answer)
+
+    async def _write_drained(self, cycle: _DirectCycle, answer: Answer) -> None:
+        await self.flow.drain()
+        if not cycle.disconnected:
+            self._write_direct(cycle, answer)
+
+    def _write_direct(self, cycle: _DirectCycle, answer: Answer) -> None:
+        """The answer in one ``write``: status line, uvicorn's default headers, the answer's, and its body."""
         status, payload, extra = answer
-        if self.flow.write_paused:  # the client is not reading its earlier answers
-            await self.flow.drain()
-            if cycle.disconnected:
-                return
         parts = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
             parts += [name, b": ", value, b"\r\n"]

@@ -186,19 +186,28 @@ class ModelVersion:
             raise ModelNotReady(f"model {self.name!r} version {self.version} is not ready: {self.reason}")
         return self.runtime, self.batcher
 
-    @contextmanager
-    def lease(self) -> Iterator[tuple[ModelRuntime, Batcher]]:
-        """:meth:`serving`, held for the ``with`` block: a retired version is not freed while a lease is out.
+    def acquire(self) -> tuple[ModelRuntime, Batcher]:
+        """:meth:`serving`, and a lease on it: a retired version is not freed while a lease is out.
 
         Take it on the event loop, right after :meth:`ModelRepository.get` (no ``await`` between),
-        and hold it until the outputs are encoded.
+        and :meth:`release` it exactly once, when the outputs are encoded (or the request failed).
         """
-        runtime, batcher = self.serving()
+        served = self.serving()
         self.inflight += 1
+        return served
+
+    def release(self) -> None:
+        """Return a lease taken by :meth:`acquire`."""
+        self.inflight -= 1
+
+    @contextmanager
+    def lease(self) -> Iterator[tuple[ModelRuntime, Batcher]]:
+        """:meth:`acquire` and :meth:`release` around the ``with`` block."""
+        runtime, batcher = self.acquire()
         try:
             yield runtime, batcher
         finally:
-            self.inflight -= 1
+            self.release()
 
     def certificate_summary(self) -> dict[str, Any] | None:
         cert = self.certificate

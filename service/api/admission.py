@@ -16,8 +16,9 @@ everything. Single-threaded: only the event loop takes and returns shares.
 
 :class:`Deadlines` gives every inference request ``request_timeout_s`` from its start. One sweep
 task wakes a few times per timeout and cancels the requests past their deadline (O(1) per request:
-a dict insert and delete, instead of a timer handle each); the handler turns that cancellation
-into 504, or 408 while the body was still arriving.
+a dict insert and delete, instead of a timer handle each): a task (gRPC, an HTTP body still being
+read) gets a cancellation, which its handler turns into 504, or 408 while the body was still
+arriving; an HTTP request waiting for its batch answers 504 itself.
 
 :func:`trim_soon` hands freed heap memory back to the OS after a request that held
 :data:`TRIM_BYTES` or more, so RSS returns near its baseline instead of staying at the peak.
@@ -30,7 +31,7 @@ import contextlib
 import ctypes
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from service.errors import Overloaded
 
@@ -113,25 +114,33 @@ class Share:
         self.held = 0
 
 
+class Late(Protocol):
+    """What :class:`Deadlines` tracks: an :class:`asyncio.Task`, or a request answering its own deadline."""
+
+    def done(self) -> bool: ...
+
+    def cancel(self) -> Any: ...
+
+
 class Deadlines:
-    """Each registered task must finish within ``timeout_s``; :meth:`sweep` cancels the late ones."""
+    """Each registered entry must be done within ``timeout_s``; :meth:`sweep` cancels the late ones."""
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
-        self._due: dict[asyncio.Task[None], float] = {}  # insertion order = deadline order (one timeout for all)
-        self.expired: set[asyncio.Task[None]] = set()
+        self._due: dict[Late, float] = {}  # insertion order = deadline order (one timeout for all)
+        self.expired: set[Late] = set()
         self._sweeper: asyncio.Task[None] | None = None
 
-    def add(self, task: asyncio.Task[None], now: float) -> None:
-        self._due[task] = now + self.timeout_s
+    def add(self, entry: Late, now: float) -> None:
+        self._due[entry] = now + self.timeout_s
 
-    def remove(self, task: asyncio.Task[None]) -> None:
-        """Forget ``task`` (it finished, or answered its missed deadline)."""
-        self._due.pop(task, None)
+    def remove(self, entry: Late) -> None:
+        """Forget ``entry`` (it finished, or answered its missed deadline)."""
+        self._due.pop(entry, None)
         if self.expired:
-            self.expired.discard(task)
+            self.expired.discard(entry)
 
-    def missed(self, task: asyncio.Task[None]) -> bool:
+    def missed(self, task: asyncio.Task[Any]) -> bool:
         """Whether ``task`` was cancelled for its deadline (and forget it); un-cancels it so it may answer."""
         if task not in self.expired:
             return False
@@ -160,14 +169,15 @@ class Deadlines:
             self.sweep(time.monotonic())  # the clock of add()
 
     def sweep(self, now: float) -> None:
-        """Cancel every task whose deadline is before ``now``."""
+        """Cancel every entry whose deadline is before ``now`` (a task's ``cancel()`` raises in it; a request's
+        answers its deadline)."""
         late = []
-        for task, due in self._due.items():
+        for entry, due in self._due.items():
             if due > now:
                 break
-            late.append(task)
-        for task in late:
-            del self._due[task]
-            if not task.done():
-                self.expired.add(task)
-                task.cancel()
+            late.append(entry)
+        for entry in late:
+            del self._due[entry]
+            if not entry.done():
+                self.expired.add(entry)
+                entry.cancel()

@@ -16,9 +16,12 @@ Behaviour is that of the FastAPI routes it replaces: the same API-key check
 metrics, 500 ``{"error": "internal server error"}`` for a bug. :func:`openapi_paths` documents the
 routes in the OpenAPI schema.
 
-:meth:`InferenceEndpoints.answer` is the handler of both paths into it: the ASGI one above, and
-:mod:`service.protocol`'s direct path (:meth:`ServiceApp.direct_route`), which hands over a small
-body it read whole already and skips ASGI altogether.
+Two paths lead in: the ASGI one above (:meth:`InferenceEndpoints.answer`, which reads the body), and
+:mod:`service.protocol`'s direct path (:meth:`ServiceApp.direct_route`, :meth:`InferenceEndpoints.serve`),
+which hands over a small body it read whole already and skips ASGI altogether. Both then run the
+same :class:`_Call`: the request is decoded and queued on the caller's stack, and answered from its
+batch's callback (:func:`service.inference.infer_soon`), so a direct request costs no task, future
+or ``await``; every error, the deadline's 504 included, is answered by the call itself.
 
 Admission (:mod:`service.api.admission`) costs O(1) per request: the request takes its share of the
 worker's byte budget as it reads and decodes (503 + ``Retry-After`` past ``max_inflight_bytes``),
@@ -48,7 +51,7 @@ from service.api.schemas import Predictions
 from service.errors import ServiceError
 from service.logs import event
 from service.metrics import UNKNOWN_MODEL
-from service.protocol import Answer, DirectHandler
+from service.protocol import Answer, DirectHandler, Respond
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()  # ASGI header names are lower-case bytes
@@ -60,6 +63,7 @@ PATTERNS = [(re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$"
             for path in (INFER, INFER_VERSION, PREDICT)]
 _JSON = [(b"content-type", b"application/json")]
 _CLOSE = (b"connection", b"close")
+_INTERNAL_ERROR: Answer = (500, b'{"error":"internal server error"}', _JSON)
 
 
 class InferenceEndpoints:
@@ -74,94 +78,201 @@ class InferenceEndpoints:
         self.deadlines = Deadlines(settings.request_timeout_s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        answer = await self.answer(scope["path"], scope["path_params"], scope["headers"], receive=receive)
+        answer = await self.answer(scope["path"], scope["path_params"], scope["headers"], receive)
         if answer is not None:
             status, payload, extra = answer
             await _send(send, status, payload, extra)
 
-    async def answer(self, path: str, params: dict[str, str], raw_headers: list[tuple[bytes, bytes]],
-                     body: bytes | None = None, *, receive: Receive | None = None) -> Answer | None:
-        """Status, body and extra headers of the answer to one request; ``None`` when the client left.
+    def serve(self, path: str, params: dict[str, str], raw_headers: list[tuple[bytes, bytes]], body: bytes,
+              respond: Respond) -> None:
+        """Answer a request whose body the HTTP protocol read whole already, through ``respond`` (once).
 
-        The body comes from ``receive`` (read with the limits of :mod:`service.api.body`), or is ``body``:
-        one that the HTTP protocol read whole already (:mod:`service.protocol`'s direct path: at most
-        ``max_body_bytes``, identity encoding), taken from the byte budget here. With ``body`` given,
-        this is a :data:`service.protocol.DirectHandler`.
+        :mod:`service.protocol`'s direct path (a :data:`service.protocol.DirectHandler`): at most
+        ``max_body_bytes``, identity encoding. Returns at once; the answer comes when its batch ran.
         """
+        call = _Call(self, path, params, raw_headers, respond)
+        if call.authorized(read=True):
+            call.run(body, take=True)
+
+    async def answer(self, path: str, params: dict[str, str], raw_headers: list[tuple[bytes, bytes]],
+                     receive: Receive) -> Answer | None:
+        """Status, body and extra headers of the answer to an ASGI request; ``None`` when the client left.
+
+        The body comes from ``receive``, read with the limits of :mod:`service.api.body`; the rest is
+        :meth:`serve`'s. Past the deadline while the body still arrives, this task is cancelled: 408.
+        """
+        answered: asyncio.Future[Answer | None] = asyncio.get_running_loop().create_future()
+        call = _Call(self, path, params, raw_headers, _resolver(answered))
+        task = call.task = asyncio.current_task()
+        settings = self.service.settings
+        try:
+            if call.authorized(read=False):
+                body = await read_body(receive, call.headers.get(b"content-length"),
+                                       call.headers.get(b"content-encoding"), settings.max_body_bytes, call.share)
+                call.task = None
+                call.run(body, take=False)
+        except ClientGone:
+            call.answer(None)
+        except ServiceError as exc:  # the budget is full
+            call.refuse(http_error(exc, settings.retry_after_s), read=False)
+        except HTTPException as exc:  # the body's framing, encoding or size
+            call.refuse(exc, read=False)
+        except asyncio.CancelledError:
+            if not call.late:  # the server is shutting down
+                call.answer(None)
+                raise
+            uncancel = getattr(task, "uncancel", None)  # Python >= 3.11: the cancellation is handled
+            if uncancel is not None:
+                uncancel()
+            call.late_answer(read=False)
+        except Exception as exc:  # a bug
+            call.failed(exc)
+        return await answered  # a cancellation here (shutdown) leaves the call to finish and give its share back
+
+
+def _resolver(future: asyncio.Future[Answer | None]) -> Respond:
+    """A :data:`Respond` resolving ``future``, unless its task was cancelled meanwhile."""
+    def respond(answer: Answer | None) -> None:
+        if not future.done():
+            future.set_result(answer)
+    return respond
+
+
+class _Call:
+    """One inference request from its headers to its answer, which ``respond`` gets exactly once.
+
+    It is its own entry in :class:`Deadlines` (:meth:`done`, :meth:`cancel`), holds the request's
+    :class:`Share` of the byte budget until the answer, and maps every error to the answer FastAPI's
+    routes would give: ``{"error": ...}`` with the status of :mod:`service.api.errors`, 500 for a bug.
+    """
+
+    __slots__ = ("answered", "endpoints", "headers", "label", "late", "params", "path", "respond", "share", "started",
+                 "task")
+
+    def __init__(self, endpoints: InferenceEndpoints, path: str, params: dict[str, str],
+                 raw_headers: list[tuple[bytes, bytes]], respond: Respond) -> None:
         headers: dict[bytes, bytes] = {}
         for key, value in raw_headers:  # names arrive lower-cased; the first of a repeated header wins
             headers.setdefault(key, value)
-        service = self.service
-        task = asyncio.current_task()
-        deadlines = self.deadlines
-        deadlines.add(task, time.monotonic())  # type: ignore[arg-type]
-        share = Share(self.budget)
-        read = body is not None
-        try:
-            check_api_key(service.settings, headers.get(b"authorization", b""))
-            try:
-                if body is None:
-                    assert receive is not None
-                    body = await read_body(receive, headers.get(b"content-length"), headers.get(b"content-encoding"),
-                                           service.settings.max_body_bytes, share)
-                else:
-                    share.take(len(body))
-            except ServiceError as exc:  # the budget is full
-                raise http_error(exc, service.settings.retry_after_s) from None
-            read = True
-            payload, extra = await self._run(path.endswith(":predict"), params["name"], params.get("version"), body,
-                                             headers, share)
-            deadlines.remove(task)  # type: ignore[arg-type]
-            return 200, payload, extra
-        except HTTPException as exc:
-            service.metrics.http_error(exc.status_code)
-            return exc.status_code, orjson.dumps({"error": str(exc.detail)}), \
-                [*_JSON, *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (exc.headers or {}).items()),
-                 *(() if read else (_CLOSE,))]
-        except ClientGone:
-            return None
-        except asyncio.CancelledError:
-            if not deadlines.missed(task):  # type: ignore[arg-type]
-                raise  # the server is shutting down
-            status = 504 if read else 408
-            service.metrics.http_error(status)
-            return status, orjson.dumps({"error": late_message(read, deadlines.timeout_s)}), [*_JSON, _CLOSE]
-        except Exception as exc:  # a bug: the same answer and log line as FastAPI's handler for the other routes
-            event(logging.ERROR, "internal error", path=path, error=f"{type(exc).__name__}: {exc}")
-            return 500, b'{"error":"internal server error"}', _JSON
-        finally:
-            deadlines.remove(task)  # type: ignore[arg-type]
-            if share.held >= TRIM_BYTES:  # a large request: its memory goes back to the OS, not just to malloc
-                trim_soon()
-            share.release()
+        self.endpoints = endpoints
+        self.path = path
+        self.params = params
+        self.headers = headers
+        self.respond = respond
+        self.share = Share(endpoints.budget)
+        self.answered = False
+        self.late = False  # its deadline passed
+        self.task: asyncio.Task[Any] | None = None  # the ASGI task while it reads the body
+        self.label = UNKNOWN_MODEL
+        self.started = 0.0
+        endpoints.deadlines.add(self, time.monotonic())
 
-    async def _run(self, predict: bool, name: str, version: str | None, body: bytes,
-                   headers: dict[bytes, bytes], share: Share) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-        """Body and extra headers of a successful answer; service errors become :class:`HTTPException`."""
-        service = self.service
-        start = time.perf_counter()
+    # -- Deadlines' entry ----------------------------------------------------------------------
+
+    def done(self) -> bool:
+        return self.answered
+
+    def cancel(self) -> None:
+        """The deadline passed: 504, or (the body still arriving) cancel the task reading it, which answers 408."""
+        self.late = True
+        if self.task is not None:
+            self.task.cancel()
+        else:
+            self.late_answer(read=True)
+
+    # -- the request ---------------------------------------------------------------------------
+
+    def authorized(self, read: bool) -> bool:
+        """The API key check; on a miss, answer 401 (closing the connection when the body is not ``read``)."""
+        try:
+            check_api_key(self.endpoints.service.settings, self.headers.get(b"authorization", b""))
+        except HTTPException as exc:
+            self.refuse(exc, read)
+            return False
+        return True
+
+    def run(self, body: bytes, take: bool) -> None:
+        """Serve ``body`` (taking its bytes from the budget first when ``take``): decode and queue it here,
+        answer when its batch ran."""
+        service = self.endpoints.service
+        if take:
+            try:
+                self.share.take(len(body))
+            except ServiceError as exc:  # the budget is full
+                self.refuse(http_error(exc, service.settings.retry_after_s), read=True)
+                return
+        endpoints = self.endpoints
         repository = service.repository
-        label = name if name in repository.models else UNKNOWN_MODEL
+        params = self.params
+        name, version = params["name"], params.get("version")
+        self.label = name if name in repository.models else UNKNOWN_MODEL
+        self.started = time.perf_counter()
         try:
             check_names(repository, name, version)
-            if predict:
-                rows = await inference.predict(repository, name, None, body, self.limits, share.take_decoding)
-                result = (orjson.dumps({"predictions": rows}), _JSON)
+            if self.path.endswith(":predict"):
+                inference.predict_soon(repository, name, None, body, endpoints.limits, self.share.take_decoding,
+                                       self._predicted)
             else:
-                length = headers.get(_HEADER_LENGTH_KEY)
-                encoded = await inference.infer(repository, name, version, body,
-                                                None if length is None else length.decode("latin-1"),
-                                                self.limits, share.take_decoding)
-                result = (encoded.body, _JSON) if encoded.header_length is None else \
-                    (encoded.body, [(b"content-type", b"application/octet-stream"),
-                                    (_HEADER_LENGTH_KEY, str(encoded.header_length).encode())])
-        except ServiceError as exc:
-            service.metrics.request(label, OUTCOME.get(STATUS.get(type(exc), 500), "error"))
-            # Raised without a local name: a local holding it would close a reference cycle (exception ->
-            # traceback -> this frame -> exception) that keeps the request's parsed data alive until a GC pass.
-            raise http_error(exc, service.settings.retry_after_s) from None
-        service.metrics.request(label, "success", time.perf_counter() - start)
-        return result
+                length = self.headers.get(_HEADER_LENGTH_KEY)
+                inference.infer_soon(repository, name, version, body,
+                                     None if length is None else length.decode("latin-1"), endpoints.limits,
+                                     self.share.take_decoding, self._inferred)
+        except Exception as exc:
+            self.failed(exc)
+
+    def _inferred(self, result: inference.Encoded | BaseException) -> None:
+        if isinstance(result, BaseException):
+            self.failed(result)
+            return
+        self.endpoints.service.metrics.request(self.label, "success", time.perf_counter() - self.started)
+        self.answer((200, result.body, _JSON) if result.header_length is None else
+                    (200, result.body, [(b"content-type", b"application/octet-stream"),
+                                        (_HEADER_LENGTH_KEY, str(result.header_length).encode())]))
+
+    def _predicted(self, result: list[dict[str, Any]] | BaseException) -> None:
+        if isinstance(result, BaseException):
+            self.failed(result)
+            return
+        self.endpoints.service.metrics.request(self.label, "success", time.perf_counter() - self.started)
+        self.answer((200, orjson.dumps({"predictions": result}), _JSON))
+
+    def failed(self, exc: BaseException) -> None:
+        """The answer to an error after the body was read: a service error's status, else (a bug) 500."""
+        service = self.endpoints.service
+        if isinstance(exc, ServiceError):
+            service.metrics.request(self.label, OUTCOME.get(STATUS.get(type(exc), 500), "error"))
+            self.refuse(http_error(exc, service.settings.retry_after_s), read=True)
+            return
+        if not self.answered:  # the same answer and log line as FastAPI's handler for the other routes
+            event(logging.ERROR, "internal error", path=self.path, error=f"{type(exc).__name__}: {exc}")
+        self.answer(_INTERNAL_ERROR)
+
+    def refuse(self, exc: HTTPException, read: bool) -> None:
+        """Answer ``exc``; the connection closes when the body was not ``read`` (so the rest is not read)."""
+        self.endpoints.service.metrics.http_error(exc.status_code)
+        self.answer((exc.status_code, orjson.dumps({"error": str(exc.detail)}),
+                     [*_JSON, *((k.lower().encode("latin-1"), v.encode("latin-1"))
+                                for k, v in (exc.headers or {}).items()),
+                      *(() if read else (_CLOSE,))]))
+
+    def late_answer(self, read: bool) -> None:
+        """The answer past the deadline: 504 once the body was read, 408 while it still arrived."""
+        status = 504 if read else 408
+        self.endpoints.service.metrics.http_error(status)
+        self.answer((status, orjson.dumps({"error": late_message(read, self.endpoints.deadlines.timeout_s)}),
+                     [*_JSON, _CLOSE]))
+
+    def answer(self, answer: Answer | None) -> None:
+        """Give the budget back and hand ``answer`` (``None``: nobody to answer) to ``respond``, the first time."""
+        if self.answered:
+            return
+        self.answered = True
+        self.endpoints.deadlines.remove(self)
+        share = self.share
+        if share.held >= TRIM_BYTES:  # a large request: its memory goes back to the OS, not just to malloc
+            trim_soon()
+        share.release()
+        self.respond(answer)
 
 
 async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
@@ -216,7 +327,7 @@ class ServiceApp(FastAPI):
         if endpoints is None:
             return None
         params = match_inference(path)
-        return None if params is None else (endpoints.answer, params)
+        return None if params is None else (endpoints.serve, params)
 
     @property
     def direct_timeout_s(self) -> float | None:

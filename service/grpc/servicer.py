@@ -159,19 +159,20 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         name = request.model_name
         label = name if name in service.repository.models else UNKNOWN_MODEL
         task = asyncio.current_task()
+        assert task is not None  # a gRPC handler runs in a task
         deadlines = self.deadlines
-        deadlines.add(task, time.monotonic())  # type: ignore[arg-type]
+        deadlines.add(task, time.monotonic())
         share = Share(self.budget)
         try:
             share.take(request.ByteSize())  # the message as received, held until the answer
             response = await self._infer(request, share)
-            deadlines.remove(task)  # type: ignore[arg-type]
+            deadlines.remove(task)
         except ServiceError as exc:
             service.metrics.request(label, OUTCOME.get(STATUS.get(type(exc), 500), "error"))
             code, message = status_of(exc)
             raise Abort(code, message) from None
         except asyncio.CancelledError:
-            if not deadlines.missed(task):  # type: ignore[arg-type]
+            if not deadlines.missed(task):
                 raise  # the client went away, or the server stops
             service.metrics.request(label, "timeout")
             raise Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the request did not finish within "
@@ -180,7 +181,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             event(logging.ERROR, "internal error", rpc="ModelInfer", error=f"{type(exc).__name__}: {exc}")
             raise Abort(grpc.StatusCode.INTERNAL, "internal server error") from None
         finally:
-            deadlines.remove(task)  # type: ignore[arg-type]
+            deadlines.remove(task)
             if share.held >= TRIM_BYTES:
                 trim_soon()
             share.release()
@@ -188,29 +189,16 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def _infer(self, request: pb.ModelInferRequest, share: Share) -> pb.ModelInferResponse:
-        """What :func:`service.inference.infer` does, with a gRPC request and response."""
+        """:func:`service.inference.infer`, with a gRPC request and response."""
         repository = self.service.repository
         name, version = request.model_name, request.model_version or None
         check_names(repository, name, version)
-        entry = repository.get(name, version)
-        with entry.lease() as (runtime, batcher):  # the version is not freed before the answer is built
-            body, header_length = tensors.as_http(request)
-            json_length = len(body) if header_length is None else header_length
-            self.limits.check_json(json_length)
-            share.take_decoding(len(body), json_length)
-            if json_length > inference.OFFLOAD_BYTES:
-                decoded = await asyncio.get_running_loop().run_in_executor(
-                    None, codec.decode_infer_request, body, header_length, runtime.inputs, runtime.outputs,
-                    self.limits)
-            else:
-                decoded = codec.decode_infer_request(body, header_length, runtime.inputs, runtime.outputs,
-                                                     self.limits)
-            feeds = decoded.inputs
-            if len(feeds) > 1:  # the session's input order, so equal requests get equal batching keys
-                feeds = {spec.name: feeds[spec.name] for spec in runtime.inputs}
-            outputs = await batcher.submit(feeds)
-            named = dict(zip(runtime.output_names, outputs, strict=True))
-            return tensors.response(name, str(entry.version), decoded, named, runtime.outputs)
+        repository.get(name, version).serving()  # an unknown or unready version answers before a malformed request
+        body, header_length = tensors.as_http(request)
+        response: pb.ModelInferResponse = await inference.infer(
+            repository, name, version, body, None if header_length is None else str(header_length), self.limits,
+            share.take_decoding, encode=tensors.response)
+        return response
 
     # -- repository extension ----------------------------------------------------------------
 

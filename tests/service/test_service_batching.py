@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from service.batching import Batcher
-from service.errors import InvalidInput, Overloaded
+from service.errors import InvalidInput, ModelNotReady, Overloaded
 
 
 class Recorder:
@@ -329,3 +329,59 @@ def test_requests_collected_for_an_inline_run_count_against_the_queue_bound() ->
     results = asyncio.run(scenario())
     batcher.close()
     assert [type(r).__name__ for r in results] == ["list", "list", "Overloaded"]
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "worker"])
+def test_enqueue_answers_each_callback_once_and_a_failing_callback_does_not_stop_the_batch(
+        inline: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Callbacks get their own rows, on the loop's thread; one that raises is logged, the others still run."""
+    logged: list[dict[str, object]] = []
+    monkeypatch.setattr("service.batching.event", lambda level, message, **fields: logged.append(fields))
+    batcher = _make(Recorder())
+
+    async def main() -> list[tuple[int, object, int]]:
+        if inline:  # a first run gives the per-row estimate that lets batches run on the loop
+            await batcher.submit({"x": np.ones((1, 2), np.float32)})
+        loop = asyncio.get_running_loop()
+        everyone = loop.create_future()
+        got: list[tuple[int, object, int]] = []
+
+        def callback(k: int) -> object:
+            def done(result: object) -> None:
+                got.append((k, result, threading.get_ident()))
+                if len(got) == 4:
+                    everyone.set_result(None)
+                if k == 1:
+                    raise RuntimeError("a bug in the caller's callback")
+            return done
+
+        for k in range(4):
+            batcher.enqueue({"x": np.full((1, 2), k, np.float32)}, callback(k))
+        await asyncio.wait_for(everyone, 30)
+        await asyncio.sleep(0.01)  # nothing more arrives
+        return got
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        batcher.close()
+    assert sorted(k for k, _, _ in got) == [0, 1, 2, 3]
+    assert {ident for _, _, ident in got} == {threading.get_ident()}
+    for k, result, _ in got:
+        assert isinstance(result, list)
+        np.testing.assert_array_equal(result[0], np.full((1, 2), 2 * k, np.float32))
+    assert [f["error"] for f in logged] == ["RuntimeError: a bug in the caller's callback"]
+
+
+def test_enqueue_refuses_synchronously_and_never_calls_back() -> None:
+    batcher = _make(Recorder(), max_queue_size=1)
+    batcher.close()
+    called: list[object] = []
+
+    async def main() -> None:
+        with pytest.raises(ModelNotReady, match="not ready"):
+            batcher.enqueue({"x": np.ones((1, 2), np.float32)}, called.append)
+        await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert called == []

@@ -53,17 +53,34 @@ def test_head_is_405_with_allow(client: TestClient) -> None:
 
 
 def test_internal_error_is_500_with_error_body(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    async def broken(*args: Any) -> None:
+    def broken(*args: Any) -> None:
         raise RuntimeError("bug in the handler")
 
     logged: list[tuple[str, dict[str, Any]]] = []
-    monkeypatch.setattr(inference, "infer", broken)
+    monkeypatch.setattr(inference, "infer_soon", broken)
     monkeypatch.setattr(fastpath, "event", lambda level, message, **fields: logged.append((message, fields)))
     response = client.post("/v2/models/classifier/infer", json=BODY)
     assert response.status_code == 500
     assert response.json() == {"error": "internal server error"}
     assert logged == [("internal error", {"path": "/v2/models/classifier/infer",
                                           "error": "RuntimeError: bug in the handler"})]
+
+
+@pytest.mark.parametrize("route", ["/v2/models/classifier/infer", "/v1/models/classifier:predict"])
+def test_a_bug_after_the_batch_ran_is_500_and_the_budget_comes_back(client: TestClient, route: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The answer is built in the batch's callback, after the handler returned: a bug there is a 500 too."""
+    def broken(*args: Any) -> None:
+        raise RuntimeError("bug in the encoder")
+
+    monkeypatch.setattr(inference.codec, "encode_infer_response", broken)
+    monkeypatch.setattr(inference, "_classify", broken)
+    body = BODY if route.endswith("/infer") else {"instances": [[1, 2, 3, 4]]}
+    response = client.post(route, json=body)
+    assert (response.status_code, response.json()) == (500, {"error": "internal server error"})
+    endpoints = client.app.endpoints  # type: ignore[attr-defined]
+    assert endpoints.budget.used == 0
+    assert client.app.state.service.repository.get("classifier").inflight == 0  # type: ignore[attr-defined]
 
 
 def test_metrics_count_every_request_on_cached_children(client: TestClient) -> None:

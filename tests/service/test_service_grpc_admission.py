@@ -7,7 +7,6 @@ swapped for a stand-in that blocks or refuses, so the outcomes do not depend on 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 from collections.abc import Iterator
@@ -52,16 +51,17 @@ def _refused(address: str) -> Any:
 
 
 class _Batcher:
-    """Stands in for a version's batcher: ``submit`` waits forever, or raises ``error``."""
+    """Stands in for a version's batcher: ``enqueue`` raises ``error``, or keeps the request unanswered
+    (in :attr:`waiting`) until the test answers it."""
 
     def __init__(self, error: Exception | None = None) -> None:
         self.error = error
+        self.waiting: list[Any] = []
 
-    async def submit(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def enqueue(self, feeds: dict[str, np.ndarray], done: Any) -> None:
         if self.error is not None:
             raise self.error
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
+        self.waiting.append(done)
 
     def close(self) -> None:
         pass
@@ -75,14 +75,18 @@ def _swap(client: TestClient, batcher: Any) -> Any:
 
 def test_deadline_exceeded(app_client: tuple[TestClient, str]) -> None:
     client, address = app_client
-    entry, original = _swap(client, _Batcher())
+    batcher = _Batcher()
+    entry, original = _swap(client, batcher)
     try:
         error = _refused(address)
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert error.details() == "the request did not finish within 0.5 s (BNFOLD_REQUEST_TIMEOUT_S)"
+        assert entry.inflight == 1  # the batch still holds the request: the version is not freed under it
+        late = batcher.waiting.pop()
+        client.portal.call(late, RuntimeError("the batch answers after the deadline"))  # type: ignore[union-attr]
+        assert entry.inflight == 0  # then the lease is given back, and the late answer goes nowhere
     finally:
         entry.batcher = original
-    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert error.details() == "the request did not finish within 0.5 s (BNFOLD_REQUEST_TIMEOUT_S)"
-    assert entry.inflight == 0  # the lease was given back
 
 
 def test_overload_is_unavailable_with_retry_after(app_client: tuple[TestClient, str]) -> None:

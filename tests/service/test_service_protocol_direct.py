@@ -474,3 +474,40 @@ def test_an_unparsable_chunk_in_the_body_being_read_gets_400_at_once(settings: S
            b"5\r\n{\"inp\r\nZZ\r\n")
     answers, closed, _ = _answers(settings, raw, True)
     assert closed and [a[0][:12] for a in answers] == [b"HTTP/1.1 400"]
+
+
+def test_many_pipelined_requests_refused_at_once_are_answered_in_order_without_recursion(
+        settings: Settings) -> None:
+    """Errors found while the parser's callback runs (404 here) are written from the next loop iteration:
+    finishing each inside the callback would start the next pipelined request from within it, recursively."""
+    count = 1500  # well past the interpreter's recursion limit, were each answer to start the next one inline
+    good = CASES["json"]  # in flight while the others are parsed and queued behind it
+    raw = good + _post("/v2/models/nope/infer", JSON_BODY) * count + good
+    loop_errors: list[Any] = []
+
+    async def scenario(connect: Any) -> Any:
+        asyncio.get_running_loop().set_exception_handler(lambda _, context: loop_errors.append(context))
+        protocol, transport = await connect(True)
+        protocol.data_received(raw)
+        await _until(lambda: len(_responses(transport.data)) == count + 2, "the answers", 120)
+        app = _direct_app(protocol.app)
+        return _responses(transport.data), transport.closed, app.endpoints.budget.used, protocol.tasks
+
+    answers, closed, used, tasks = _run(settings, scenario)
+    assert [a[0][:12] for a in answers] == [b"HTTP/1.1 200"] + [b"HTTP/1.1 404"] * count + [b"HTTP/1.1 200"]
+    assert not closed and used == 0 and not tasks
+    assert loop_errors == []
+
+
+def test_a_request_refused_at_once_returns_its_lease_and_budget(settings: Settings) -> None:
+    """A bad Inference-Header-Content-Length is found before the request is queued: nothing stays held."""
+    async def scenario(connect: Any) -> Any:
+        protocol, transport = await connect(True)
+        protocol.data_received(CASES["bad-header-length"])
+        await _until(lambda: bool(_responses(transport.data)), "the answer")
+        app = _direct_app(protocol.app)
+        entry = app.state.service.repository.get("classifier")
+        return _responses(transport.data), app.endpoints.budget.used, entry.inflight
+
+    answers, used, inflight = _run(settings, scenario)
+    assert answers[0][0].startswith(b"HTTP/1.1 400 ") and used == 0 and inflight == 0
