@@ -35,7 +35,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -53,15 +52,20 @@ class BatchObserver(Protocol):
     def batch(self, rows: int, queue_seconds: list[float]) -> None: ...
 
 
-@dataclass
 class _Item:
-    feeds: dict[str, np.ndarray]
-    rows: int
-    key: tuple[Any, ...]
-    done: Done
-    loop: asyncio.AbstractEventLoop
-    nbytes: int
-    enqueued: float = field(default_factory=time.perf_counter)
+    """One queued request (a plain slotted class: built once per request on the hot path)."""
+
+    __slots__ = ("done", "enqueued", "feeds", "key", "loop", "nbytes", "rows")
+
+    def __init__(self, feeds: dict[str, np.ndarray], rows: int, key: tuple[Any, ...], done: Done,
+                 loop: asyncio.AbstractEventLoop, nbytes: int) -> None:
+        self.feeds = feeds
+        self.rows = rows
+        self.key = key
+        self.done = done
+        self.loop = loop
+        self.nbytes = nbytes
+        self.enqueued = time.perf_counter()
 
 
 _STOP = object()
