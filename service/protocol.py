@@ -14,13 +14,14 @@ connection, and its half-read body, forever. :class:`LimitedHttpToolsProtocol` a
 * **408** and close when a request body pauses longer than ``body_timeout_s`` (not counting time
   in which the server itself stopped reading, flow control);
 
-all before the app, so before the API key check. Idle keep-alive connections are closed by uvicorn's
-``timeout_keep_alive``. After such an answer the connection is closed *lingering*: the answer is
-followed by a FIN, and what the client still sends is read and dropped, up to :data:`LINGER_BYTES`
-or :data:`LINGER_S`, so that a client that sends its whole request before reading (curl, httpx)
-gets the 431 instead of a reset. One timer per connection, armed only when a message is incomplete after a
-read, checks lazily: a request whose head and body arrive in one read (every small request) arms
-nothing. :func:`protocol_factory` binds the limits; the factory pickles, so ``--workers`` spawns it.
+all before the app, so before the API key check. Idle keep-alive connections are closed after
+uvicorn's ``timeout_keep_alive``. After a refusal the connection is closed *lingering*: the answer
+is followed by a FIN, and what the client still sends is read and dropped, up to
+:data:`LINGER_BYTES` or :data:`LINGER_S`, so that a client that sends its whole request before
+reading (curl, httpx) gets the 431 instead of a reset. One timer per connection, armed only when a
+message is incomplete after a read or a response leaves the connection idle, checks every timeout
+lazily: under load a connection arms about one per keep-alive timeout, where uvicorn arms one per
+response. :func:`protocol_factory` binds the limits; the factory pickles, so ``--workers`` spawns it.
 
 For speed, a response's status line and headers are written together with its first body part
 (:class:`_OneWriteCycle`): uvicorn writes them as two ``transport.write`` calls, i.e. two ``send``
@@ -226,6 +227,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._refused = False
         self._dropped = 0  # bytes read and dropped after a refusal
         self._handling = False  # a direct request's handler is running (inside the parser's callbacks)
+        self._idle_since: float | None = None  # loop time the last response completed with nothing pipelined
         # The direct path (see the module docstring): off with access logging, which only the ASGI path writes.
         self._direct = None if self.access_log else _direct_app(config.loaded_app)
 
@@ -247,6 +249,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        self._idle_since = None
         if self._refused:
             self._dropped += len(data)
             if self._dropped > LINGER_BYTES:
@@ -278,6 +281,26 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                     self._timer.cancel()
                     self._timer = None
         if self._timer is None:
+            self._arm(due)
+
+    def on_response_complete(self) -> None:
+        """uvicorn's, with its keep-alive timeout checked by this protocol's one lazy timer: uvicorn arms a
+        timer per response (``call_later``, cancelled by the next request: 3 us a response with uvloop)."""
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self._unset_keepalive_if_required()
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self._idle_since = now = self.loop.time()
+        due = now + self.timeout_keep_alive
+        timer = self._timer
+        if timer is None or timer.when() > due:  # none armed, or for a later check (a fresh connection's)
+            if timer is not None:
+                timer.cancel()
             self._arm(due)
 
     def send_400_response(self, msg: str) -> None:
@@ -484,6 +507,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._refused or self.transport.is_closing():
             return
         now = self.loop.time()
+        idle = self._idle_since
+        if idle is not None:  # nothing arrived since the last response: uvicorn's keep-alive timeout
+            due = idle + self.timeout_keep_alive
+            if now < due:
+                self._arm(due)
+            else:
+                self.transport.close()
+            return
         if self._head_started is not None:  # a head (or a first request) is awaited
             due = self._head_started + self.limits.header_timeout_s
             if now < due:

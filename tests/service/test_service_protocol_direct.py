@@ -75,11 +75,12 @@ class _Transport(asyncio.Transport):
 Scenario = Callable[[Callable[[bool], Awaitable[tuple[LimitedHttpToolsProtocol, _Transport]]]], Awaitable[Any]]
 
 
-def _run(settings: Settings, scenario: Scenario, limits: HttpLimits | None = None) -> Any:
+def _run(settings: Settings, scenario: Scenario, limits: HttpLimits | None = None, keep_alive_s: float = 5) -> Any:
     """Run ``scenario(connect)`` with the app started; ``connect(direct)`` opens a connection."""
     async def main() -> Any:
         app = create_app(settings)
-        config = Config(app=app, access_log=False, log_level="warning", lifespan="off")
+        config = Config(app=app, access_log=False, log_level="warning", lifespan="off",
+                        timeout_keep_alive=keep_alive_s)
         config.load()
         state = ServerState()
         opened: list[LimitedHttpToolsProtocol] = []
@@ -511,3 +512,57 @@ def test_a_request_refused_at_once_returns_its_lease_and_budget(settings: Settin
 
     answers, used, inflight = _run(settings, scenario)
     assert answers[0][0].startswith(b"HTTP/1.1 400 ") and used == 0 and inflight == 0
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "asgi"])
+def test_an_idle_connection_is_closed_after_the_keep_alive_timeout_and_not_before(settings: Settings,
+                                                                                  direct: bool) -> None:
+    """The keep-alive timeout is checked by the protocol's one lazy timer (uvicorn arms one per response)."""
+    keep_alive = 0.3
+
+    async def scenario(connect: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        protocol, transport = await connect(direct)
+        idle = []
+        for _ in range(2):  # a second request on the kept connection: the first idle spell did not close it
+            answered = len(_responses(transport.data))
+            protocol.data_received(CASES["json"])
+            await _until(lambda n=answered: len(_responses(transport.data)) > n, "the answer")  # type: ignore[misc]
+            idle.append(loop.time())
+            assert not transport.closed
+        await _until(lambda: transport.closed, "the keep-alive close")
+        return _responses(transport.data), loop.time() - idle[-1]
+
+    answers, idle_for = _run(settings, scenario, keep_alive_s=keep_alive)
+    assert [a[0][:12] for a in answers] == [b"HTTP/1.1 200"] * 2
+    assert idle_for >= keep_alive * 0.99  # closed by the timeout, not before it
+    assert idle_for < 10  # by the keep-alive timeout, not by the 30 s ones of the limits
+
+
+def test_a_request_running_past_the_keep_alive_timeout_is_answered_on_its_open_connection(
+        settings: Settings) -> None:
+    keep_alive = 0.2
+    release = threading.Event()
+
+    async def scenario(connect: Any) -> Any:
+        protocol, transport = await connect(True)
+        entry = _direct_app(protocol.app).state.service.repository.get("classifier")
+        original = entry.batcher._run
+        entry.batcher._run = lambda feeds, run=original: (release.wait(30), run(feeds))[1]
+        try:
+            protocol.data_received(CASES["json"])
+            await _until(lambda: bool(protocol.tasks), "the request's start")
+            await asyncio.sleep(3 * keep_alive)  # the request runs for longer than the keep-alive timeout
+            closed_while_running = transport.closed
+            release.set()
+            await _until(lambda: bool(_responses(transport.data)), "the answer")
+        finally:
+            entry.batcher._run = original
+        return closed_while_running, _responses(transport.data)
+
+    try:
+        closed_while_running, answers = _run(settings, scenario, keep_alive_s=keep_alive)
+    finally:
+        release.set()
+    assert not closed_while_running
+    assert answers[0][0].startswith(b"HTTP/1.1 200 ")
