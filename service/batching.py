@@ -62,7 +62,7 @@ class _Item:
         self.feeds = feeds
         self.rows = rows
         self.key = key
-        self.done = done
+        self.done: Done | None = done  # None once answered
         self.loop = loop
         self.nbytes = nbytes
         self.enqueued = time.perf_counter()
@@ -71,23 +71,28 @@ class _Item:
 _STOP = object()
 
 
-def _resolve(done: Done, result: list[np.ndarray] | BaseException) -> None:
-    """Call ``done(result)``; a failing callback is logged and does not stop the batch's other answers."""
+def _resolve(item: _Item, result: list[np.ndarray] | BaseException) -> None:
+    """Call ``item.done(result)`` the first time only (on the item's loop, so without a race): a request
+    answered by :meth:`Batcher.close` while its run went on is not answered again when the run ends.
+    A failing callback is logged and does not stop the batch's other answers."""
+    done = item.done
+    if done is None:
+        return
+    item.done = None
     try:
         done(result)
     except Exception as exc:  # a bug in the caller's callback: the other requests of the batch still get theirs
         event(logging.ERROR, "internal error", where="batch callback", error=f"{type(exc).__name__}: {exc}")
 
 
-def _resolve_all(pairs: list[tuple[Done, list[np.ndarray] | BaseException]]) -> None:
-    for done, result in pairs:
-        _resolve(done, result)
+def _resolve_all(results: list[tuple[_Item, list[np.ndarray] | BaseException]]) -> None:
+    for item, result in results:
+        _resolve(item, result)
 
 
 def _deliver_here(results: list[tuple[_Item, list[np.ndarray] | BaseException]]) -> None:
     """Answer the requests of a batch run inline, in their own loop's thread."""
-    for item, result in results:
-        _resolve(item.done, result)
+    _resolve_all(results)
 
 
 def _setter(future: asyncio.Future[list[np.ndarray]]) -> Done:
@@ -111,7 +116,7 @@ def _deliver_all(results: list[tuple[_Item, list[np.ndarray] | BaseException]]) 
     """:func:`_deliver` for a whole batch: one event-loop wake-up per loop, not one per request."""
     by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
     for item, result in results:
-        by_loop.setdefault(item.loop, []).append((item.done, result))
+        by_loop.setdefault(item.loop, []).append((item, result))
     for loop, pairs in by_loop.items():
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(_resolve_all, pairs)
@@ -320,13 +325,18 @@ class Batcher:
                 return
             self.failure = reason
         pending = list(self._held)
+        stop = False
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is not _STOP:
+            if item is _STOP:
+                stop = True
+            else:
                 pending.append(item)
+        if stop:  # close()'s: a worker still running its batch stops after it instead of waiting forever
+            self._queue.put(_STOP)
         _deliver_all([(item, self._not_ready()) for item in pending])
         if notify and self._on_failure is not None:
             with contextlib.suppress(Exception):

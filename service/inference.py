@@ -111,7 +111,8 @@ class _Flow(Generic[D]):
 
     def _finish(self, result: Any) -> None:
         self.entry.release()
-        self.then(result)
+        then, self.then = self.then, _answered  # once; and an error's traceback, which reaches this frame, no
+        then(result)  # longer leads back to the caller's callback (and what it holds) through this flow
 
 
 def infer_soon(repository: ModelRepository, name: str, version: str | None, body: bytes, header_length: str | None,
@@ -175,29 +176,53 @@ async def infer(repository: ModelRepository, name: str, version: str | None, bod
                 reserve: Reserve | None = None, encode: Encoder = encode_http) -> Any:
     """:func:`infer_soon`, awaited: the :class:`Encoded` response (or ``encode``'s). Raises
     :class:`~service.errors.ServiceError` subclasses."""
-    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    infer_soon(repository, name, version, body, header_length, limits, reserve, _resolver(future), encode)
-    return await future
+    return await _awaited(lambda then: infer_soon(repository, name, version, body, header_length, limits, reserve,
+                                                  then, encode))
 
 
 async def predict(repository: ModelRepository, name: str, version: str | None, body: bytes,
                   limits: codec.Limits = codec.NO_LIMITS, reserve: Reserve | None = None) -> list[dict[str, Any]]:
     """:func:`predict_soon`, awaited."""
-    future: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
-    predict_soon(repository, name, version, body, limits, reserve, _resolver(future))
-    return await future
+    result: list[dict[str, Any]] = await _awaited(
+        lambda then: predict_soon(repository, name, version, body, limits, reserve, then))
+    return result
 
 
-def _resolver(future: asyncio.Future[Any]) -> Then:
-    """A :data:`Then` resolving ``future`` (unless its waiter was cancelled meanwhile)."""
-    def then(result: Any) -> None:
-        if future.done():
+async def _awaited(start: Callable[[Then], None]) -> Any:
+    """Call ``start(then)`` and await what ``then`` gets (raised when an exception).
+
+    Neither this frame nor the callback keeps the future once it is resolved: an error's traceback
+    reaches both, and a future held there (holding that error) would close a cycle that keeps the
+    request's data alive until a GC pass.
+    """
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    start(_Resolver(future))
+    try:
+        return await future
+    finally:
+        del future
+
+
+def _answered(result: Any) -> None:
+    """What a finished flow's ``then`` becomes."""
+
+
+class _Resolver:
+    """A :data:`Then` resolving a future (unless its waiter was cancelled meanwhile), once; then it drops it."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[Any]) -> None:
+        self.future: asyncio.Future[Any] | None = future
+
+    def __call__(self, result: Any) -> None:
+        future, self.future = self.future, None
+        if future is None or future.done():
             return
         if isinstance(result, BaseException):
             future.set_exception(result)
         else:
             future.set_result(result)
-    return then
 
 
 def _feeds_of(runtime: ModelRuntime) -> Callable[[codec.InferRequest], dict[str, np.ndarray]]:

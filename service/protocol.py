@@ -141,9 +141,9 @@ class _DirectCycle:
         """uvicorn's forced shutdown (past its graceful timeout) cancels running requests: an ASGI one gets
         its 500 and a close, and so does this one, which is then answered; the handler's answer is dropped."""
         respond = self.respond
-        if respond is not None and not self.response_complete:
-            status, payload, extra = _INTERNAL_ERROR
-            respond((status, payload, [*extra, _CONNECTION_CLOSE]))
+        if respond is not None and not self.response_complete:  # written from the next loop iteration: uvicorn
+            status, payload, extra = _INTERNAL_ERROR  # iterates over its task set (this cycle's) while it cancels
+            asyncio.get_running_loop().call_soon(respond, (status, payload, [*extra, _CONNECTION_CLOSE]))
 
 
 def _direct_app(app: Any) -> Any:
