@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fake_http import FakeTransport, responses, until
 from uvicorn.config import Config
 from uvicorn.lifespan.off import LifespanOff
 from uvicorn.server import Server
@@ -42,61 +43,6 @@ INFER = "/v2/models/classifier/infer"
 def _post(path: str, body: bytes, extra: str = "") -> bytes:
     return (f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
-
-
-class _Transport:
-    """What the protocol writes, and whether it closed; nothing may be written after the close."""
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.closed = False
-        self.late_writes = 0
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-    def write(self, data: Any) -> None:
-        if self.closed:
-            self.late_writes += 1
-            return
-        self.data += bytes(data)
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def can_write_eof(self) -> bool:
-        return False
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-
-def _responses(data: bytes) -> list[tuple[bytes, dict[bytes, bytes], bytes]]:
-    """(status line, headers, body) of each response written, split by content-length."""
-    out = []
-    while data:
-        head, _, rest = data.partition(b"\r\n\r\n")
-        status, *lines = head.split(b"\r\n")
-        headers = dict(line.split(b": ", 1) for line in lines)
-        length = int(headers[b"content-length"])
-        out.append((status, headers, rest[:length]))
-        data = rest[length:]
-    return out
-
-
-async def _until(condition: Callable[[], bool], what: str, seconds: float = 60.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.002)
 
 
 async def _after_pending_callbacks() -> None:
@@ -122,12 +68,12 @@ class _Server:
     def entry(self, version: str | None = None) -> Any:
         return self.service.repository.get("classifier", version)
 
-    def connect(self, direct: bool) -> tuple[LimitedHttpToolsProtocol, _Transport]:
+    def connect(self, direct: bool) -> tuple[LimitedHttpToolsProtocol, FakeTransport]:
         protocol = LimitedHttpToolsProtocol(self.config, self.server.server_state, {}, asyncio.get_running_loop(),
                                             limits=HttpLimits(16384, 60.0, 60.0))
         if not direct:
             protocol._direct = None
-        transport = _Transport()
+        transport = FakeTransport(strict=False)
         protocol.connection_made(transport)  # type: ignore[arg-type]
         self.opened.append(protocol)
         return protocol, transport
@@ -230,9 +176,9 @@ def test_a_worker_batch_answers_on_the_loop_thread(gate: _Gate) -> None:
             for k in range(3):
                 batcher.enqueue({"x": np.full((1, 2), k, np.float32)}, done)
                 if k == 0:
-                    await _until(gate.started.is_set, "the worker's run")  # the others queue behind it
+                    await until(gate.started.is_set, "the worker's run")  # the others queue behind it
             gate.open()
-            await _until(lambda: len(results) == 3, "the answers")
+            await until(lambda: len(results) == 3, "the answers")
         finally:
             batcher.close()
         return threading.get_ident(), ran_in, threads, results
@@ -259,7 +205,7 @@ def test_a_failing_done_does_not_stop_the_rest_of_its_batch(inline: bool) -> Non
             batcher.enqueue({"x": np.ones((1, 2), np.float32)}, broken)
             batcher.enqueue({"x": np.full((1, 2), 3, np.float32)}, answers.append)
             batcher.enqueue({"x": np.full((1, 2), 5, np.float32)}, answers.append)
-            await _until(lambda: len(answers) == 2, "the other answers")
+            await until(lambda: len(answers) == 2, "the other answers")
             await _after_pending_callbacks()
         finally:
             batcher.close()
@@ -278,12 +224,12 @@ def test_a_request_running_when_its_batcher_closes_is_answered_once(gate: _Gate)
         gate.hold(batcher)
         calls: list[Any] = []
         batcher.enqueue({"x": np.ones((1, 2), np.float32)}, calls.append)
-        await _until(gate.started.is_set, "the run's start")
+        await until(gate.started.is_set, "the run's start")
         thread = batcher._thread
         thread.join = lambda timeout=None: threading.Thread.join(thread, 0.01)  # type: ignore[method-assign]
         batcher.close()  # the join gives up: the run is still going
         gate.open()
-        await _until(lambda: not thread.is_alive(), "the worker's end")  # close()'s stop outlives the drain
+        await until(lambda: not thread.is_alive(), "the worker's end")  # close()'s stop outlives the drain
         await _after_pending_callbacks()
         return calls, len(calls)
 
@@ -335,10 +281,10 @@ def test_each_stage_answers_once_and_returns_lease_budget_and_deadline(
             monkeypatch.setattr(codec, "encode_infer_response", broken)
         protocol, transport = server.connect(direct)
         protocol.data_received(_post(INFER, body, extra))
-        await _until(lambda: bool(transport.data), "the answer")
-        await _until(lambda: not protocol.tasks, "the request's end")
+        await until(lambda: bool(transport.data), "the answer")
+        await until(lambda: not protocol.tasks, "the request's end")
         await _after_pending_callbacks()
-        return _responses(transport.data), server.held(), transport.late_writes
+        return responses(transport.data), server.held(), transport.late_writes
 
     answers, held, late = _serve(settings, scenario)
     assert [a[0][:12] for a in answers] == [b"HTTP/1.1 %d" % status], answers
@@ -356,9 +302,9 @@ def test_a_large_json_decoded_off_the_loop_returns_its_lease_on_error(repository
         for body in (bad, good):
             protocol, transport = server.connect(False)
             protocol.data_received(_post(INFER, body))
-            await _until(lambda t=transport: bool(t.data), "the answer")  # type: ignore[misc]
-            await _until(lambda p=protocol: not p.tasks, "the request's end")  # type: ignore[misc]
-            out.append((_responses(transport.data), server.held()))
+            await until(lambda t=transport: bool(t.data), "the answer")  # type: ignore[misc]
+            await until(lambda p=protocol: not p.tasks, "the request's end")  # type: ignore[misc]
+            out.append((responses(transport.data), server.held()))
         return out
 
     (bad_answers, bad_held), (good_answers, good_held) = _serve(settings, scenario)
@@ -386,18 +332,18 @@ def _late_scenario(direct: bool, gate: _Gate, error: bool) -> Callable[[_Server]
         try:
             protocol, transport = server.connect(direct)
             protocol.data_received(_post(INFER, BODY))
-            await _until(lambda: transport.closed, "the 504")
+            await until(lambda: transport.closed, "the 504")
             written = transport.data
             leases_after_504 = server.entry().inflight
             gate.open()
-            await _until(lambda: server.entry().inflight == 0, "the late answer")
+            await until(lambda: server.entry().inflight == 0, "the late answer")
             await _after_pending_callbacks()
         finally:
             restore()
         metrics = {outcome: server.metric("bnfold_requests_total", model="classifier", outcome=outcome)
                    for outcome in ("success", "invalid_input")}
         errors = {status: server.metric("bnfold_http_errors_total", status=status) for status in ("400", "504")}
-        return (_responses(written), transport.data == written, transport.late_writes, leases_after_504,
+        return (responses(written), transport.data == written, transport.late_writes, leases_after_504,
                 server.held(), metrics, errors)
     return scenario
 
@@ -432,9 +378,9 @@ def test_an_asgi_body_past_its_deadline_gets_408_and_returns_its_budget(reposito
     async def scenario(server: _Server) -> Any:
         protocol, transport = server.connect(False)
         protocol.data_received(raw[:-5])  # the body never completes
-        await _until(lambda: transport.closed, "the 408")
-        await _until(lambda: not protocol.tasks, "the request's end")
-        return _responses(transport.data), server.held()
+        await until(lambda: transport.closed, "the 408")
+        await until(lambda: not protocol.tasks, "the request's end")
+        return responses(transport.data), server.held()
 
     answers, held = _serve(settings, scenario)
     assert [a[0][:12] for a in answers] == [b"HTTP/1.1 408"] and held == (0, 0, 0)
@@ -451,11 +397,11 @@ def test_a_client_gone_before_its_answer_returns_lease_and_budget(settings: Sett
         try:
             protocol, transport = server.connect(direct)
             protocol.data_received(_post(INFER, BODY))
-            await _until(gate.started.is_set, "the run's start")
+            await until(gate.started.is_set, "the run's start")
             protocol.connection_lost(None)
             gate.open()
-            await _until(lambda: server.held() == (0, 0, 0), "the request's end")
-            await _until(lambda: not protocol.tasks, "the tasks' end")
+            await until(lambda: server.held() == (0, 0, 0), "the request's end")
+            await until(lambda: not protocol.tasks, "the tasks' end")
             await _after_pending_callbacks()
         finally:
             restore()
@@ -478,15 +424,15 @@ def test_pipelined_requests_behind_one_in_flight_are_answered_in_order(settings:
         try:
             protocol, transport = server.connect(True)
             protocol.data_received(first + refused + second + last + after)
-            await _until(gate.started.is_set, "the first run")
+            await until(gate.started.is_set, "the first run")
             assert transport.data == b""  # nothing overtakes the request in flight
             gate.open()
-            await _until(lambda: transport.closed, "the close")
-            await _until(lambda: not protocol.tasks, "the requests' end")
+            await until(lambda: transport.closed, "the close")
+            await until(lambda: not protocol.tasks, "the requests' end")
             await _after_pending_callbacks()
         finally:
             restore()
-        return _responses(transport.data), server.held(), transport.late_writes
+        return responses(transport.data), server.held(), transport.late_writes
 
     answers, held, late = _serve(settings, scenario)
     assert [a[0][:12] for a in answers] == [b"HTTP/1.1 200", b"HTTP/1.1 404", b"HTTP/1.1 200", b"HTTP/1.1 200"]
@@ -502,15 +448,15 @@ def test_graceful_shutdown_waits_for_a_direct_request_in_flight(settings: Settin
         try:
             protocol, transport = server.connect(True)
             protocol.data_received(_post(INFER, BODY))
-            await _until(gate.started.is_set, "the run's start")
+            await until(gate.started.is_set, "the run's start")
             protocol.shutdown()
             waiting = len(server.server.server_state.tasks)
             gate.open()
-            await _until(lambda: transport.closed, "the close")
-            await _until(lambda: not server.server.server_state.tasks, "the tasks' end")
+            await until(lambda: transport.closed, "the close")
+            await until(lambda: not server.server.server_state.tasks, "the tasks' end")
         finally:
             restore()
-        return waiting, _responses(transport.data), server.held()
+        return waiting, responses(transport.data), server.held()
 
     waiting, answers, held = _serve(settings, scenario)
     assert waiting == 1
@@ -527,7 +473,7 @@ def test_uvicorn_forced_shutdown_answers_direct_requests_500(settings: Settings,
             connections = [server.connect(True) for _ in range(2)]
             for protocol, _ in connections:
                 protocol.data_received(_post(INFER, BODY))
-            await _until(gate.started.is_set, "the run's start")
+            await until(gate.started.is_set, "the run's start")
             error: BaseException | None = None
             try:
                 await server.server.shutdown()
@@ -536,8 +482,8 @@ def test_uvicorn_forced_shutdown_answers_direct_requests_500(settings: Settings,
         finally:
             gate.open()
             restore()
-        await _until(lambda: server.held() == (0, 0, 0), "the runs' end")
-        return error, [(_responses(t.data), t.closed) for _, t in connections]
+        await until(lambda: server.held() == (0, 0, 0), "the runs' end")
+        return error, [(responses(t.data), t.closed) for _, t in connections]
 
     error, out = _serve(settings, scenario)
     assert error is None, error
@@ -594,10 +540,10 @@ def test_a_decode_error_over_http_leaves_no_cycle(settings: Settings, case: str,
 
         async def step() -> None:
             protocol.data_received(raw)
-            await _until(lambda: bool(transport.data), "the answer")
-            await _until(lambda: not protocol.tasks, "the request's end")
+            await until(lambda: bool(transport.data), "the answer")
+            await until(lambda: not protocol.tasks, "the request's end")
             await _after_pending_callbacks()
-        return await _cycle_frames(step), _responses(transport.data)
+        return await _cycle_frames(step), responses(transport.data)
 
     frames, answers = _serve(settings, scenario)
     assert [a[0][:12] for a in answers] == [b"HTTP/1.1 400"]

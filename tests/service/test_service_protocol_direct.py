@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fake_http import FakeTransport, responses, until
 from pydantic import SecretStr
 from uvicorn.config import Config
 from uvicorn.server import ServerState
@@ -43,36 +44,7 @@ def _post(path: str, body: bytes, extra: str = "") -> bytes:
             f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
 
 
-class _Transport(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.data = b""
-        self.closed = False
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-    def write(self, data: Any) -> None:
-        assert not self.closed, "written after close"
-        self.data += bytes(data)
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def can_write_eof(self) -> bool:
-        return False
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-
-Scenario = Callable[[Callable[[bool], Awaitable[tuple[LimitedHttpToolsProtocol, _Transport]]]], Awaitable[Any]]
+Scenario = Callable[[Callable[[bool], Awaitable[tuple[LimitedHttpToolsProtocol, FakeTransport]]]], Awaitable[Any]]
 
 
 def _run(settings: Settings, scenario: Scenario, limits: HttpLimits | None = None, keep_alive_s: float = 5) -> Any:
@@ -80,17 +52,17 @@ def _run(settings: Settings, scenario: Scenario, limits: HttpLimits | None = Non
     async def main() -> Any:
         app = create_app(settings)
         config = Config(app=app, access_log=False, log_level="warning", lifespan="off",
-                        timeout_keep_alive=keep_alive_s)
+                        timeout_keep_alive=keep_alive_s)  # type: ignore[arg-type]  # any number: call_later
         config.load()
         state = ServerState()
         opened: list[LimitedHttpToolsProtocol] = []
 
-        async def connect(direct: bool) -> tuple[LimitedHttpToolsProtocol, _Transport]:
+        async def connect(direct: bool) -> tuple[LimitedHttpToolsProtocol, FakeTransport]:
             protocol = LimitedHttpToolsProtocol(config, state, {}, asyncio.get_running_loop(),
                                                 limits=limits or HttpLimits(16384, 30.0, 30.0))
             if not direct:
                 protocol._direct = None
-            transport = _Transport()
+            transport = FakeTransport()
             protocol.connection_made(transport)
             opened.append(protocol)
             return protocol, transport
@@ -105,38 +77,13 @@ def _run(settings: Settings, scenario: Scenario, limits: HttpLimits | None = Non
     return asyncio.run(main())
 
 
-async def _until(condition: Callable[[], bool], what: str, seconds: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.001)
-
-
-def _responses(data: bytes) -> list[tuple[bytes, dict[bytes, bytes], bytes]]:
-    """Split what was written into (status line, headers, body) by content-length."""
-    out = []
-    while data:
-        head, _, rest = data.partition(b"\r\n\r\n")
-        status, *lines = head.split(b"\r\n")
-        headers = dict(line.split(b": ", 1) for line in lines)
-        if status.startswith(b"HTTP/1.1 1"):  # an interim answer (100 Continue): no body
-            data = rest
-            continue
-        length = int(headers[b"content-length"])
-        out.append((status, headers, rest[:length]))
-        data = rest[length:]
-    return out
-
-
 def _answers(settings: Settings, raw: bytes, direct: bool, count: int = 1) -> tuple[list[Any], bool, Any]:
     async def scenario(connect: Any) -> tuple[list[Any], bool, Any]:
         protocol, transport = await connect(direct)
         protocol.data_received(raw)
-        await _until(lambda: transport.closed or len(_responses(transport.data)) >= count, "the answers")
+        await until(lambda: transport.closed or len(responses(transport.data)) >= count, "the answers")
         await asyncio.sleep(0.01)  # nothing more may follow
-        return _responses(transport.data), transport.closed, protocol.cycle
+        return responses(transport.data), transport.closed, protocol.cycle
 
     return _run(settings, scenario)  # type: ignore[no-any-return]
 
@@ -253,8 +200,8 @@ def test_a_body_arriving_in_pieces_is_served(settings: Settings) -> None:
         for start in range(0, len(raw), 7):
             protocol.data_received(raw[start:start + 7])
             await asyncio.sleep(0)
-        await _until(lambda: bool(transport.data), "the answer")
-        return _responses(transport.data), protocol.cycle
+        await until(lambda: bool(transport.data), "the answer")
+        return responses(transport.data), protocol.cycle
 
     answers, cycle = _run(settings, scenario)
     assert isinstance(cycle, _DirectCycle)
@@ -267,7 +214,7 @@ def test_a_stalled_direct_body_gets_408_from_the_limits(settings: Settings) -> N
     async def scenario(connect: Any) -> Any:
         protocol, transport = await connect(True)
         protocol.data_received(raw[:-5])  # the head and most of the body, then nothing
-        await _until(lambda: transport.closed or bool(transport.data), "the refusal", seconds=30)
+        await until(lambda: transport.closed or bool(transport.data), "the refusal", seconds=30)
         return transport.data, protocol.cycle
 
     data, cycle = _run(settings, scenario, HttpLimits(16384, 0.5, 0.2))
@@ -284,8 +231,8 @@ def test_a_client_gone_before_its_answer_gets_nothing_and_the_server_goes_on(set
         written_after_loss = transport.data
         again, again_transport = await connect(True)
         again.data_received(CASES["json"])
-        await _until(lambda: bool(again_transport.data), "the next answer")
-        return written_after_loss, _responses(again_transport.data)
+        await until(lambda: bool(again_transport.data), "the next answer")
+        return written_after_loss, responses(again_transport.data)
 
     written, answers = _run(settings, scenario)
     assert written == b""
@@ -297,8 +244,8 @@ def test_shutdown_lets_an_inflight_direct_request_finish_then_closes(settings: S
         protocol, transport = await connect(True)
         protocol.data_received(CASES["json"])
         protocol.shutdown()  # as uvicorn does on SIGTERM: the answer still goes out, then the connection closes
-        await _until(lambda: transport.closed, "the close")
-        return _responses(transport.data)
+        await until(lambda: transport.closed, "the close")
+        return responses(transport.data)
 
     answers = _run(settings, scenario)
     assert len(answers) == 1 and answers[0][0].startswith(b"HTTP/1.1 200 ")
@@ -310,11 +257,11 @@ def test_the_direct_path_counts_metrics_like_the_asgi_path(settings: Settings) -
         for direct in (True, False):
             protocol, transport = await connect(direct)
             protocol.data_received(CASES["json"] + CASES["malformed-json"])
-            await _until(lambda t=transport: len(_responses(t.data)) >= 2, "the answers")  # type: ignore[misc]
+            await until(lambda t=transport: len(responses(t.data)) >= 2, "the answers")  # type: ignore[misc]
         protocol, transport = await connect(False)
         protocol.data_received(b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n")
-        await _until(lambda: bool(_responses(transport.data)), "the metrics")
-        return _responses(transport.data)[0][2].decode()
+        await until(lambda: bool(responses(transport.data)), "the metrics")
+        return responses(transport.data)[0][2].decode()
 
     text = _run(settings, scenario)
     assert 'bnfold_requests_total{model="classifier",outcome="success"} 2.0' in text
@@ -346,12 +293,12 @@ def test_a_trickled_direct_body_gets_408_at_the_request_deadline(repository: Pat
                     break
                 protocol.data_received(raw[byte:byte + 1])
                 await asyncio.sleep(0.05)
-            await _until(lambda t=transport: bool(t.data), "the refusal")  # type: ignore[misc]
-            results.append(_responses(transport.data)[0])
+            await until(lambda t=transport: bool(t.data), "the refusal")  # type: ignore[misc]
+            results.append(responses(transport.data)[0])
         protocol, transport = await connect(False)
         protocol.data_received(b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n")
-        await _until(lambda: bool(_responses(transport.data)), "the metrics")
-        assert 'bnfold_http_errors_total{status="408"} 2.0' in _responses(transport.data)[0][2].decode()
+        await until(lambda: bool(responses(transport.data)), "the metrics")
+        assert 'bnfold_http_errors_total{status="408"} 2.0' in responses(transport.data)[0][2].decode()
         return results
 
     direct, asgi = _run(settings, scenario, HttpLimits(16384, 30.0, 30.0))
@@ -374,9 +321,9 @@ def test_an_invalid_request_behind_a_direct_one_in_flight_writes_nothing_after_t
         for direct in (True, False):
             protocol, transport = await connect(direct)
             protocol.data_received(raw)
-            await _until(lambda t=transport: t.closed, "the close")  # type: ignore[misc]
-            await _until(lambda p=protocol: not p.tasks, "the request's end")  # type: ignore[misc]
-            out.append(_responses(transport.data))
+            await until(lambda t=transport: t.closed, "the close")  # type: ignore[misc]
+            await until(lambda p=protocol: not p.tasks, "the request's end")  # type: ignore[misc]
+            out.append(responses(transport.data))
         return out
 
     for answers in _run(settings, scenario):
@@ -394,7 +341,7 @@ def test_a_client_gone_after_unparsable_bytes_gets_nothing_written(settings: Set
             protocol.connection_lost(None)
             written: list[bytes] = []
             transport.write = written.append  # type: ignore[method-assign,assignment]
-            await _until(lambda p=protocol: not p.tasks, "the request's end")  # type: ignore[misc]
+            await until(lambda p=protocol: not p.tasks, "the request's end")  # type: ignore[misc]
             await asyncio.sleep(0.01)
             out.append(transport.data + b"".join(written))
         return out
@@ -416,15 +363,15 @@ def test_a_request_cancelled_by_a_forced_shutdown_gets_500_and_a_close(settings:
             entry.batcher._run = lambda feeds, run=original: (release.wait(30), run(feeds))[1]
             try:
                 protocol.data_received(CASES["json"])
-                await _until(lambda p=protocol: bool(p.tasks), "the request's start")  # type: ignore[misc]
+                await until(lambda p=protocol: bool(p.tasks), "the request's start")  # type: ignore[misc]
                 await asyncio.sleep(0.05)
                 protocol.shutdown()
                 for task in list(protocol.tasks):
                     task.cancel()
-                await _until(lambda p=protocol: not p.tasks, "the request's end")  # type: ignore[misc]
+                await until(lambda p=protocol: not p.tasks, "the request's end")  # type: ignore[misc]
             finally:
                 entry.batcher._run = original
-            out.append((_responses(transport.data), transport.closed))
+            out.append((responses(transport.data), transport.closed))
         release.set()
         return out
 
@@ -449,11 +396,11 @@ def test_a_direct_request_past_its_deadline_gets_the_asgi_paths_504_and_its_budg
             entry.batcher._run = lambda feeds, run=original: (release.wait(30), run(feeds))[1]
             try:
                 protocol.data_received(CASES["json"])
-                await _until(lambda t=transport: t.closed, "the 504")  # type: ignore[misc]
-                await _until(lambda p=protocol: not p.tasks, "the request's end")  # type: ignore[misc]
+                await until(lambda t=transport: t.closed, "the 504")  # type: ignore[misc]
+                await until(lambda p=protocol: not p.tasks, "the request's end")  # type: ignore[misc]
             finally:
                 entry.batcher._run = original
-            out.append((_responses(transport.data), app.endpoints.budget.used))
+            out.append((responses(transport.data), app.endpoints.budget.used))
         release.set()
         return out
 
@@ -490,9 +437,9 @@ def test_many_pipelined_requests_refused_at_once_are_answered_in_order_without_r
         asyncio.get_running_loop().set_exception_handler(lambda _, context: loop_errors.append(context))
         protocol, transport = await connect(True)
         protocol.data_received(raw)
-        await _until(lambda: len(_responses(transport.data)) == count + 2, "the answers", 120)
+        await until(lambda: len(responses(transport.data)) == count + 2, "the answers", 120)
         app = _direct_app(protocol.app)
-        return _responses(transport.data), transport.closed, app.endpoints.budget.used, protocol.tasks
+        return responses(transport.data), transport.closed, app.endpoints.budget.used, protocol.tasks
 
     answers, closed, used, tasks = _run(settings, scenario)
     assert [a[0][:12] for a in answers] == [b"HTTP/1.1 200"] + [b"HTTP/1.1 404"] * count + [b"HTTP/1.1 200"]
@@ -505,10 +452,10 @@ def test_a_request_refused_at_once_returns_its_lease_and_budget(settings: Settin
     async def scenario(connect: Any) -> Any:
         protocol, transport = await connect(True)
         protocol.data_received(CASES["bad-header-length"])
-        await _until(lambda: bool(_responses(transport.data)), "the answer")
+        await until(lambda: bool(responses(transport.data)), "the answer")
         app = _direct_app(protocol.app)
         entry = app.state.service.repository.get("classifier")
-        return _responses(transport.data), app.endpoints.budget.used, entry.inflight
+        return responses(transport.data), app.endpoints.budget.used, entry.inflight
 
     answers, used, inflight = _run(settings, scenario)
     assert answers[0][0].startswith(b"HTTP/1.1 400 ") and used == 0 and inflight == 0
@@ -525,13 +472,13 @@ def test_an_idle_connection_is_closed_after_the_keep_alive_timeout_and_not_befor
         protocol, transport = await connect(direct)
         idle = []
         for _ in range(2):  # a second request on the kept connection: the first idle spell did not close it
-            answered = len(_responses(transport.data))
+            answered = len(responses(transport.data))
             protocol.data_received(CASES["json"])
-            await _until(lambda n=answered: len(_responses(transport.data)) > n, "the answer")  # type: ignore[misc]
+            await until(lambda n=answered: len(responses(transport.data)) > n, "the answer")  # type: ignore[misc]
             idle.append(loop.time())
             assert not transport.closed
-        await _until(lambda: transport.closed, "the keep-alive close")
-        return _responses(transport.data), loop.time() - idle[-1]
+        await until(lambda: transport.closed, "the keep-alive close")
+        return responses(transport.data), loop.time() - idle[-1]
 
     answers, idle_for = _run(settings, scenario, keep_alive_s=keep_alive)
     assert [a[0][:12] for a in answers] == [b"HTTP/1.1 200"] * 2
@@ -551,14 +498,14 @@ def test_a_request_running_past_the_keep_alive_timeout_is_answered_on_its_open_c
         entry.batcher._run = lambda feeds, run=original: (release.wait(30), run(feeds))[1]
         try:
             protocol.data_received(CASES["json"])
-            await _until(lambda: bool(protocol.tasks), "the request's start")
+            await until(lambda: bool(protocol.tasks), "the request's start")
             await asyncio.sleep(3 * keep_alive)  # the request runs for longer than the keep-alive timeout
             closed_while_running = transport.closed
             release.set()
-            await _until(lambda: bool(_responses(transport.data)), "the answer")
+            await until(lambda: bool(responses(transport.data)), "the answer")
         finally:
             entry.batcher._run = original
-        return closed_while_running, _responses(transport.data)
+        return closed_while_running, responses(transport.data)
 
     try:
         closed_while_running, answers = _run(settings, scenario, keep_alive_s=keep_alive)
