@@ -1,10 +1,14 @@
 """Benchmark 3, serving: requests/s and p50/p99 latency of batch-1 requests at concurrency 1, 8, 32, 64.
 
 Servers, each its own process pinned to the *server CPU* (CPU 0), while the load generator runs
-pinned to the *generator CPU* (CPU 1) (``taskset``). All servers run at once (idle ones use no CPU)
-and every point is measured in interleaved slices (3 x 1 s in the full run: one slice per server per
+pinned to the *generator CPU* (CPU 1) (``taskset``). All servers run at once and every point is
+measured in interleaved slices (3 x 1 s in the full run: one slice per server per
 round, rotating order), reporting the median slice, so that load from other processes on a shared
 machine affects every server alike -- the same method as the folding benchmark's interleaved runs.
+An idle server must not take the server CPU from the one being measured: each server's idle CPU is
+measured once all have started, and one that uses more than :data:`IDLE_BUSY` of a core doing
+nothing (LitServe's workers poll their queues: 38% measured) is stopped (``SIGSTOP`` to its process
+group) except during its own slices and warm-up; the results say which were, and how busy.
 
 (a) ``bnfold serve`` (``python -m service``) with dynamic batching (the defaults);
 (b) the same with ``dynamic_batching: false`` in each model's ``config.json``;
@@ -156,6 +160,49 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+IDLE_PROBE_S = 3.0  # how long every server's idle CPU is measured, once all have started
+IDLE_BUSY = 0.02  # a server using more than this share of a core while idle is stopped between its slices
+
+
+def idle_cpu_shares(pids: dict[str, int], seconds: float = IDLE_PROBE_S) -> dict[str, float]:
+    """Each server's CPU (its process tree) over ``seconds`` with no requests, as a share of one core."""
+    before = {label: common.tree_cpu_seconds(pid) for label, pid in pids.items()}
+    started = time.perf_counter()
+    time.sleep(seconds)
+    elapsed = time.perf_counter() - started
+    return {label: (common.tree_cpu_seconds(pid) - before[label]) / elapsed for label, pid in pids.items()}
+
+
+class Pauser:
+    """Keeps the process groups of busy-while-idle servers stopped, except inside :meth:`running`."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids  # label -> process-group leader, of the servers to keep stopped
+        for pid in pids.values():
+            self._signal(pid, signal.SIGSTOP)
+
+    @staticmethod
+    def _signal(pid: int, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, sig)
+
+    @contextlib.contextmanager
+    def running(self, label: str) -> Iterator[None]:
+        pid = self.pids.get(label)
+        if pid is not None:
+            self._signal(pid, signal.SIGCONT)
+        try:
+            yield
+        finally:
+            if pid is not None:
+                self._signal(pid, signal.SIGSTOP)
+
+    def close(self) -> None:
+        """Let them run again (before they are terminated: a stopped process does not act on SIGTERM)."""
+        for pid in self.pids.values():
+            self._signal(pid, signal.SIGCONT)
 
 
 def _taskset(cpus: set[int], cmd: list[str]) -> list[str]:
@@ -471,11 +518,19 @@ def run(out: Path, *, mode: str = "full", skip: tuple[str, ...] = (), generator:
                         raise RuntimeError(f"{target.label} answered {got} for {name}, expected {references[name]}")
         ceil = Ceiling(models)
         stack.callback(ceil.close)
+        idle = idle_cpu_shares(pids)
+        busy = {label: share for label, share in idle.items() if share > IDLE_BUSY}
+        for label, share in busy.items():
+            common.log(f"serving benchmark: {label} uses {share:.0%} of a core while idle: stopped between "
+                       "its own slices")
+        pauser = Pauser({label: pids[label] for label in busy})
+        stack.callback(pauser.close)  # runs before the servers' own exits (ExitStack order)
         for name, model in models.items():
             for encoding in ("json", "binary"):
                 group = [t for t in running if encoding in t.encodings]
                 for target in group:
-                    load(target.urls[name], *_body(target, model, encoding), 8, warmup)  # warm-up, not recorded
+                    with pauser.running(target.label):  # warm-up, not recorded
+                        load(target.urls[name], *_body(target, model, encoding), 8, warmup)
                 for c in levels:
                     slices: dict[str, list[loadgen.Load]] = {t.label: [] for t in group}
                     cpu: dict[str, float] = {t.label: 0.0 for t in group}
@@ -488,10 +543,11 @@ def run(out: Path, *, mode: str = "full", skip: tuple[str, ...] = (), generator:
                                 ceiling_slices[name, encoding, c].append(member.slice(name, c, seconds / rounds))
                                 continue
                             target = member
-                            before = common.tree_cpu_seconds(pids[target.label])
-                            slices[target.label].append(load(target.urls[name], *_body(target, model, encoding), c,
-                                                             seconds / rounds))
-                            cpu[target.label] += common.tree_cpu_seconds(pids[target.label]) - before
+                            with pauser.running(target.label):
+                                before = common.tree_cpu_seconds(pids[target.label])
+                                slices[target.label].append(load(target.urls[name], *_body(target, model, encoding),
+                                                                 c, seconds / rounds))
+                                cpu[target.label] += common.tree_cpu_seconds(pids[target.label]) - before
                     for target in group:
                         result = _median_load(slices[target.label])
                         cpu_ms = cpu[target.label] / max(1, result.requests) * 1e3
@@ -515,7 +571,9 @@ def run(out: Path, *, mode: str = "full", skip: tuple[str, ...] = (), generator:
                           "bnfold_settings": "defaults: max_batch_size 64, max_queue_delay_ms 0, 1 intra-op thread",
                           "bentoml": BENTOML_PIN if bentoml else None,
                           "peers": {k: str(v) for k, v in available.items()},
-                          "baseline": None if baseline is None else {"tree": str(baseline[0]), "label": baseline[1]}},
+                          "baseline": None if baseline is None else {"tree": str(baseline[0]), "label": baseline[1]},
+                          "idle_cpu_share": {label: round(share, 4) for label, share in idle.items()},
+                          "stopped_between_slices": sorted(busy)},
              "generator_ceiling": generator_ceiling, "latency_floor": _latency_floor(generator_ceiling),
              "checks": checks, "skipped_servers": skipped, "results": rows}
     body_["targets"] = target_summary(body_)
@@ -692,6 +750,11 @@ def markdown(body: dict[str, Any]) -> str:
     text = (f"Generator: {s['generator']} on CPU {s['generator_cpus']}, servers on CPU {s['server_cpus']}, "
             f"{s['seconds_per_point']:g} s per point, batch-1 requests, load average "
             f"{body['machine']['load_average_1_5_15']}.\n\n")
+    stopped = s.get("stopped_between_slices") or []
+    if stopped:
+        shares = s.get("idle_cpu_share", {})
+        text += ("Stopped (SIGSTOP) except during their own slices, for using the server CPU while idle: "
+                 + ", ".join(f"{label} ({shares.get(label, 0):.0%} of a core)" for label in stopped) + ".\n\n")
     levels = s["concurrency"]
     top = levels[-2] if len(levels) > 2 else levels[-1]  # c=32 in the full run
     header = ["server", "model", "body", *[f"req/s c={c}" for c in levels], *[f"p50/p99 ms c={c}" for c in levels],

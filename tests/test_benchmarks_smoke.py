@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import fold_cost, loadgen, report  # noqa: E402
+from benchmarks import common, fold_cost, loadgen, report, serving  # noqa: E402
 from benchmarks.serving import goal_verdicts as serving_goal_verdicts  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -279,3 +280,32 @@ def test_profile_samples_are_assigned_to_stages(frames: list[str], stage: str) -
     from benchmarks.serving_profile import classify
 
     assert classify(frames) == stage
+
+
+def test_a_server_busy_while_idle_is_found_and_kept_stopped_outside_its_slices() -> None:
+    """serving.py stops (SIGSTOP) a server that takes the server CPU while idle, except in its own slices."""
+    procs = {name: subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+             for name, code in (("spins", "while True: pass"), ("sleeps", "import time; time.sleep(600)"))}
+    try:
+        pids = {name: proc.pid for name, proc in procs.items()}
+        shares = serving.idle_cpu_shares(pids, seconds=1.0)
+        assert shares["spins"] > serving.IDLE_BUSY > shares["sleeps"]
+        pauser = serving.Pauser({"spins": pids["spins"]})
+        try:
+            time.sleep(0.2)  # the stop has landed
+            stopped = common.tree_cpu_seconds(pids["spins"])
+            time.sleep(0.5)
+            assert common.tree_cpu_seconds(pids["spins"]) == stopped  # no CPU at all while stopped
+            with pauser.running("spins"):
+                deadline = time.monotonic() + 30
+                while common.tree_cpu_seconds(pids["spins"]) == stopped and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert common.tree_cpu_seconds(pids["spins"]) > stopped  # it runs in its own slice
+            with pauser.running("sleeps"):  # not a paused server: nothing to do
+                pass
+        finally:
+            pauser.close()
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
