@@ -12,6 +12,7 @@ import argparse
 import json
 import re
 import sys
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -87,9 +88,18 @@ def latency_table(body: dict[str, Any]) -> str:
 
 
 def load_averages(results: dict[str, dict[str, Any]]) -> str:
-    first = min((b["machine"]["date_utc"] for b in results.values()), default="?")
+    """``run of DATE UTC, 1-min load average A-B``; ``runs of DATE UTC (names), ...`` when the results come
+    from runs hours apart (``run_all.py --only`` reran some)."""
     loads = [b["machine"]["load_average_1_5_15"][0] for b in results.values()]
-    return f"run of {first[:16].replace('T', ' ')} UTC, 1-min load average {min(loads):.1f}-{max(loads):.1f}"
+    load = f"1-min load average {min(loads):.1f}-{max(loads):.1f}"
+    stamps = {name: datetime.fromisoformat(b["machine"]["date_utc"].rstrip("Z")) for name, b in results.items()}
+    first = min(stamps.values())
+    if max(stamps.values()) - first <= timedelta(hours=1):
+        return f"run of {first:%Y-%m-%d %H:%M} UTC, {load}"
+    runs: dict[str, list[str]] = {}
+    for name, stamp in sorted(stamps.items(), key=lambda item: item[1]):
+        runs.setdefault(f"{stamp:%Y-%m-%d %H:%M}", []).append(name)
+    return "runs of " + ", ".join(f"{date} UTC ({', '.join(names)})" for date, names in runs.items()) + f", {load}"
 
 
 def main_readme(results: dict[str, dict[str, Any]]) -> str:
@@ -102,7 +112,9 @@ def main_readme(results: dict[str, dict[str, Any]]) -> str:
              *[f"{_ratio(by[m], 'onnxruntime (opt on)', 1):.2f}x / {_ratio(by[m], 'onnxruntime (opt on)', 32):.2f}x"
                for m in models]],
             ["onnxruntime session creation (optimizations on)", *[f"{_session(by[m], True):.2f}x" for m in models]]]
-    text = (f"One {load_averages(results)} on a shared {fold['machine']['cores']}-core {fold['machine']['cpu']}; "
+    when = load_averages(results)
+    when = "One " + when if when.startswith("run ") else when[0].upper() + when[1:]
+    text = (f"{when} on a shared {fold['machine']['cores']}-core {fold['machine']['cpu']}; "
             "ratios are unfolded / folded, medians of interleaved runs:\n\n")
     text += common.markdown_table(["", *models], rows)
     text += ("\nServing batch-1 requests at 32 concurrent connections (server pinned to one core, the load "

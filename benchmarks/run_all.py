@@ -13,6 +13,7 @@ it needs the ``real`` extra in an environment of its own (benchmarks/README.md).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -27,8 +28,15 @@ from benchmarks import common, fold_cost, folding, plots, report, route_overhead
 BENCHMARKS = ("folding", "fold_cost", "serving", "route_overhead")  # route_overhead reuses serving's models
 
 
-def summary(results: dict[str, dict[str, Any]], seconds: float) -> str:
-    """The issue's targets with the measured values, one line each, from this run."""
+def summary(results: dict[str, dict[str, Any]], seconds: float,
+            earlier: dict[str, dict[str, Any]] | None = None) -> str:
+    """The issue's targets with the measured values, one line each, from this run, and from ``earlier``
+    (the last runs of the benchmarks not run now, as checked in), which the first line names."""
+    ran = list(results)
+    machine = list(results.values())[-1]["machine"] if results else common.machine()  # the end of the run
+    older = "".join(f" {name} is from its run of {body['machine']['date_utc']}."
+                    for name, body in (earlier or {}).items())
+    results = {**(earlier or {}), **results}
     rows = []
     fold = results.get("folding")
     if fold:
@@ -62,9 +70,8 @@ def summary(results: dict[str, dict[str, Any]], seconds: float) -> str:
         best = max(r["rps"] for r in serve["results"] if r["generator"] != "none" and r["server"] != serving.FLOOR)
         rows.append(["load generator is not the bottleneck (its ceiling vs the fastest server)",
                      f"{top:.0f} vs {best:.0f} req/s", _met(top >= 2 * best)])
-    machine = list(results.values())[-1]["machine"] if results else common.machine()  # the end of the run
-    return (f"Run of {machine['date_utc']} on {machine['cpu']} ({machine['cores']} cores), load average "
-            f"{machine['load_average_1_5_15']} at the end, total {seconds:.0f} s.\n\n"
+    return (f"Run of {machine['date_utc']} ({', '.join(ran)}) on {machine['cpu']} ({machine['cores']} cores), "
+            f"load average {machine['load_average_1_5_15']} at the end, total {seconds:.0f} s.{older}\n\n"
             + common.markdown_table(["target", "measured", "met"], rows))
 
 
@@ -108,11 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             results[name] = route_overhead.run(out, mode=args.mode)
     plots.draw(out)
-    text = summary(results, time.perf_counter() - start)
+    earlier = {name: json.loads((out / f"{name}.json").read_text()) for name in BENCHMARKS
+               if name not in results and (out / f"{name}.json").is_file()}  # --only: the others' last run
+    text = summary(results, time.perf_counter() - start, earlier)
     (out / "summary.md").write_text(text)
     print(text)
-    if out == common.RESULTS and args.mode == "full" and not args.only:
-        report.update_readmes(out)  # the READMEs quote the checked-in run
+    if out == common.RESULTS and args.mode == "full":
+        report.update_readmes(out)  # the READMEs quote the checked-in runs
         common.log("updated the result tables in benchmarks/README.md and README.md")
     common.log(f"done in {time.perf_counter() - start:.0f} s")
     return 0

@@ -7,8 +7,8 @@ Two views of one batch-1 request (the serving benchmark's models and bodies):
   on its own, in a loop, with the request the load generator sends --
 
   - *HTTP*: uvicorn's httptools protocol (with :mod:`service.protocol`'s limits) parsing the raw
-    request bytes and taking it onto the direct path (no ASGI), its task, and writing the answer of a
-    trivial handler;
+    request bytes and taking it onto the direct path (no ASGI), and writing the answer of a trivial
+    handler;
   - *auth, limits, body*: the fast path's API-key check, admission share and body read;
   - *JSON decode*: ``orjson`` on the JSON (the whole body, or the binary extension's header);
   - *array building*: the rest of :func:`service.codec.decode_infer_request` (checks, ``np.asarray``
@@ -164,9 +164,9 @@ class _TrivialApp:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    def direct_route(self, path: str) -> tuple[Callable[..., Awaitable[Any]], dict[str, str]]:
-        async def handler(path: str, params: dict[str, str], headers: Any, body: bytes) -> Any:
-            return 200, b"ok", []
+    def direct_route(self, path: str) -> tuple[Callable[..., None], dict[str, str]]:
+        def handler(path: str, params: dict[str, str], headers: Any, body: bytes, respond: Any) -> None:
+            respond((200, b"ok", []))  # at once: the protocol writes it from the next loop iteration
 
         return handler, {}
 
