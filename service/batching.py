@@ -86,25 +86,30 @@ def _resolve(item: _Item, result: list[np.ndarray] | BaseException) -> None:
 
 
 def _resolve_all(results: list[tuple[_Item, list[np.ndarray] | BaseException]]) -> None:
+    """Answer requests in their own loop's thread (an inline batch's, or a worker batch's once handed over)."""
     for item, result in results:
         _resolve(item, result)
 
 
-def _deliver_here(results: list[tuple[_Item, list[np.ndarray] | BaseException]]) -> None:
-    """Answer the requests of a batch run inline, in their own loop's thread."""
-    _resolve_all(results)
+class Resolver:
+    """A callback resolving ``future`` with its argument (raised by the awaiter when an exception), once,
+    unless the awaiter was cancelled meanwhile. It drops the future once called: an error's traceback
+    reaches the frames holding this callback, and a held future (holding that error) would close a cycle
+    that keeps the request's data alive until a GC pass."""
 
+    __slots__ = ("future",)
 
-def _setter(future: asyncio.Future[list[np.ndarray]]) -> Done:
-    """A :data:`Done` resolving ``future``, unless its waiter went away (cancelled) before the answer."""
-    def done(result: list[np.ndarray] | BaseException) -> None:
-        if future.done():
+    def __init__(self, future: asyncio.Future[Any]) -> None:
+        self.future: asyncio.Future[Any] | None = future
+
+    def __call__(self, result: Any) -> None:
+        future, self.future = self.future, None
+        if future is None or future.done():
             return
         if isinstance(result, BaseException):
             future.set_exception(result)
         else:
             future.set_result(result)
-    return done
 
 
 def _deliver(item: _Item, result: list[np.ndarray] | BaseException) -> None:
@@ -168,7 +173,7 @@ class Batcher:
     async def submit(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Queue one request and wait for its own outputs (:meth:`enqueue` with a future)."""
         future: asyncio.Future[list[np.ndarray]] = asyncio.get_running_loop().create_future()
-        self.enqueue(feeds, _setter(future))
+        self.enqueue(feeds, Resolver(future))
         return await future
 
     def enqueue(self, feeds: dict[str, np.ndarray], done: Done) -> None:
@@ -233,7 +238,7 @@ class Batcher:
                     return
                 self._queued_bytes -= sum(i.nbytes for i in pending)
         if fail is not None:
-            _deliver_here([(item, fail) for item in pending])
+            _resolve_all([(item, fail) for item in pending])
             return
         groups: dict[tuple[Any, ...], tuple[list[list[_Item]], list[int]]] = {}
         limit = self.max_batch_size
@@ -250,9 +255,9 @@ class Batcher:
         for batches, _ in groups.values():
             for batch in batches:
                 try:
-                    self._execute(batch, _deliver_here)
+                    self._execute(batch, _resolve_all)
                 except Exception as exc:  # as in the worker: the batch's callers get the error
-                    _deliver_here([(item, RuntimeError(f"batch failed: {exc!r}")) for item in batch])
+                    _resolve_all([(item, RuntimeError(f"batch failed: {exc!r}")) for item in batch])
 
     def _not_ready(self) -> ModelNotReady:
         return ModelNotReady(f"model {self.name!r} is not ready: {self.failure}")

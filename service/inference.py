@@ -26,7 +26,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from service import codec
-from service.batching import Batcher
+from service.batching import Batcher, Resolver
 from service.errors import InvalidInput
 from service.repository import ModelRepository, ModelVersion
 from service.runtime import ModelRuntime
@@ -196,7 +196,7 @@ async def _awaited(start: Callable[[Then], None]) -> Any:
     request's data alive until a GC pass.
     """
     future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    start(_Resolver(future))
+    start(Resolver(future))
     try:
         return await future
     finally:
@@ -205,24 +205,6 @@ async def _awaited(start: Callable[[Then], None]) -> Any:
 
 def _answered(result: Any) -> None:
     """What a finished flow's ``then`` becomes."""
-
-
-class _Resolver:
-    """A :data:`Then` resolving a future (unless its waiter was cancelled meanwhile), once; then it drops it."""
-
-    __slots__ = ("future",)
-
-    def __init__(self, future: asyncio.Future[Any]) -> None:
-        self.future: asyncio.Future[Any] | None = future
-
-    def __call__(self, result: Any) -> None:
-        future, self.future = self.future, None
-        if future is None or future.done():
-            return
-        if isinstance(result, BaseException):
-            future.set_exception(result)
-        else:
-            future.set_result(result)
 
 
 def _feeds_of(runtime: ModelRuntime) -> Callable[[codec.InferRequest], dict[str, np.ndarray]]:

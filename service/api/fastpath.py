@@ -48,6 +48,7 @@ from service.api.body import ClientGone, read_body
 from service.api.deps import Service, check_api_key, check_names
 from service.api.errors import OUTCOME, STATUS, http_error
 from service.api.schemas import Predictions
+from service.batching import Resolver
 from service.errors import ServiceError
 from service.logs import event
 from service.metrics import UNKNOWN_MODEL
@@ -102,7 +103,7 @@ class InferenceEndpoints:
         :meth:`serve`'s. Past the deadline while the body still arrives, this task is cancelled: 408.
         """
         answered: asyncio.Future[Answer | None] = asyncio.get_running_loop().create_future()
-        call = _Call(self, path, params, raw_headers, _resolver(answered))
+        call = _Call(self, path, params, raw_headers, Resolver(answered))
         task = call.task = asyncio.current_task()
         settings = self.service.settings
         try:
@@ -128,14 +129,6 @@ class InferenceEndpoints:
         except Exception as exc:  # a bug
             call.failed(exc)
         return await answered  # a cancellation here (shutdown) leaves the call to finish and give its share back
-
-
-def _resolver(future: asyncio.Future[Answer | None]) -> Respond:
-    """A :data:`Respond` resolving ``future``, unless its task was cancelled meanwhile."""
-    def respond(answer: Answer | None) -> None:
-        if not future.done():
-            future.set_result(answer)
-    return respond
 
 
 class _Call:
