@@ -284,9 +284,12 @@ def test_profile_samples_are_assigned_to_stages(frames: list[str], stage: str) -
 
 def test_a_server_busy_while_idle_is_found_and_kept_stopped_outside_its_slices() -> None:
     """serving.py stops (SIGSTOP) a server that takes the server CPU while idle, except in its own slices."""
-    procs = {name: subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
-             for name, code in (("spins", "while True: pass"), ("sleeps", "import time; time.sleep(600)"))}
+    procs = {name: subprocess.Popen([sys.executable, "-c", f"import time\nprint('up', flush=True)\n{code}"],
+                                    start_new_session=True, stdout=subprocess.PIPE)
+             for name, code in (("spins", "while True: pass"), ("sleeps", "time.sleep(600)"))}
     try:
+        for proc in procs.values():  # started: the interpreter's own start-up is not idle CPU
+            assert proc.stdout is not None and proc.stdout.readline() == b"up\n"
         pids = {name: proc.pid for name, proc in procs.items()}
         shares = serving.idle_cpu_shares(pids, seconds=1.0)
         assert shares["spins"] > serving.IDLE_BUSY > shares["sleeps"]
