@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import queue
@@ -45,10 +46,14 @@ from service.logs import event
 RunFn = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 Done = Callable[[list[np.ndarray] | BaseException], None]  # a request's outputs, or why it got none
 Results = list[tuple["_Item", list[np.ndarray] | BaseException]]
+Observed = Callable[[], None] | None  # a batch's observation, made where its answers are given
 INLINE_S = 0.005  # a batch expected to run this long at most runs on the event loop (see the module docstring)
 
 
 class BatchObserver(Protocol):
+    """Told each batch's rows and its requests' queue times, on the requests' event loop thread (before the
+    answers), so that it needs no lock: the service's metrics count there (:mod:`service.metrics`)."""
+
     def batch(self, rows: int, queue_seconds: list[float]) -> None: ...
 
 
@@ -85,8 +90,14 @@ def _resolve(item: _Item, result: list[np.ndarray] | BaseException) -> None:
         event(logging.ERROR, "internal error", where="batch callback", error=f"{type(exc).__name__}: {exc}")
 
 
-def _resolve_all(results: list[tuple[_Item, list[np.ndarray] | BaseException]]) -> None:
-    """Answer requests in their own loop's thread (an inline batch's, or a worker batch's once handed over)."""
+def _resolve_all(results: list[tuple[_Item, list[np.ndarray] | BaseException]], observed: Observed = None) -> None:
+    """Answer requests in their own loop's thread (an inline batch's, or a worker batch's once handed over),
+    after making the batch's observation."""
+    if observed is not None:
+        try:
+            observed()
+        except Exception as exc:  # a metrics bug must not cost the batch its answers
+            event(logging.ERROR, "internal error", where="batch observer", error=f"{type(exc).__name__}: {exc}")
     for item, result in results:
         _resolve(item, result)
 
@@ -117,14 +128,16 @@ def _deliver(item: _Item, result: list[np.ndarray] | BaseException) -> None:
     _deliver_all([(item, result)])
 
 
-def _deliver_all(results: list[tuple[_Item, list[np.ndarray] | BaseException]]) -> None:
-    """:func:`_deliver` for a whole batch: one event-loop wake-up per loop, not one per request."""
+def _deliver_all(results: list[tuple[_Item, list[np.ndarray] | BaseException]], observed: Observed = None) -> None:
+    """:func:`_deliver` for a whole batch: one event-loop wake-up per loop, not one per request; the
+    observation is made on the first request's loop."""
     by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
     for item, result in results:
         by_loop.setdefault(item.loop, []).append((item, result))
     for loop, pairs in by_loop.items():
         with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(_resolve_all, pairs)
+            loop.call_soon_threadsafe(_resolve_all, pairs, observed)
+        observed = None
 
 
 class Batcher:
@@ -348,13 +361,14 @@ class Batcher:
                 self._on_failure(reason)
 
     def _execute(self, batch: list[_Item],
-                 deliver: Callable[[Results], None] = _deliver_all) -> None:
+                 deliver: Callable[[Results, Observed], None] = _deliver_all) -> None:
         start = time.perf_counter()
-        if self._observer is not None:
-            self._observer.batch(sum(i.rows for i in batch), [start - i.enqueued for i in batch])
+        observer = self._observer
+        observed = None if observer is None else \
+            functools.partial(observer.batch, sum(i.rows for i in batch), [start - i.enqueued for i in batch])
         if len(batch) == 1:
             item = batch[0]
-            deliver([(item, self._run_one(item.feeds, item.rows))])
+            deliver([(item, self._run_one(item.feeds, item.rows))], observed)
             return
         feeds = {name: np.concatenate([i.feeds[name] for i in batch]) for name in batch[0].feeds}
         total = sum(i.rows for i in batch)
@@ -365,7 +379,7 @@ class Batcher:
             if any(o.ndim == 0 or o.shape[0] != total for o in outputs):
                 raise ValueError(f"outputs {[o.shape for o in outputs]} do not have {total} rows")
         except Exception:  # retry one by one so only a bad input fails
-            deliver([(item, self._run_one(item.feeds, item.rows)) for item in batch])
+            deliver([(item, self._run_one(item.feeds, item.rows)) for item in batch], observed)
             return
         results: list[tuple[_Item, list[np.ndarray] | BaseException]] = []
         start_row = 0
@@ -373,7 +387,7 @@ class Batcher:
             stop_row = start_row + item.rows
             results.append((item, [o[start_row:stop_row] for o in outputs]))
             start_row = stop_row
-        deliver(results)
+        deliver(results, observed)
 
     def _run_one(self, feeds: dict[str, np.ndarray], rows: int = 1) -> list[np.ndarray] | BaseException:
         try:

@@ -2,6 +2,16 @@
 
 With ``--workers N`` every worker is a separate process: :func:`shared_directory` gives them one
 prometheus_client multiprocess directory, and ``/metrics`` sums every worker's values from it.
+
+*Deferred counts.* In a single process, the per-request counts and observations (requests, latency,
+queue time, batch size, HTTP errors) are kept in plain Python counters (:class:`_PendingCounter`,
+:class:`_PendingHistogram`) and added to prometheus_client's values when the metrics are read
+(:meth:`ServiceMetrics.flush`, which :meth:`~ServiceMetrics.render` calls). prometheus_client takes
+a lock and about ten Python calls per value: ~1.2 us an ``inc`` and 2.5 us an ``observe`` here, three
+of them per request (7% of the server's instructions per request, measured with callgrind). The
+pending counters are not thread-safe: they are updated and flushed on the event loop's thread only
+(the batcher observes its batches there). In multiprocess mode every update goes to prometheus_client
+at once, so that another worker's ``/metrics`` sees it.
 """
 
 from __future__ import annotations
@@ -10,9 +20,11 @@ import os
 import re
 import shutil
 import tempfile
+from bisect import bisect_left
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
@@ -103,36 +115,60 @@ class ServiceMetrics:
                                  ["model", "version"], registry=self.registry, multiprocess_mode="livemin")
         # Label children cached per label values: ``.labels()`` costs a lock and a dict lookup per call.
         # Model labels are served names or UNKNOWN_MODEL, statuses are HTTP codes: the caches stay small.
-        self._counts: dict[tuple[str, str], Counter] = {}
-        self._latencies: dict[str, Histogram] = {}
-        self._errors: dict[int, Counter] = {}
+        self._counts: dict[tuple[str, str], Any] = {}
+        self._latencies: dict[str, Any] = {}
+        self._errors: dict[int, Any] = {}
+        self._pending: list[_PendingCounter | _PendingHistogram] = []  # flushed by flush() (single process)
+
+    def _counter(self, child: Counter) -> Any:
+        """What counts for ``child``: itself in multiprocess mode, else a :class:`_PendingCounter` of it."""
+        if self.multiprocess_dir is not None:
+            return child
+        pending = _PendingCounter(child)
+        self._pending.append(pending)
+        return pending
+
+    def _histogram(self, child: Histogram, buckets: tuple[float, ...]) -> Any:
+        """What observes for ``child`` (of ``buckets``): itself in multiprocess mode, else a pending histogram."""
+        if self.multiprocess_dir is not None:
+            return child
+        pending = _PendingHistogram(child, buckets)
+        self._pending.append(pending)
+        return pending
+
+    def flush(self) -> None:
+        """Add the deferred counts and observations to prometheus_client's values (on the event loop's thread)."""
+        for pending in self._pending:
+            pending.flush()
 
     def observer(self, model: str) -> _BatchObserver:
         """A batch observer recording queue time and batch size for ``model``."""
         return _BatchObserver(self, model)
 
     def request(self, model: str, outcome: str, seconds: float | None = None) -> None:
-        """Count one inference request of ``model`` with ``outcome``; ``seconds`` = its latency on success."""
+        """Count one inference request of ``model`` with ``outcome``; ``seconds`` = its latency on success.
+        Call on the event loop's thread."""
         count = self._counts.get((model, outcome))
         if count is None:
-            count = self._counts[(model, outcome)] = self.requests.labels(model, outcome)
+            count = self._counts[(model, outcome)] = self._counter(self.requests.labels(model, outcome))
         count.inc()
         if seconds is not None:
             latency = self._latencies.get(model)
             if latency is None:
-                latency = self._latencies[model] = self.latency.labels(model)
+                latency = self._latencies[model] = self._histogram(self.latency.labels(model), LATENCY_BUCKETS)
             latency.observe(seconds)
 
     def http_error(self, status: int) -> None:
-        """Count one error response with HTTP ``status``."""
+        """Count one error response with HTTP ``status`` (on the event loop's thread)."""
         count = self._errors.get(status)
         if count is None:
-            count = self._errors[status] = self.http_errors.labels(str(status))
+            count = self._errors[status] = self._counter(self.http_errors.labels(str(status)))
         count.inc()
 
     def render(self) -> bytes:
         """The exposition text: this process's registry, or every worker's values in multiprocess mode."""
         if self.multiprocess_dir is None:
+            self.flush()
             return generate_latest(self.registry)
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(self.multiprocess_dir))
@@ -150,11 +186,63 @@ class ServiceMetrics:
 
 
 class _BatchObserver:
+    """Batch size and queue times of one model's batches (:class:`service.batching.BatchObserver`)."""
+
     def __init__(self, metrics: ServiceMetrics, model: str) -> None:
-        self._queue = metrics.queue_time.labels(model)
-        self._batch = metrics.batch_size.labels(model)
+        self._queue = metrics._histogram(metrics.queue_time.labels(model), LATENCY_BUCKETS)
+        self._batch = metrics._histogram(metrics.batch_size.labels(model), BATCH_BUCKETS)
 
     def batch(self, rows: int, queue_seconds: list[float]) -> None:
         self._batch.observe(rows)
+        queue = self._queue
         for seconds in queue_seconds:
-            self._queue.observe(seconds)
+            queue.observe(seconds)
+
+
+class _PendingCounter:
+    """Increments of one prometheus_client counter child not yet added to it (one thread only)."""
+
+    __slots__ = ("child", "count")
+
+    def __init__(self, child: Counter) -> None:
+        self.child = child
+        self.count = 0
+
+    def inc(self) -> None:
+        self.count += 1
+
+    def flush(self) -> None:
+        count, self.count = self.count, 0
+        if count:
+            self.child.inc(count)
+
+
+class _PendingHistogram:
+    """Observations of one prometheus_client histogram child not yet added to it (one thread only): a count
+    per bucket and their sum. A value ``v`` falls in the first bucket whose upper bound is ``>= v``, as in
+    prometheus_client; :meth:`flush` adds the counts to the child's bucket values and the sum to its sum."""
+
+    __slots__ = ("bounds", "child", "counts", "total")
+
+    def __init__(self, child: Histogram, bounds: tuple[float, ...]) -> None:
+        self.child = child
+        self.bounds = bounds  # the child's finite upper bounds; the last count is +Inf's
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def flush(self) -> None:
+        counts, total = self.counts, self.total
+        if not any(counts):
+            return
+        self.counts, self.total = [0] * len(counts), 0.0
+        # prometheus_client has no public call adding n observations; a histogram child keeps a value per
+        # bucket (non-cumulative, +Inf last) and one for the sum (tests/service/test_service_metrics.py checks)
+        buckets = self.child._buckets
+        for value, count in zip(buckets, counts, strict=True):
+            if count:
+                value.inc(count)
+        self.child._sum.inc(total)

@@ -317,8 +317,18 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     # -- parser callbacks ----------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        """uvicorn's, without the ASGI scope, which only the ASGI path needs: :meth:`_asgi_scope` builds it."""
         self._state = _HEAD
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+
+    def _asgi_scope(self) -> None:
+        """uvicorn's scope of this request (its ``on_message_begin``), keeping the URL and headers parsed since."""
+        url, headers, expect = self.url, self.headers, self.expect_100_continue
         super().on_message_begin()
+        self.url, self.headers, self.expect_100_continue = url, headers, expect
+        self.scope["headers"] = headers
 
     def on_headers_complete(self) -> None:
         self._state = _BODY
@@ -336,6 +346,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 return
         if self._start_direct():
             return
+        self._asgi_scope()
         super().on_headers_complete()
         cycle = self.cycle
         if type(cycle) is RequestResponseCycle:  # its task has not started yet: it will call _OneWriteCycle.send

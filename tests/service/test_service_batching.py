@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pytest
 
+from service import batching
 from service.batching import Batcher
 from service.errors import InvalidInput, ModelNotReady, Overloaded
 
@@ -162,20 +163,48 @@ def test_queue_delay_waits_for_more_rows() -> None:
     assert run.runs == [2]
 
 
-def test_worker_survives_an_internal_error() -> None:
-    class Broken:
-        def batch(self, rows: int, queue_seconds: list[float]) -> None:
-            raise ZeroDivisionError("observer bug")
+def test_worker_survives_an_internal_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    batcher = _make(Recorder())
 
-    batcher = _make(Recorder(), observer=Broken())  # type: ignore[arg-type]
+    def broken(batch: list[object]) -> None:
+        raise ZeroDivisionError("bookkeeping bug")
+
+    monkeypatch.setattr(batcher, "_release", broken)  # after the worker collected its batch
 
     async def scenario() -> list[list[np.ndarray] | BaseException]:
+        batcher._row_seconds = None  # type: ignore[attr-defined]  # no estimate: every batch goes to the worker
         return await _submit_all(batcher, [np.ones((1, 2), np.float32)] * 2)
 
     first = asyncio.run(scenario())
     second = asyncio.run(scenario())  # the worker is still there to answer
     batcher.close()
-    assert all(isinstance(r, RuntimeError) and "observer bug" in str(r) for r in first + second)
+    assert all(isinstance(r, RuntimeError) and "bookkeeping bug" in str(r) for r in first + second)
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["worker", "inline"])
+def test_an_observer_bug_is_logged_and_costs_no_answers(monkeypatch: pytest.MonkeyPatch, inline: bool) -> None:
+    """The observer runs on the requests' loop thread before their answers (so metrics need no lock)."""
+    threads: list[int] = []
+
+    class Broken:
+        def batch(self, rows: int, queue_seconds: list[float]) -> None:
+            threads.append(threading.get_ident())
+            raise ZeroDivisionError("observer bug")
+
+    logged: list[tuple[str, dict[str, object]]] = []
+    monkeypatch.setattr(batching, "event", lambda level, message, **fields: logged.append((message, fields)))
+    batcher = _make(Recorder(), observer=Broken())  # type: ignore[arg-type]
+
+    async def scenario() -> list[list[np.ndarray] | BaseException]:
+        batcher._row_seconds = 1e-6 if inline else None  # type: ignore[attr-defined]
+        return await _submit_all(batcher, [np.ones((1, 2), np.float32)] * 2)
+
+    results = asyncio.run(scenario())
+    batcher.close()
+    assert all(not isinstance(r, BaseException) and np.array_equal(r[0], np.full((1, 2), 2.0)) for r in results)
+    assert threads and set(threads) == {threading.get_ident()}
+    assert logged and logged[0] == ("internal error", {"where": "batch observer",
+                                                       "error": "ZeroDivisionError: observer bug"})
 
 
 def test_queue_bytes_are_bounded() -> None:

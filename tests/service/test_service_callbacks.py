@@ -85,6 +85,7 @@ class _Server:
                 len(endpoints.deadlines._due) + len(endpoints.deadlines.expired))
 
     def metric(self, name: str, **labels: str) -> float:
+        self.service.metrics.flush()
         value = self.service.metrics.registry.get_sample_value(name, labels)
         return 0.0 if value is None else float(value)
 

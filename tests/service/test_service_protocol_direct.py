@@ -513,3 +513,61 @@ def test_a_request_running_past_the_keep_alive_timeout_is_answered_on_its_open_c
         release.set()
     assert not closed_while_running
     assert answers[0][0].startswith(b"HTTP/1.1 200 ")
+
+
+class _ScopeEcho:
+    """An ASGI app answering with the scope it got; ``POST /direct`` is served on the direct path."""
+
+    def __init__(self) -> None:
+        self.scopes: list[dict[str, Any]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        self.scopes.append({k: v for k, v in scope.items() if k not in ("app", "extensions")})
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def direct_route(self, path: str) -> Any:
+        if path != "/direct":
+            return None
+        return (lambda path, params, headers, body, respond: respond((200, b"direct", [])), {})
+
+
+def test_an_asgi_request_gets_uvicorns_scope_though_the_direct_path_builds_none() -> None:
+    """The scope is built only off the direct path: an ASGI request after direct ones (pipelined, split
+    across reads, with an Expect header) gets the very scope uvicorn's own protocol gives it."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    get = (b"GET /echo/a%20b?x=1&y=2 HTTP/1.1\r\nHost: h\r\nX-One: 1\r\nX-Two: two\r\n\r\n"
+           b"POST /other HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi")
+    direct = _post("/direct", b"{}", "X-Direct: yes\r\n")
+    raw = direct + get + direct
+    pieces = [raw[:len(direct) + 7], raw[len(direct) + 7:len(direct) + 40], raw[len(direct) + 40:]]
+
+    async def scopes(cls: type[Any]) -> tuple[list[dict[str, Any]], list[Any]]:
+        app = _ScopeEcho()
+        config = Config(app=app, access_log=False, log_level="warning", lifespan="off")
+        config.load()
+        options = {"limits": HttpLimits(16384, 30.0, 30.0)} if cls is LimitedHttpToolsProtocol else {}
+        protocol = cls(config, ServerState(), {"shared": 1}, asyncio.get_running_loop(), **options)
+        if cls is HttpToolsProtocol:  # uvicorn's own: the direct request is an ASGI one for it
+            app.direct_route = lambda path: None  # type: ignore[method-assign]
+        transport = FakeTransport(strict=False)
+        protocol.connection_made(transport)
+        for piece in pieces:
+            protocol.data_received(piece)
+            await asyncio.sleep(0.01)
+        await until(lambda: len(responses(transport.data)) == 4, "the four answers")
+        protocol.connection_lost(None)
+        return app.scopes, [r[2] for r in responses(transport.data)]
+
+    async def main() -> Any:
+        return await scopes(LimitedHttpToolsProtocol), await scopes(HttpToolsProtocol)
+
+    (ours, our_bodies), (uvicorns, _) = asyncio.run(main())
+    assert our_bodies == [b"direct", b"ok", b"ok", b"direct"]
+    assert ours == uvicorns[1:3]  # uvicorn's saw the two direct requests too
+    assert ours[0]["path"] == "/echo/a b" and ours[0]["query_string"] == b"x=1&y=2"
+    assert ours[0]["headers"] == [(b"host", b"h"), (b"x-one", b"1"), (b"x-two", b"two")]
+    assert ours[0]["state"] == {"shared": 1}
