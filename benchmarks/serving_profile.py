@@ -10,9 +10,10 @@ Two views of one batch-1 request (the serving benchmark's models and bodies):
     request bytes and taking it onto the direct path (no ASGI), and writing the answer of a trivial
     handler;
   - *auth, limits, body*: the fast path's API-key check, admission share and body read;
-  - *JSON decode*: ``orjson`` on the JSON (the whole body, or the binary extension's header);
-  - *array building*: the rest of :func:`service.codec.decode_infer_request` (checks, ``np.asarray``
-    or ``np.frombuffer``, finiteness);
+  - *JSON decode*: ``orjson`` on a JSON body (0 for the binary extension: the model's
+    :class:`service.codec.Decoder` parses a header once, then remembers it);
+  - *array building*: the rest of that decoder's work (checks, ``np.asarray`` or ``np.frombuffer``,
+    finiteness);
   - *queueing + hand-off*: :meth:`service.batching.Batcher.submit` around a model that does nothing,
     on the worker thread (the first run of a model) and inline (:data:`service.batching.INLINE_S`);
   - *onnxruntime*: ``session.run`` of one row, with the service's session settings;
@@ -61,7 +62,7 @@ RULES: tuple[tuple[str, str], ...] = (
     ("response building", "encode_infer_response"), ("response building", "metrics.py"),
     ("response building", "prometheus_client"),
     ("JSON decode", "loads (service/codec.py"),
-    ("array building", "decode_infer_request"), ("array building", "_from_"),
+    ("array building", "service/codec.py"),
     ("queueing + hand-off", "batching.py"), ("auth, limits, body", "body.py"), ("auth, limits, body", "deps.py"),
     ("auth, limits, body", "admission.py"), ("auth, limits, body", "fastpath.py"),
     ("auth, limits, body", "inference.py"),
@@ -187,8 +188,8 @@ def in_process(repo: Path, model: serving.Model, encoding: str, n: int, rounds: 
     settings = Settings(model_repository=repo, log_level="warning")  # type: ignore[call-arg]
     limits = codec.Limits(settings.max_request_rows, settings.max_tensor_elements, settings.max_tensor_bytes,
                           settings.max_json_bytes)
-    header = memoryview(body)[:length] if length is not None else body
-    request = codec.decode_infer_request(body, length, runtime.inputs, runtime.outputs, limits)
+    decoder = runtime.decoder(limits)  # as served: a binary request's header is parsed once, then remembered
+    request = decoder.decode(body, length)
     outputs = dict(zip(runtime.output_names, runtime.run(request.inputs), strict=True))
     out: dict[str, float] = {}
 
@@ -199,9 +200,8 @@ def in_process(repo: Path, model: serving.Model, encoding: str, n: int, rounds: 
         share.release()
 
     out["auth, limits, body"] = _per_call_us(auth, n, rounds)
-    out["JSON decode"] = _per_call_us(lambda: codec.loads(header), n, rounds)
-    decode = _per_call_us(lambda: codec.decode_infer_request(body, length, runtime.inputs, runtime.outputs, limits),
-                          n, rounds)
+    out["JSON decode"] = _per_call_us(lambda: codec.loads(body), n, rounds) if length is None else 0.0
+    decode = _per_call_us(lambda: decoder.decode(body, length), n, rounds)
     out["array building"] = max(0.0, decode - out["JSON decode"])
     out["onnxruntime"] = _per_call_us(lambda: runtime.run(request.inputs), n, rounds)
     rows32 = {"input": np.concatenate([request.inputs["input"]] * 32)}

@@ -234,91 +234,173 @@ def _from_json(data: Any, shape: tuple[int, ...], spec: TensorSpec) -> np.ndarra
     return array.reshape(shape)
 
 
-def _from_binary(buffer: memoryview, offset: int, size: Any, shape: tuple[int, ...], spec: TensorSpec) -> np.ndarray:
-    dtype = DATATYPES[spec.datatype]
-    count = math.prod(shape)  # shape is within the limits
-    if type(size) is not int or size < 0:
-        raise _fail(f"input {spec.name!r} binary_data_size must be a non-negative integer, got {size!r:.40}")
-    if size != count * dtype.itemsize:
-        raise _fail(f"input {spec.name!r} {spec.datatype} with shape {list(shape)} needs "
-                    f"{count * dtype.itemsize} bytes, binary_data_size says {size}")
-    if offset + size > len(buffer):
-        raise _fail(f"input {spec.name!r} needs bytes {offset}..{offset + size} of the binary data, "
-                    f"which has only {len(buffer)}")
-    if dtype.kind == "b":
-        return (np.frombuffer(buffer, np.uint8, count, offset) != 0).reshape(shape)
-    # No copy, even when unaligned: onnxruntime reads unaligned CPU buffers correctly, and batching
-    # concatenates into a fresh (aligned) array anyway. Read-only views of the request body.
-    array = np.frombuffer(buffer, dtype, count, offset).reshape(shape)
-    if dtype.kind == "f":
-        _check_finite(array, spec, "binary data")
-    return array
+class _Binary:
+    """One input of a binary request, as its header declares it: where its bytes are and what they hold."""
+
+    __slots__ = ("count", "dtype", "name", "offset", "shape", "size", "spec")
+
+    def __init__(self, spec: TensorSpec, shape: tuple[int, ...], offset: int, size: Any) -> None:
+        dtype = DATATYPES[spec.datatype]
+        count = math.prod(shape)  # shape is within the limits
+        if type(size) is not int or size < 0:
+            raise _fail(f"input {spec.name!r} binary_data_size must be a non-negative integer, got {size!r:.40}")
+        if size != count * dtype.itemsize:
+            raise _fail(f"input {spec.name!r} {spec.datatype} with shape {list(shape)} needs "
+                        f"{count * dtype.itemsize} bytes, binary_data_size says {size}")
+        self.spec, self.name, self.dtype, self.shape = spec, spec.name, dtype, shape
+        self.count, self.offset, self.size = count, offset, size
+
+    def array(self, buffer: memoryview) -> np.ndarray:
+        """This input's array: a read-only view of the request body, no copy (even unaligned: onnxruntime reads
+        unaligned CPU buffers correctly, and batching concatenates into a fresh aligned array anyway)."""
+        offset, size = self.offset, self.size
+        if offset + size > len(buffer):
+            raise _fail(f"input {self.name!r} needs bytes {offset}..{offset + size} of the binary data, "
+                        f"which has only {len(buffer)}")
+        dtype = self.dtype
+        if dtype.kind == "b":
+            return (np.frombuffer(buffer, np.uint8, self.count, offset) != 0).reshape(self.shape)
+        array = np.frombuffer(buffer, dtype, self.count, offset).reshape(self.shape)
+        if dtype.kind == "f":
+            _check_finite(array, self.spec, "binary data")
+        return array
+
+
+class _Plan:
+    """What a request header says, validated against the model: its JSON inputs' arrays (built already), its
+    binary inputs (built from each body), and its id and outputs. Only the body's binary part is left to check."""
+
+    __slots__ = ("binary", "binary_bytes", "binary_outputs", "id", "json", "outputs")
+
+    def __init__(self) -> None:
+        self.json: dict[str, np.ndarray] = {}
+        self.binary: list[_Binary] = []
+        self.binary_bytes = 0
+        self.id: str | None = None
+        self.outputs: list[str] | None = None
+        self.binary_outputs: set[str] = set()
+
+    def request(self, binary: memoryview) -> InferRequest:
+        """The request of a body whose binary part is ``binary`` (the sizes, then finiteness, checked)."""
+        arrays = self.json.copy() if self.json else {}
+        for entry in self.binary:
+            arrays[entry.name] = entry.array(binary)
+        if self.binary_bytes != len(binary):
+            raise _fail(f"binary data has {len(binary)} bytes but the inputs' binary_data_size add up to "
+                        f"{self.binary_bytes}")
+        outputs = self.outputs
+        return InferRequest(arrays, self.id, None if outputs is None else list(outputs), set(self.binary_outputs))
+
+
+class Decoder:
+    """:func:`decode_infer_request` for one model (``inputs``, ``outputs``) under ``limits``.
+
+    It remembers the plans (:class:`_Plan`) of the last :data:`PLANS` binary-request headers it validated,
+    by their bytes: a client's headers repeat byte for byte (same names, shapes and sizes), and a repeat
+    then costs only its arrays' views and the finiteness check (4 us instead of 11 us for the digits
+    model's header, measured). A header holding JSON data, or longer than :data:`PLAN_HEADER_BYTES`, is
+    decoded afresh each time; past :data:`PLANS` headers the memory is cleared.
+    """
+
+    def __init__(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], limits: Limits = NO_LIMITS
+                 ) -> None:
+        self.specs = {spec.name: spec for spec in inputs}
+        self.known_outputs = {spec.name for spec in outputs}
+        self.limits = limits
+        self._plans: dict[bytes, _Plan] = {}
+
+    def decode(self, body: bytes, header_length: int | None) -> InferRequest:
+        """Decode and validate one request (see :func:`decode_infer_request`)."""
+        limits = self.limits
+        if header_length is None:
+            limits.check_json(len(body))
+            return self._plan(loads(body), None).request(memoryview(b""))
+        limits.check_json(header_length)
+        view = memoryview(body)
+        binary = view[header_length:]
+        if header_length > PLAN_HEADER_BYTES:
+            return self._plan(loads(view[:header_length]), header_length).request(binary)
+        key = body[:header_length]
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plan(loads(key), header_length)
+            if not plan.json:  # a plan with JSON data holds arrays, and a client's data changes: not kept
+                plans = self._plans
+                if len(plans) >= PLANS:
+                    plans.clear()
+                plans[key] = plan
+        return plan.request(binary)
+
+    def _plan(self, header: Any, header_length: int | None) -> _Plan:
+        if not isinstance(header, dict):
+            raise _fail(f"request must be a JSON object, got {type(header).__name__}")
+        raw_inputs = header.get("inputs")
+        if not isinstance(raw_inputs, list) or not raw_inputs:
+            raise _fail("request needs a non-empty 'inputs' list")
+        specs, limits = self.specs, self.limits
+        plan = _Plan()
+        seen: set[str] = set()
+        offset = 0
+        for raw in raw_inputs:
+            if not isinstance(raw, dict):
+                raise _fail(f"each input must be a JSON object, got {type(raw).__name__}")
+            raw_name = raw.get("name")
+            spec = specs.get(raw_name) if isinstance(raw_name, str) else None
+            if spec is None:
+                raise _fail(f"unknown input {raw_name!r:.80}; the model expects {sorted(specs)}")
+            name = spec.name
+            if name in seen:
+                raise _fail(f"input {name!r} appears twice")
+            seen.add(name)
+            if raw.get("datatype") != spec.datatype:
+                raise _fail(f"input {name!r} has datatype {raw.get('datatype')!r:.40}, the model expects "
+                            f"{spec.datatype}")
+            if spec.datatype not in DATATYPES:
+                raise _fail(f"input {name!r} has datatype {spec.datatype}, which this server does not accept")
+            shape = _shape(raw.get("shape"), name)
+            _check_shape(shape, spec)
+            limits.check_tensor(name, shape, DATATYPES[spec.datatype])
+            params = raw.get("parameters") or {}
+            if not isinstance(params, dict):
+                raise _fail(f"input {name!r} parameters must be an object")
+            if "binary_data_size" in params:
+                if header_length is None:
+                    raise _fail(f"input {name!r} has binary_data_size but the request has no "
+                                "Inference-Header-Content-Length header")
+                entry = _Binary(spec, shape, offset, params["binary_data_size"])
+                plan.binary.append(entry)
+                offset += entry.size
+            elif "data" in raw:
+                plan.json[name] = _from_json(raw["data"], shape, spec)
+            else:
+                raise _fail(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
+        plan.binary_bytes = offset
+        if len(seen) != len(specs):
+            raise _fail(f"missing inputs {sorted(set(specs) - seen)}; the model expects {sorted(specs)}")
+        request_id = header.get("id")
+        if request_id is not None and not isinstance(request_id, str):
+            raise _fail(f"'id' must be a string, got {type(request_id).__name__}")
+        plan.id = request_id
+        _decode_outputs(header, self.known_outputs, plan)
+        return plan
+
+
+PLANS = 64  # binary-request headers a Decoder remembers
+PLAN_HEADER_BYTES = 4096  # longest header it remembers
 
 
 def decode_infer_request(body: bytes, header_length: int | None, inputs: Sequence[TensorSpec],
                          outputs: Sequence[TensorSpec], limits: Limits = NO_LIMITS) -> InferRequest:
     """Decode and validate an inference request for a model with these ``inputs`` and ``outputs``.
 
+    ``header_length`` is the ``Inference-Header-Content-Length`` (binary extension), else ``None``.
     Raises :class:`InvalidInput` naming what was expected and what arrived, :class:`TooLarge` for a limit.
+    A server decodes with one :class:`Decoder` per model, which remembers repeated binary headers.
     """
-    view = memoryview(body)
-    limits.check_json(len(body) if header_length is None else header_length)
-    header = loads(view if header_length is None else view[:header_length])
-    binary = view[header_length:] if header_length is not None else view[:0]
-    if not isinstance(header, dict):
-        raise _fail(f"request must be a JSON object, got {type(header).__name__}")
-    raw_inputs = header.get("inputs")
-    if not isinstance(raw_inputs, list) or not raw_inputs:
-        raise _fail("request needs a non-empty 'inputs' list")
-    specs = {spec.name: spec for spec in inputs}
-    arrays: dict[str, np.ndarray] = {}
-    offset = 0
-    for raw in raw_inputs:
-        if not isinstance(raw, dict):
-            raise _fail(f"each input must be a JSON object, got {type(raw).__name__}")
-        raw_name = raw.get("name")
-        spec = specs.get(raw_name) if isinstance(raw_name, str) else None
-        if spec is None:
-            raise _fail(f"unknown input {raw_name!r:.80}; the model expects {sorted(specs)}")
-        name = spec.name
-        if name in arrays:
-            raise _fail(f"input {name!r} appears twice")
-        if raw.get("datatype") != spec.datatype:
-            raise _fail(f"input {name!r} has datatype {raw.get('datatype')!r:.40}, the model expects {spec.datatype}")
-        if spec.datatype not in DATATYPES:
-            raise _fail(f"input {name!r} has datatype {spec.datatype}, which this server does not accept")
-        shape = _shape(raw.get("shape"), name)
-        _check_shape(shape, spec)
-        limits.check_tensor(name, shape, DATATYPES[spec.datatype])
-        params = raw.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise _fail(f"input {name!r} parameters must be an object")
-        if "binary_data_size" in params:
-            if header_length is None:
-                raise _fail(f"input {name!r} has binary_data_size but the request has no "
-                            "Inference-Header-Content-Length header")
-            arrays[name] = _from_binary(binary, offset, params["binary_data_size"], shape, spec)
-            offset += params["binary_data_size"]
-        elif "data" in raw:
-            arrays[name] = _from_json(raw["data"], shape, spec)
-        else:
-            raise _fail(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
-    if offset != len(binary):
-        raise _fail(f"binary data has {len(binary)} bytes but the inputs' binary_data_size add up to {offset}")
-    missing = sorted(set(specs) - set(arrays))
-    if missing:
-        raise _fail(f"missing inputs {missing}; the model expects {sorted(specs)}")
-    request = InferRequest(inputs=arrays)
-    request_id = header.get("id")
-    if request_id is not None:
-        if not isinstance(request_id, str):
-            raise _fail(f"'id' must be a string, got {type(request_id).__name__}")
-        request.id = request_id
-    _decode_outputs(header, {spec.name for spec in outputs}, request)
-    return request
+    return Decoder(inputs, outputs, limits).decode(body, header_length)
 
 
-def _decode_outputs(header: Mapping[str, Any], known: set[str], request: InferRequest) -> None:
+def _decode_outputs(header: Mapping[str, Any], known: set[str], request: _Plan) -> None:
     params = header.get("parameters") or {}
     if not isinstance(params, dict):
         raise _fail("request parameters must be an object")

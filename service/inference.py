@@ -134,8 +134,10 @@ def infer_soon(repository: ModelRepository, name: str, version: str | None, body
         entry.release()
         raise
 
+    decoder = runtime.decoder(limits)
+
     def decode() -> codec.InferRequest:
-        return codec.decode_infer_request(body, length, runtime.inputs, runtime.outputs, limits)
+        return decoder.decode(body, length)
 
     def encoded(request: codec.InferRequest, outputs: list[np.ndarray]) -> Any:
         named = dict(zip(runtime.output_names, outputs, strict=True))

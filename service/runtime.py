@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.codec import ORT_TYPES, TensorSpec
+from service.codec import ORT_TYPES, Decoder, Limits, TensorSpec
 from service.cpu import usable_cpus
 
 SHRINK_INPUT_BYTES = 1024 * 1024  # runs with more input than this shrink the arena after they finish
@@ -102,6 +102,14 @@ class ModelRuntime:
         self.output_names = [spec.name for spec in self.outputs]
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self.batches = all(len(s.shape) >= 1 and s.shape[0] == -1 for s in (*self.inputs, *self.outputs))
+        self._decoders: dict[Limits, Decoder] = {}
+
+    def decoder(self, limits: Limits) -> Decoder:
+        """The request decoder of this model under ``limits`` (built once per limits, then kept with its plans)."""
+        found = self._decoders.get(limits)
+        if found is None:
+            found = self._decoders[limits] = Decoder(self.inputs, self.outputs, limits)
+        return found
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """All outputs, in :attr:`outputs` order. Blocking: call it from a worker thread.
