@@ -206,11 +206,12 @@ class Batcher:
         if len(feeds) == 1:  # the common case, without the generators below
             ((name, first),) = feeds.items()
             nbytes = first.nbytes
-            key: tuple[Any, ...] = ((name, first.shape[1:], first.dtype.str),) if self.batches else ()
+            # the dtype object, not its .str (a new string per call): equal dtypes compare and hash equal
+            key: tuple[Any, ...] = ((name, first.shape[1:], first.dtype),) if self.batches else ()
         else:
             first = next(iter(feeds.values()))
             nbytes = sum(a.nbytes for a in feeds.values())
-            key = tuple((n, a.shape[1:], a.dtype.str) for n, a in feeds.items()) if self.batches else ()
+            key = tuple((n, a.shape[1:], a.dtype) for n, a in feeds.items()) if self.batches else ()
         rows = first.shape[0] if self.batches and first.ndim else 1
         item = _Item(feeds, rows, key, done, loop, nbytes)
         with self._bytes_lock:  # also orders this put before a failure's drain of the queue (_fail)

@@ -95,7 +95,8 @@ NO_LIMITS = Limits(max_rows=2**62, max_elements=2**62, max_bytes=2**62, max_json
 
 @dataclass
 class InferRequest:
-    """A decoded inference request: validated input arrays and which outputs to return, how."""
+    """A decoded inference request: validated input arrays (in the model's input order, from a
+    :class:`Decoder`) and which outputs to return, how."""
 
     inputs: dict[str, np.ndarray]
     id: str | None = None
@@ -270,9 +271,10 @@ class _Plan:
     """What a request header says, validated against the model: its JSON inputs' arrays (built already), its
     binary inputs (built from each body), and its id and outputs. Only the body's binary part is left to check."""
 
-    __slots__ = ("binary", "binary_bytes", "binary_outputs", "id", "json", "outputs")
+    __slots__ = ("binary", "binary_bytes", "binary_outputs", "id", "json", "order", "outputs")
 
-    def __init__(self) -> None:
+    def __init__(self, order: list[str] | None) -> None:
+        self.order = order  # the model's input names, in its order, for a model with several inputs
         self.json: dict[str, np.ndarray] = {}
         self.binary: list[_Binary] = []
         self.binary_bytes = 0
@@ -288,6 +290,8 @@ class _Plan:
         if self.binary_bytes != len(binary):
             raise _fail(f"binary data has {len(binary)} bytes but the inputs' binary_data_size add up to "
                         f"{self.binary_bytes}")
+        if self.order is not None:
+            arrays = {name: arrays[name] for name in self.order}
         outputs = self.outputs
         return InferRequest(arrays, self.id, None if outputs is None else list(outputs), set(self.binary_outputs))
 
@@ -305,6 +309,7 @@ class Decoder:
     def __init__(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], limits: Limits = NO_LIMITS
                  ) -> None:
         self.specs = {spec.name: spec for spec in inputs}
+        self._order = list(self.specs) if len(self.specs) > 1 else None
         self.known_outputs = {spec.name for spec in outputs}
         self.limits = limits
         self._plans: dict[bytes, _Plan] = {}
@@ -338,7 +343,7 @@ class Decoder:
         if not isinstance(raw_inputs, list) or not raw_inputs:
             raise _fail("request needs a non-empty 'inputs' list")
         specs, limits = self.specs, self.limits
-        plan = _Plan()
+        plan = _Plan(self._order)
         seen: set[str] = set()
         offset = 0
         for raw in raw_inputs:

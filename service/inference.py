@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -39,12 +38,14 @@ Then = Callable[[Any], None]  # gets the result, or the exception that ended the
 Encoder = Callable[[str, str, codec.InferRequest, dict[str, np.ndarray], Sequence[codec.TensorSpec]], Any]
 
 
-@dataclass(frozen=True)
 class Encoded:
     """An encoded inference response; ``header_length`` is set when binary outputs follow the JSON."""
 
-    body: bytes
-    header_length: int | None
+    __slots__ = ("body", "header_length")  # a plain slotted class: built once per request
+
+    def __init__(self, body: bytes, header_length: int | None) -> None:
+        self.body = body
+        self.header_length = header_length
 
 
 def encode_http(model_name: str, model_version: str, request: codec.InferRequest, outputs: dict[str, np.ndarray],
@@ -143,7 +144,7 @@ def infer_soon(repository: ModelRepository, name: str, version: str | None, body
         named = dict(zip(runtime.output_names, outputs, strict=True))
         return encode(name, str(entry.version), request, named, runtime.outputs)
 
-    _Flow(entry, batcher, decode, _feeds_of(runtime), encoded, then).start(json_length > OFFLOAD_BYTES)
+    _Flow(entry, batcher, decode, _inputs, encoded, then).start(json_length > OFFLOAD_BYTES)
 
 
 def predict_soon(repository: ModelRepository, name: str, version: str | None, body: bytes, limits: codec.Limits,
@@ -209,15 +210,10 @@ def _answered(result: Any) -> None:
     """What a finished flow's ``then`` becomes."""
 
 
-def _feeds_of(runtime: ModelRuntime) -> Callable[[codec.InferRequest], dict[str, np.ndarray]]:
-    inputs = runtime.inputs
-
-    def feeds(request: codec.InferRequest) -> dict[str, np.ndarray]:
-        arrays = request.inputs
-        if len(arrays) > 1:  # the session's input order, so equal requests get equal batching keys
-            arrays = {spec.name: arrays[spec.name] for spec in inputs}
-        return arrays
-    return feeds
+def _inputs(request: codec.InferRequest) -> dict[str, np.ndarray]:
+    """A decoded request's feeds: its inputs, in the session's order (:class:`codec.Decoder`'s), so that equal
+    requests get equal batching keys."""
+    return request.inputs
 
 
 def _classify(entry: ModelVersion, runtime: ModelRuntime, instances: int,

@@ -230,6 +230,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._idle_since: float | None = None  # loop time the last response completed with nothing pipelined
         # The direct path (see the module docstring): off with access logging, which only the ASGI path writes.
         self._direct = None if self.access_log else _direct_app(config.loaded_app)
+        self._direct_timeout_s: float | None = getattr(self._direct, "direct_timeout_s", None)
 
     # -- connection --------------------------------------------------------------------------
 
@@ -404,8 +405,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if route is None:
             return False
         handler, params = route
-        cycle = _DirectCycle(handler, path, params, self.headers, parser.should_keep_alive(),
-                             getattr(direct, "direct_timeout_s", None))
+        cycle = _DirectCycle(handler, path, params, self.headers, parser.should_keep_alive(), self._direct_timeout_s)
         existing = self.cycle
         self.cycle = cycle  # type: ignore[assignment]
         if existing is None or existing.response_complete:
@@ -488,10 +488,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _write_direct(self, cycle: _DirectCycle, answer: Answer) -> None:
         """The answer in one ``write``: status line, uvicorn's default headers, the answer's, and its body."""
         status, payload, extra = answer
-        parts = [STATUS_LINE[status]]
-        for name, value in self.server_state.default_headers:
-            parts += [name, b": ", value, b"\r\n"]
-        parts.append(b"content-length: %d\r\n" % len(payload))
+        parts = [STATUS_LINE[status], _default_head(self.server_state.default_headers),
+                 b"content-length: %d\r\n" % len(payload)]
         for name, value in extra:
             if name == b"connection" and value == b"close":
                 cycle.keep_alive = False
@@ -575,6 +573,20 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if transport.can_write_eof():
             transport.write_eof()
         self.loop.call_later(LINGER_S, transport.close)
+
+
+_head_of: tuple[Any, bytes] = (None, b"")  # the last default headers seen, and their bytes
+
+
+def _default_head(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """uvicorn's default response headers (``server``, ``date``, ``--header``s) as bytes. uvicorn sets a new list
+    each second (the date): the bytes are built once per list, not once per response."""
+    global _head_of
+    seen, head = _head_of
+    if seen is not headers:
+        head = b"".join(b"%s: %s\r\n" % (name, value) for name, value in headers)
+        _head_of = (headers, head)
+    return head
 
 
 def protocol_factory(limits: HttpLimits) -> Any:

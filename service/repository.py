@@ -545,6 +545,9 @@ class ModelRepository:
         if versions is None:
             raise ModelNotFound(f"unknown model {name!r:.100}; this server has {sorted(self.models)}")
         if version is None:  # the newest that serves; else the newest, whose reason the caller reports
+            if len(versions) == 1:  # the common case, on every request: the one version, ready or not
+                for entry in versions.values():
+                    return entry
             ready = [number for number, entry in versions.items() if entry.ready]
             return versions[max(ready or versions)]
         number = int(version) if version.isascii() and version.isdigit() else None

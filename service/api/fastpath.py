@@ -77,6 +77,7 @@ class InferenceEndpoints:
                                    settings.max_json_bytes)
         self.budget = Budget(settings.max_inflight_bytes)
         self.deadlines = Deadlines(settings.request_timeout_s)
+        self.direct_routes: dict[str, tuple[DirectHandler, dict[str, str]] | None] = {}  # ServiceApp.direct_route's
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         answer = await self.answer(scope["path"], scope["path_params"], scope["headers"], receive)
@@ -300,6 +301,10 @@ def routes(endpoints: InferenceEndpoints) -> list[BaseRoute]:
     return [Route(path, endpoints, methods=["POST"]) for _, path in PATTERNS]
 
 
+ROUTES_KEPT = 256  # paths whose direct route ServiceApp remembers (cleared when full)
+ROUTE_BYTES_KEPT = 256  # longest path it remembers
+
+
 class ServiceApp(FastAPI):
     """FastAPI, with ``POST`` to the inference routes dispatched to :attr:`endpoints` before FastAPI's machinery."""
 
@@ -320,12 +325,24 @@ class ServiceApp(FastAPI):
 
     def direct_route(self, path: str) -> tuple[DirectHandler, dict[str, str]] | None:
         """The handler and path parameters of a ``POST`` to ``path`` that :mod:`service.protocol` may serve
-        without ASGI (a body read whole already), or ``None``: then the request goes through :meth:`__call__`."""
+        without ASGI (a body read whole already), or ``None``: then the request goes through :meth:`__call__`.
+
+        Remembered for the last :data:`ROUTES_KEPT` paths of at most :data:`ROUTE_BYTES_KEPT` characters
+        (clients repeat theirs): the parameters are shared by the requests to a path, and read only.
+        """
         endpoints = self.endpoints
         if endpoints is None:
             return None
+        routes = endpoints.direct_routes
+        if path in routes:
+            return routes[path]
         params = match_inference(path)
-        return None if params is None else (endpoints.serve, params)
+        route = None if params is None else (endpoints.serve, params)
+        if len(path) <= ROUTE_BYTES_KEPT:
+            if len(routes) >= ROUTES_KEPT:
+                routes.clear()
+            routes[path] = route
+        return route
 
     @property
     def direct_timeout_s(self) -> float | None:

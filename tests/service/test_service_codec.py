@@ -131,3 +131,27 @@ def test_a_header_that_fails_is_not_remembered_and_fails_again(header: bytes) ->
     assert isinstance(first[0], str) and first == _outcome(decoder.decode, body, len(header))
     assert first == _outcome(_fresh, body, len(header))
     assert decoder._plans == {}
+
+
+@pytest.mark.parametrize("length", [None, "binary"])
+def test_inputs_come_in_the_models_order_whatever_order_the_request_lists_them(length: str | None) -> None:
+    """So that equal requests get equal batching keys (service.batching groups by the feeds' names and shapes)."""
+    rng = np.random.default_rng(2)
+    decoder = Decoder(INPUTS, OUTPUTS, LIMITS)
+    if length is None:
+        body = json.dumps({"inputs": [
+            {"name": "m", "datatype": "BOOL", "shape": [1], "data": [True]},
+            {"name": "a", "datatype": "FP32", "shape": [1, 2], "data": [1.0, 2.0]},
+            {"name": "b", "datatype": "INT64", "shape": [1], "data": [4]}]}).encode()
+        request = decoder.decode(body, None)
+    else:
+        header = json.dumps({"inputs": [
+            {"name": "b", "datatype": "INT64", "shape": [1], "parameters": {"binary_data_size": 8}},
+            {"name": "m", "datatype": "BOOL", "shape": [1], "parameters": {"binary_data_size": 1}},
+            {"name": "a", "datatype": "FP32", "shape": [1, 2], "parameters": {"binary_data_size": 8}}]}).encode()
+        a = rng.standard_normal((1, 2)).astype("<f4")
+        for _ in range(2):  # fresh, then remembered
+            request = decoder.decode(header + np.int64(4).tobytes() + b"\x01" + a.tobytes(), len(header))
+            assert np.array_equal(request.inputs["a"], a)
+    assert list(request.inputs) == ["a", "b", "m"]
+    assert request.inputs["b"].tolist() == [4] and request.inputs["m"].tolist() == [True]

@@ -203,3 +203,24 @@ def test_response_head_and_body_leave_in_one_write(request_head: bytes, closed: 
     assert len(transport.writes) == 1
     assert transport.writes[0].startswith(b"HTTP/1.1 200 OK\r\n") and transport.writes[0].endswith(b"\r\n\r\nhello")
     assert (transport.closed_after == 1) if closed else transport.closed_after in (None, 1)
+
+
+def test_direct_routes_are_remembered_per_path_and_bounded(settings: Settings) -> None:
+    app = create_app(settings)
+    endpoints = app.endpoints
+    assert endpoints is not None
+    paths = ["/v2/models/classifier/infer", "/v2/models/a/versions/3/infer", "/v1/models/b:predict",
+             "/v2/models/classifier/info", "/v2/models/x/y/infer", "/v2/models//infer"]
+    for _ in range(2):  # computed, then remembered: the same answers
+        for path in paths:
+            route = app.direct_route(path)
+            params = fastpath.match_inference(path)
+            assert (route is None) == (params is None)
+            if route is not None:
+                assert route[0] == endpoints.serve and route[1] == params
+    for i in range(fastpath.ROUTES_KEPT * 2 + 1):  # a client naming ever new models
+        assert app.direct_route(f"/v2/models/m{i}/infer") is not None
+        assert len(endpoints.direct_routes) <= fastpath.ROUTES_KEPT
+    endpoints.direct_routes.clear()
+    long = "/v2/models/" + "m" * fastpath.ROUTE_BYTES_KEPT + "/infer"
+    assert app.direct_route(long) is not None and endpoints.direct_routes == {}  # not kept
