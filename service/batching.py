@@ -222,18 +222,16 @@ class Batcher:
                 raise Overloaded(f"model {self.name!r} already has {self._queued_bytes} input bytes queued; "
                                  f"{nbytes} more would pass max_queue_bytes={self.max_queue_bytes}; retry later")
             self._queued_bytes += nbytes
-            if self._inline_possible(loop):
+            # Whether it may wait for an inline run: cheap enough, the worker idle, no other loop's batch pending.
+            row_seconds = self._row_seconds
+            if row_seconds is not None and row_seconds <= self.inline_s and not self._held and self._queue.empty() \
+                    and (not self._pending or self._pending_loop is loop):
                 if not self._pending:
                     self._pending_loop = loop
                     loop.call_soon(self._flush)
                 self._pending.append(item)
             else:
                 self._queue.put(item)
-
-    def _inline_possible(self, loop: asyncio.AbstractEventLoop) -> bool:
-        """Whether a request on ``loop`` may wait for an inline run (called under ``_bytes_lock``)."""
-        return self._row_seconds is not None and self._row_seconds <= self.inline_s and not self._held \
-            and self._queue.empty() and (not self._pending or self._pending_loop is loop)
 
     def _flush(self) -> None:
         """Run the requests collected in this loop iteration, inline when still cheap and the worker idle."""

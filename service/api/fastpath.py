@@ -145,9 +145,8 @@ class _Call:
 
     def __init__(self, endpoints: InferenceEndpoints, path: str, params: dict[str, str],
                  raw_headers: list[tuple[bytes, bytes]], respond: Respond) -> None:
-        headers: dict[bytes, bytes] = {}
-        for key, value in raw_headers:  # names arrive lower-cased; the first of a repeated header wins
-            headers.setdefault(key, value)
+        # Names arrive lower-cased; the first of a repeated header wins (the last write of the reversed list).
+        headers = dict(reversed(raw_headers))
         self.endpoints = endpoints
         self.path = path
         self.params = params
