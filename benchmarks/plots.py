@@ -95,8 +95,9 @@ def serving(body: dict[str, Any], path: Path) -> None:
     for row_axes, model in zip(axes, models, strict=True):
         for server in servers:
             for encoding in ("json", "binary", "none"):
-                pts = sorted((r["concurrency"], r["rps"], r["p50_ms"]) for r in rows
-                             if r["server"] == server and r["model"] == model and r["encoding"] == encoding)
+                pts = sorted((r["concurrency"], r["rps"], r["p50_ms"]) for r in rows  # none answered: no point
+                             if r["server"] == server and r["model"] == model and r["encoding"] == encoding
+                             and r.get("requests", 1))
                 if not pts:
                     continue
                 c, rps, p50 = zip(*pts, strict=True)

@@ -765,8 +765,8 @@ def markdown(body: dict[str, Any]) -> str:
         groups.setdefault((r["server"], r["model"], r["encoding"]), {})[r["concurrency"]] = r
     for (server_, model, encoding), by_c in groups.items():
         rows.append([server_, model, encoding, *[f"{by_c[c]['rps']:.0f}" if c in by_c else "" for c in levels],
-                     *[f"{by_c[c]['p50_ms']:.2f} / {by_c[c]['p99_ms']:.2f}" if c in by_c else "" for c in levels],
-                     f"{by_c[top]['server_cpu_ms_per_request']:.3f}" if top in by_c else ""])
+                     *[_latency(by_c[c]) if c in by_c else "" for c in levels],
+                     _cpu(by_c[top]) if top in by_c else ""])
     text += common.markdown_table(header, rows)
     text += "\n### Load generator ceiling (trivial endpoint, largest JSON body)\n\n" + common.markdown_table(
         ["concurrency", "req/s", "p50 ms", "p99 ms"],
@@ -808,6 +808,15 @@ def markdown(body: dict[str, Any]) -> str:
         text += "\n### gRPC vs HTTP binary vs HTTP JSON (one server, Python clients)\n\n"
         text += grpc_load.markdown(body["protocols"])
     return text
+
+
+def _latency(row: dict[str, Any]) -> str:
+    """p50 / p99, or why there is none: no request finished within the slices (a server slower than a slice)."""
+    return "none answered in a slice" if not row.get("requests", 1) else f"{row['p50_ms']:.2f} / {row['p99_ms']:.2f}"
+
+
+def _cpu(row: dict[str, Any]) -> str:
+    return "-" if not row.get("requests", 1) else f"{row['server_cpu_ms_per_request']:.3f}"
 
 
 def _number(target: str, value: float) -> str:

@@ -39,9 +39,6 @@ def _command(tree: str, port: int, workdir: Path, models: dict[str, serving.Mode
         return ([sys.executable, str(common.BENCH / "oip_floor.py"), str(port),
                  *[f"{m.name}={m.onnx}" for m in models.values()]], {}, common.ROOT, f"http://127.0.0.1:{port}/")
     root = Path(tree).resolve()
-    if not (root / "service" / "__main__.py").is_file():
-        raise SystemExit(f"error: {tree} is not a bnfold source tree (no service/__main__.py); "
-                         "pass a checkout, a `git archive` of one, or `floor`")
     env = {"BNFOLD_MODEL_REPOSITORY": str(workdir / "repo-batching"), "BNFOLD_PORT": str(port),
            "BNFOLD_HOST": "127.0.0.1", "BNFOLD_LOG_LEVEL": "warning", "PYTHONPATH": str(root)}
     return [sys.executable, "-m", "service"], env, root, f"http://127.0.0.1:{port}/v2/health/ready"
@@ -54,13 +51,18 @@ def run(trees: list[str], *, model: str, encoding: str, concurrency: int, second
     The servers are started ``restarts`` times, the samples spread over them: two processes of the same
     code differ by up to 8% here (measured: three copies of one tree), more than the changes measured.
     """
+    for tree in trees:  # before any work
+        if tree != "floor" and not (Path(tree) / "service" / "__main__.py").is_file():
+            raise SystemExit(f"error: {tree} is not a bnfold source tree (no service/__main__.py); "
+                             "pass a checkout, a `git archive` of one, or `floor`")
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) >= 2:
         serving.SERVER_CPUS, serving.GENERATOR_CPUS = {cpus[0]}, {cpus[1]}
     wrk = loadgen.ensure_wrk(install=False)
     generator = "wrk" if wrk else "asyncio"
-    workdir = common.CACHE / "serving-quick"
-    models = serving.prepare_models(workdir, "quick")
+    mode = "smoke" if model == "cnn" else "quick"  # smoke: the cnn only, as in serving.py --smoke
+    workdir = common.CACHE / f"serving-{mode}"
+    models = serving.prepare_models(workdir, mode)
     chosen = models[model]
     body, headers = chosen.oip_binary() if encoding == "binary" else chosen.oip_json()
     rps: dict[str, list[float]] = {t: [] for t in trees}
@@ -90,8 +92,8 @@ def run(trees: list[str], *, model: str, encoding: str, concurrency: int, second
                         raise RuntimeError(f"{tree}: {load.errors} errors in a slice")
                     rps[tree].append(load.rps)
                     cpu_us[tree].append(used / max(1, load.requests) * 1e6)
-                common.log(f"sample {done}/{samples}: " + ", ".join(
-                    f"{t}: {rps[t][-1]:.0f} req/s {cpu_us[t][-1]:.0f} us" for t in trees))
+                common.log(f"sample {done}/{samples}, req/s / CPU us per request in tree order: " + "  ".join(
+                    f"{rps[t][-1]:.0f}/{cpu_us[t][-1]:.0f}" for t in trees))
     first = trees[0]
     rows = []
     for tree in trees:

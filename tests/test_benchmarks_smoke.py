@@ -115,6 +115,24 @@ def test_serving_values(smoke: Path) -> None:
     assert body["goals"] and {v["verdict"] for v in body["goals"]} <= {"met", "beyond the floor", "bnfold overhead"}
 
 
+def test_serving_ab_measures_each_tree_over_fresh_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import serving_ab
+
+    out = tmp_path / "ab.json"
+    assert serving_ab.main([str(ROOT), "floor", "--samples", "3", "--restarts", "2", "--seconds", "0.5",
+                            "-c", "4", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert (result["samples"], result["restarts"]) == (3, 2)
+    ours, floor = result["rows"]
+    assert (ours["tree"], floor["tree"]) == (str(ROOT), "floor")
+    for row in result["rows"]:
+        assert len(row["rps_samples"]) == len(row["cpu_us_samples"]) == 3 and all(map(_positive, row["rps_samples"]))
+    assert ours["rps_ratio"] == 1.0 and floor["rps_ratio"] == pytest.approx(floor["rps"] / ours["rps"])
+    assert "| floor |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="not a bnfold source tree"):
+        serving_ab.main([str(tmp_path), "floor", "--samples", "1"])
+
+
 def test_asyncio_generator_counts_errors_and_latency(tmp_path: Path) -> None:
     """The fallback generator against the trivial endpoint (200s), then against a closed port (errors)."""
     from benchmarks.serving import free_port, server
@@ -312,3 +330,10 @@ def test_a_server_busy_while_idle_is_found_and_kept_stopped_outside_its_slices()
         for proc in procs.values():
             proc.kill()
             proc.wait()
+
+
+def test_a_point_where_no_request_finished_is_said_so_not_drawn_as_zero_latency() -> None:
+    row = {"server": "slow", "model": "cnn", "encoding": "json", "concurrency": 64, "requests": 0, "errors": 0,
+           "rps": 0.0, "p50_ms": 0.0, "p99_ms": 0.0, "server_cpu_ms_per_request": 1830.0}
+    assert serving._latency(row) == "none answered in a slice" and serving._cpu(row) == "-"
+    assert serving._latency({**row, "requests": 5, "p50_ms": 1.0, "p99_ms": 2.0}) == "1.00 / 2.00"
