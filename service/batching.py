@@ -135,9 +135,9 @@ def _deliver_all(results: list[tuple[_Item, list[np.ndarray] | BaseException]], 
     for item, result in results:
         by_loop.setdefault(item.loop, []).append((item, result))
     for loop, pairs in by_loop.items():
-        with contextlib.suppress(RuntimeError):
+        with contextlib.suppress(RuntimeError):  # a closed loop: its callers are gone, the observation goes on
             loop.call_soon_threadsafe(_resolve_all, pairs, observed)
-        observed = None
+            observed = None
 
 
 class Batcher:

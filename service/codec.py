@@ -304,6 +304,10 @@ class Decoder:
     then costs only its arrays' views and the finiteness check (4 us instead of 11 us for the digits
     model's header, measured). A header holding JSON data, or longer than :data:`PLAN_HEADER_BYTES`, is
     decoded afresh each time; past :data:`PLANS` headers the memory is cleared.
+
+    What needs only the header (names, datatypes, shapes, limits) is checked before what needs the
+    body (sizes against the binary part, finiteness): a request wrong in both ways gets the header's
+    error, as the limits are checked before anything is built for it.
     """
 
     def __init__(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], limits: Limits = NO_LIMITS
@@ -325,7 +329,7 @@ class Decoder:
         binary = view[header_length:]
         if header_length > PLAN_HEADER_BYTES:
             return self._plan(loads(view[:header_length]), header_length).request(binary)
-        key = body[:header_length]
+        key = body[:header_length] if type(body) is bytes else bytes(view[:header_length])  # hashable, no view
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plan(loads(key), header_length)

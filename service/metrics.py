@@ -118,6 +118,7 @@ class ServiceMetrics:
         self._counts: dict[tuple[str, str], Any] = {}
         self._latencies: dict[str, Any] = {}
         self._errors: dict[int, Any] = {}
+        self._observers: dict[str, _BatchObserver] = {}
         self._pending: list[_PendingCounter | _PendingHistogram] = []  # flushed by flush() (single process)
 
     def _counter(self, child: Counter) -> Any:
@@ -142,8 +143,12 @@ class ServiceMetrics:
             pending.flush()
 
     def observer(self, model: str) -> _BatchObserver:
-        """A batch observer recording queue time and batch size for ``model``."""
-        return _BatchObserver(self, model)
+        """A batch observer recording queue time and batch size for ``model`` (one per model: every version
+        load asks for it again)."""
+        found = self._observers.get(model)
+        if found is None:
+            found = self._observers[model] = _BatchObserver(self, model)
+        return found
 
     def request(self, model: str, outcome: str, seconds: float | None = None) -> None:
         """Count one inference request of ``model`` with ``outcome``; ``seconds`` = its latency on success.
@@ -231,12 +236,13 @@ class _PendingHistogram:
         self.total = 0.0
 
     def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
+        if value == value:  # NaN falls in no bucket, as in prometheus_client (it still adds to the sum)
+            self.counts[bisect_left(self.bounds, value)] += 1
         self.total += value
 
     def flush(self) -> None:
         counts, total = self.counts, self.total
-        if not any(counts):
+        if not any(counts) and not total:
             return
         self.counts, self.total = [0] * len(counts), 0.0
         # prometheus_client has no public call adding n observations; a histogram child keeps a value per

@@ -146,7 +146,7 @@ class _Call:
     def __init__(self, endpoints: InferenceEndpoints, path: str, params: dict[str, str],
                  raw_headers: list[tuple[bytes, bytes]], respond: Respond) -> None:
         # Names arrive lower-cased; the first of a repeated header wins (the last write of the reversed list).
-        headers = dict(reversed(raw_headers))
+        headers = dict(reversed(raw_headers if isinstance(raw_headers, list | tuple) else list(raw_headers)))
         self.endpoints = endpoints
         self.path = path
         self.params = params
