@@ -567,9 +567,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if busy:  # never interleave with a response being written: just close
             transport.close()
             return
-        body = orjson.dumps({"error": message})
-        transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                        b"connection: close\r\n\r\n%s" % (status, _REASONS[status], len(body), body))
+        body = orjson.dumps({"error": message})  # with the date and server headers of every other answer
+        transport.write(b"HTTP/1.1 %d %s\r\n%scontent-type: application/json\r\ncontent-length: %d\r\n"
+                        b"connection: close\r\n\r\n%s" % (status, _REASONS[status],
+                                                          _default_head(self.server_state.default_headers),
+                                                          len(body), body))
         if transport.can_write_eof():
             transport.write_eof()
         self.loop.call_later(LINGER_S, transport.close)

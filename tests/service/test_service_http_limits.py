@@ -5,6 +5,7 @@ header and body read timeouts, and the server-wide byte budget. Raw sockets, so 
 
 from __future__ import annotations
 
+import email.utils
 import json
 import os
 import socket
@@ -79,6 +80,7 @@ def test_a_1_mib_header_gets_431_and_the_connection_closes(server: tuple[str, in
         answer = _answer(sock)
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     assert _error(answer) == "the request line and headers exceed 16384 bytes (BNFOLD_MAX_HEADER_BYTES)"
+    _assert_default_headers(answer)
     assert _live(server) == 200
 
 
@@ -142,6 +144,17 @@ def test_headers_that_stop_arriving_get_408(server: tuple[str, int]) -> None:
     assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
     assert _error(answer) == f"the request line and headers did not arrive within {TIMEOUT_S} s " \
                              "(BNFOLD_HEADER_TIMEOUT_S)"
+    _assert_default_headers(answer)
+
+
+def _assert_default_headers(answer: bytes) -> None:
+    """A refusal written by the protocol carries the date and server headers of every other answer (RFC 9110
+    requires a date on a 4xx from a server with a clock)."""
+    head = answer.partition(b"\r\n\r\n")[0].lower().split(b"\r\n")[1:]
+    names = [line.partition(b":")[0] for line in head]
+    assert names.count(b"date") == 1 and names.count(b"server") == 1, head
+    date = next(line for line in head if line.startswith(b"date:")).partition(b":")[2].strip()
+    assert email.utils.parsedate_to_datetime(date.decode()).tzinfo is not None, date
 
 
 def test_a_connection_that_sends_nothing_is_closed(server: tuple[str, int]) -> None:
@@ -157,6 +170,7 @@ def test_a_body_that_stalls_gets_408_and_the_connection_closes(server: tuple[str
         answer = _answer(sock)
     assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
     assert _error(answer) == f"the request body paused for more than {TIMEOUT_S} s (BNFOLD_BODY_TIMEOUT_S)"
+    _assert_default_headers(answer)
 
 
 def test_a_body_sent_slowly_but_steadily_is_served(server: tuple[str, int]) -> None:
