@@ -107,8 +107,11 @@ def serve_trivial(port: int) -> None:
     """Answer every ModelInfer with a fixed empty response (the gRPC generator's ceiling)."""
     import grpc
 
+    async def answer(request: bytes, context: Any) -> bytes:  # a coroutine: grpc.aio runs a plain function
+        return b""  # in a thread pool, one call at a time here (617 req/s at c=32, below bnfold's own gRPC)
+
     async def serve() -> None:
-        handler = grpc.unary_unary_rpc_method_handler(lambda request, context: b"")
+        handler = grpc.unary_unary_rpc_method_handler(answer)
         server = grpc.aio.server()
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
             "inference.GRPCInferenceService", {"ModelInfer": handler}),))
@@ -178,27 +181,36 @@ def compare(models: dict[str, Any], http_url: str, grpc_address: str, server_pid
 
 def ceilings(levels: tuple[int, ...], seconds: float, body: tuple[bytes, dict[str, str]], grpc_body: bytes,
              server_cpus: set[int], cpus: set[int] | None, logs: Path) -> list[dict[str, Any]]:
-    """Each generator against a trivial server of its protocol on the server CPUs."""
+    """Each generator against a trivial server of its protocol on the server CPUs, with that server's CPU time
+    per request: the least any server on that protocol's library can spend."""
     from benchmarks.serving import free_port, server
+
+    def measured(protocol: str, pid: int, load: Any) -> dict[str, Any]:
+        before = common.tree_cpu_seconds(pid)
+        got = load()
+        cpu = common.tree_cpu_seconds(pid) - before
+        return {"protocol": protocol, **got.to_dict(), "server_cpu_ms_per_request": cpu / max(1, got.requests) * 1e3}
 
     rows = []
     http_port, grpc_port = free_port(), free_port()
     taskset = ["taskset", "-c", ",".join(map(str, sorted(server_cpus)))] if server_cpus else []
-    with server([sys.executable, str(common.BENCH / "loadgen.py"), "--serve-trivial", str(http_port)],
-                f"http://127.0.0.1:{http_port}/", log=logs / "trivial-http.log"):
+    url = f"http://127.0.0.1:{http_port}/"
+    with server([sys.executable, str(common.BENCH / "loadgen.py"), "--serve-trivial", str(http_port)], url,
+                log=logs / "trivial-http.log") as proc:
         for c in levels:
-            rows.append({"protocol": "http", **loadgen.run_asyncio(f"http://127.0.0.1:{http_port}/", *body,
-                                                                   concurrency=c, seconds=seconds,
-                                                                   cpus=cpus).to_dict()})
+            rows.append(measured("http", proc.pid, lambda c=c: loadgen.run_asyncio(url, *body, concurrency=c,
+                                                                                  seconds=seconds, cpus=cpus)))
     with (logs / "trivial-grpc.log").open("wb") as log:
         proc = subprocess.Popen([*taskset, sys.executable, str(Path(__file__).resolve()), "--serve-trivial",
                                  str(grpc_port)], stdout=subprocess.PIPE, stderr=log, start_new_session=True)
         try:
             assert proc.stdout is not None
             proc.stdout.readline()  # "ready"
+            address = f"127.0.0.1:{grpc_port}"
+            run_grpc(address, grpc_body, concurrency=8, seconds=0.3, cpus=cpus)  # warm-up, not recorded
             for c in levels:
-                rows.append({"protocol": "grpc", **run_grpc(f"127.0.0.1:{grpc_port}", grpc_body, concurrency=c,
-                                                            seconds=seconds, cpus=cpus).to_dict()})
+                rows.append(measured("grpc", proc.pid, lambda c=c: run_grpc(address, grpc_body, concurrency=c,
+                                                                           seconds=seconds, cpus=cpus)))
         finally:
             proc.terminate()
             proc.wait(timeout=15)
@@ -209,9 +221,11 @@ def markdown(body: dict[str, Any]) -> str:
     """The protocol table (req/s, latency, server CPU per request) and the generators' ceilings."""
     rows = body["rows"]
     levels = sorted({r["concurrency"] for r in rows})
+    when = body.get("machine", {}).get("date_utc")
     text = (f"One `bnfold serve` (dynamic batching, defaults) on CPU {body['server_cpus']}, Python asyncio "
             f"clients on CPU {body['generator_cpus']}, {body['seconds_per_point']:g} s per point in "
-            f"{body['rounds']} interleaved slices, batch-1 requests, load average {body['load_average']}.\n\n")
+            f"{body['rounds']} interleaved slices, batch-1 requests, "
+            f"{f'run {when}, ' if when else ''}load average {body['load_average']}.\n\n")
     header = ["model", "protocol", *[f"req/s c={c}" for c in levels], *[f"p50/p99 ms c={c}" for c in levels],
               *[f"server CPU ms/req c={c}" for c in levels]]
     table = []
@@ -223,9 +237,11 @@ def markdown(body: dict[str, Any]) -> str:
                           *[f"{by_c[c]['server_cpu_ms_per_request']:.3f}" for c in levels]])
     text += common.markdown_table(header, table)
     text += "\n### Generator ceilings (trivial server of each protocol on the server CPU)\n\n"
-    text += common.markdown_table(["protocol", "concurrency", "req/s", "p50 ms"],
-                                  [[g["protocol"], g["concurrency"], f"{g['rps']:.0f}", f"{g['p50_ms']:.2f}"]
-                                   for g in body["ceilings"]])
+    text += common.markdown_table(
+        ["protocol", "concurrency", "req/s", "p50 ms", "server CPU ms/req"],
+        [[g["protocol"], g["concurrency"], f"{g['rps']:.0f}", f"{g['p50_ms']:.2f}",
+          f"{g['server_cpu_ms_per_request']:.3f}" if "server_cpu_ms_per_request" in g else "not measured"]
+         for g in body["ceilings"]])
     return text
 
 

@@ -337,3 +337,24 @@ def test_a_point_where_no_request_finished_is_said_so_not_drawn_as_zero_latency(
            "rps": 0.0, "p50_ms": 0.0, "p99_ms": 0.0, "server_cpu_ms_per_request": 1830.0}
     assert serving._latency(row) == "none answered in a slice" and serving._cpu(row) == "-"
     assert serving._latency({**row, "requests": 5, "p50_ms": 1.0, "p99_ms": 2.0}) == "1.00 / 2.00"
+
+
+def test_generator_ceilings_measure_each_trivial_server_and_its_cpu(tmp_path: Path) -> None:
+    """Both trivial servers answer their generator, and their CPU per request (the protocol's floor) is reported."""
+    import numpy as np
+
+    from benchmarks import grpc_load
+
+    pytest.importorskip("grpc")
+    request = grpc_load.infer_request("cnn", np.zeros((1, 1, 8, 8), np.float32))
+    rows = grpc_load.ceilings((1, 4), 0.4, (b"{}", {"Content-Type": "application/json"}), request, set(), None,
+                              tmp_path)
+    assert [(r["protocol"], r["concurrency"]) for r in rows] == [("http", 1), ("http", 4), ("grpc", 1), ("grpc", 4)]
+    for row in rows:
+        assert row["errors"] == 0 and row["requests"] > 5 and row["server_cpu_ms_per_request"] > 0, row
+    body = {"rows": [], "ceilings": rows, "server_cpus": [], "generator_cpus": [], "seconds_per_point": 0.4,
+            "rounds": 1, "load_average": [0, 0, 0]}
+    text = grpc_load.markdown(body)
+    assert "| grpc | 4 |" in text and "server CPU ms/req" in text
+    old = {**body, "ceilings": [{k: v for k, v in r.items() if k != "server_cpu_ms_per_request"} for r in rows]}
+    assert "not measured" in grpc_load.markdown(old)  # a run from before the CPU column still renders
