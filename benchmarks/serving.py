@@ -86,17 +86,37 @@ class Peer:
     ready: str  # readiness path; {m} is the last model's name (models load in order)
     env: tuple[tuple[str, str], ...] = ()
     timeout: float = 180
+    packages: tuple[str, ...] = ()  # distributions whose versions the results record (and onnxruntime's)
 
 
 PEERS = {
     "pytriton": Peer("Triton (PyTriton, dynamic batcher)", "pytriton_server", ("json", "binary"), "oip",
-                     "/v2/models/{m}/infer", "/v2/models/{m}/ready"),
+                     "/v2/models/{m}/infer", "/v2/models/{m}/ready", packages=("nvidia-pytriton",)),
     "mlserver": Peer("MLServer (adaptive batching)", "mlserver_server", ("json",), "oip", "/v2/models/{m}/infer",
-                     "/v2/models/{m}/ready"),
+                     "/v2/models/{m}/ready", packages=("mlserver", "uvloop")),
     "kserve": Peer("KServe ModelServer", "kserve_server", ("json", "binary"), "oip", "/v2/models/{m}/infer",
-                   "/v2/models/{m}/ready", (("KSERVE_LOGLEVEL", "WARNING"),)),
-    "litserve": Peer("LitServe (dynamic batching)", "litserve_server", ("json",), "plain", "/{m}/predict", "/health"),
+                   "/v2/models/{m}/ready", (("KSERVE_LOGLEVEL", "WARNING"),), packages=("kserve",)),
+    "litserve": Peer("LitServe (dynamic batching)", "litserve_server", ("json",), "plain", "/{m}/predict", "/health",
+                     packages=("litserve",)),
 }
+
+
+def peer_versions(python: Path, packages: tuple[str, ...]) -> dict[str, str]:
+    """The installed versions of ``packages`` and onnxruntime in the interpreter ``python`` ("missing" if one
+    is not installed, "unknown" if the interpreter cannot say): what a peer's numbers were measured with."""
+    names = [*packages, "onnxruntime"]
+    script = ("import importlib.metadata as m, json, sys\n"
+              "def v(n):\n"
+              "    try:\n        return m.version(n)\n"
+              "    except m.PackageNotFoundError:\n        return 'missing'\n"
+              "print(json.dumps({n: v(n) for n in sys.argv[1:]}))")
+    try:
+        done = subprocess.run([str(python), "-c", script, *names], capture_output=True, text=True, timeout=60,
+                              check=True)
+        found: dict[str, str] = json.loads(done.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return dict.fromkeys(names, "unknown")
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,6 +591,8 @@ def run(out: Path, *, mode: str = "full", skip: tuple[str, ...] = (), generator:
                           "bnfold_settings": "defaults: max_batch_size 64, max_queue_delay_ms 0, 1 intra-op thread",
                           "bentoml": BENTOML_PIN if bentoml else None,
                           "peers": {k: str(v) for k, v in available.items()},
+                          "peer_versions": {PEERS[k].label: peer_versions(v, PEERS[k].packages)
+                                            for k, v in available.items()},
                           "baseline": None if baseline is None else {"tree": str(baseline[0]), "label": baseline[1]},
                           "idle_cpu_share": {label: round(share, 4) for label, share in idle.items()},
                           "stopped_between_slices": sorted(busy)},
@@ -755,6 +777,11 @@ def markdown(body: dict[str, Any]) -> str:
         shares = s.get("idle_cpu_share", {})
         text += ("Stopped (SIGSTOP) except during their own slices, for using the server CPU while idle: "
                  + ", ".join(f"{label} ({shares.get(label, 0):.0%} of a core)" for label in stopped) + ".\n\n")
+    versions = s.get("peer_versions") or {}
+    if versions:
+        text += ("Peers as measured: " + "; ".join(
+            f"{label} ({', '.join(f'{name} {version}' for name, version in found.items())})"
+            for label, found in versions.items()) + ".\n\n")
     levels = s["concurrency"]
     top = levels[-2] if len(levels) > 2 else levels[-1]  # c=32 in the full run
     header = ["server", "model", "body", *[f"req/s c={c}" for c in levels], *[f"p50/p99 ms c={c}" for c in levels],

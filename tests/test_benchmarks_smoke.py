@@ -358,3 +358,12 @@ def test_generator_ceilings_measure_each_trivial_server_and_its_cpu(tmp_path: Pa
     assert "| grpc | 4 |" in text and "server CPU ms/req" in text
     old = {**body, "ceilings": [{k: v for k, v in r.items() if k != "server_cpu_ms_per_request"} for r in rows]}
     assert "not measured" in grpc_load.markdown(old)  # a run from before the CPU column still renders
+
+
+def test_peer_versions_are_read_from_the_peer_interpreter_and_shown(tmp_path: Path) -> None:
+    import onnxruntime
+
+    found = serving.peer_versions(Path(sys.executable), ("pytest", "no-such-distribution"))
+    assert found == {"pytest": pytest.__version__, "no-such-distribution": "missing",
+                     "onnxruntime": onnxruntime.__version__}
+    assert serving.peer_versions(tmp_path / "no-python", ("kserve",)) == {"kserve": "unknown", "onnxruntime": "unknown"}
