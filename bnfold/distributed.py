@@ -176,12 +176,16 @@ def launch(nproc: int, args: Sequence[str]) -> int:
     (a bnfold process that exits with a code has printed its error). Raises :class:`BnfoldError`
     naming the rank and the signal when a rank was killed (then the others, failing in their next
     collective, are not the cause). The elastic agent stops the other ranks
-    as soon as one fails (``--max-restarts 0``).
+    as soon as one fails (``--max-restarts 0``). A signal to this process (Ctrl-C, a ``kill``) is passed
+    on to every rank, which the agent waits for; then it returns 128 + the signal's number, as a shell
+    reports a process killed by it (the ranks said what they saved: one interrupted by SIGINT keeps
+    the best epoch so far).
     """
     if not isinstance(nproc, int) or nproc < 1:
         raise BnfoldError(f"--nproc must be a positive integer, got {nproc!r}")
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -206,6 +210,12 @@ def launch(nproc: int, args: Sequence[str]) -> int:
                             "the other ranks were stopped and nothing was saved")
         error.exit_code = 1
         raise error from None
+    except SignalException as exc:  # the agent passed the signal on to the ranks and waited for them
+        number = int(exc.sigval)
+        if number != signal.SIGINT:  # SIGINT: each rank said what it saved; any other signal stops them unsaid
+            print(f"bnfold: stopped by {signal.Signals(number).name}; the {nproc} ranks were stopped with it",
+                  file=sys.stderr)
+        return 128 + number
     finally:
         sys.stdout.flush()
     return 0

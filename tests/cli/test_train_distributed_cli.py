@@ -161,6 +161,72 @@ def test_a_rank_that_dies_fails_the_nproc_run_with_a_clear_message(tmp_path: Pat
     assert out == "" and not (tmp_path / "never.pt").exists()
 
 
+def _start_nproc_run(tmp_path: Path, bnfold_argv: list[str], stderr: Path) -> subprocess.Popen[str]:
+    """``bnfold train --nproc 2`` for 500 epochs in its own process group (a terminal's foreground job), with
+    SIGINT at its default (a shell without job control would pass it on ignored); returns once both ranks train."""
+    import signal
+
+    with stderr.open("w") as err:
+        proc = subprocess.Popen([*bnfold_argv, "train", "--nproc", "2", "--epochs", "500", "--width", "4",
+                                 "--depth", "1", "-o", "x.pt"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                                stderr=err, text=True, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + DEADLINE_S
+    while " 1/500  loss " not in stderr.read_text():  # one epoch done: there is a best epoch to keep
+        assert proc.poll() is None, stderr.read_text()
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.2)
+    return proc
+
+
+def _finish(proc: subprocess.Popen[str]) -> str:
+    try:
+        out, _ = proc.communicate(timeout=120)  # fails the test rather than hang
+    finally:
+        if proc.poll() is None:
+            for pid in _descendants(proc.pid):
+                os.kill(pid, 9)
+            proc.kill()
+    return out
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_an_nproc_run_saves_the_best_epoch_and_exits_130(tmp_path: Path, bnfold_argv: list[str]) -> None:
+    """Ctrl-C as a terminal sends it, to the launcher and both ranks at once: saved, said once, no error."""
+    import re
+    import signal
+
+    stderr = tmp_path / "stderr.txt"
+    proc = _start_nproc_run(tmp_path, bnfold_argv, stderr)
+    os.killpg(proc.pid, signal.SIGINT)
+    out = _finish(proc)
+    err = stderr.read_text()
+    assert proc.returncode == 130, err
+    found = re.findall(r"interrupted after epoch (\d+) of 500; x.pt holds the best epoch so far \((\d+)\)", err)
+    assert len(found) == 1, err  # rank 0 says it, once
+    assert "error" not in err and "Traceback" not in err, err
+    metrics = load_model(tmp_path / "x.pt").meta["metrics"]
+    assert metrics["interrupted"] is True and metrics["best_epoch"] == int(found[0][1])
+    assert out.startswith(f"saved x.pt: cnn on digits, best epoch {metrics['best_epoch']} of {found[0][0]} run")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks through /proc")
+def test_sigterm_to_an_nproc_run_stops_every_rank_and_says_so(tmp_path: Path, bnfold_argv: list[str]) -> None:
+    import signal
+
+    stderr = tmp_path / "stderr.txt"
+    proc = _start_nproc_run(tmp_path, bnfold_argv, stderr)
+    ranks = _descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)  # as a scheduler stops a job: to the launcher alone
+    out = _finish(proc)
+    err = stderr.read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.splitlines()[-1] == "bnfold: stopped by SIGTERM; the 2 ranks were stopped with it", err
+    assert "Traceback" not in err and out == "" and not (tmp_path / "x.pt").exists()
+    assert not [pid for pid in ranks if Path(f"/proc/{pid}").exists() and _rank_of(pid) is not None]
+
+
 @pytest.mark.slow
 def test_nproc_reports_a_bad_option_once(tmp_path: Path, run_bnfold: RunBnfold) -> None:
     proc = run_bnfold("train", "--nproc", "2", "--batch-size", "63", "--epochs", "1", "-o", "x.pt", cwd=tmp_path)
