@@ -6,6 +6,7 @@ process training with the same global batch. Starting torch twice is what these 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -132,62 +133,62 @@ def _rank_of(pid: int) -> str | None:
     return ranks[0] if ranks else None
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks through /proc")
-def test_a_rank_that_dies_fails_the_nproc_run_with_a_clear_message(tmp_path: Path, bnfold_argv: list[str]) -> None:
-    stderr = tmp_path / "stderr.txt"
-    with stderr.open("w") as err:
-        proc = subprocess.Popen([*bnfold_argv, "train", "--nproc", "2", "--epochs", "500", "--width", "4",
-                                 "--depth", "1", "-o", "never.pt"], cwd=tmp_path, env=ENV,
-                                stdout=subprocess.PIPE, stderr=err, text=True)
-    try:
-        deadline = time.monotonic() + DEADLINE_S
-        while " 1/500  loss " not in stderr.read_text():  # training is under way on both ranks
-            assert proc.poll() is None, stderr.read_text()
-            assert time.monotonic() < deadline, "training never started"
-            time.sleep(0.2)
-        (victim,) = [pid for pid in _descendants(proc.pid) if _rank_of(pid) == "1"]
-        os.kill(victim, 9)
-        out, _ = proc.communicate(timeout=120)  # fails the test rather than hang
-    finally:
-        if proc.poll() is None:
-            for pid in _descendants(proc.pid):
-                os.kill(pid, 9)
-            proc.kill()
-    message = f"bnfold: error: rank 1 of 2 (pid {victim}) was killed by SIGKILL; the other ranks were stopped and " \
-              "nothing was saved"
-    assert proc.returncode == 1, stderr.read_text()
-    assert message in stderr.read_text().splitlines()
-    assert out == "" and not (tmp_path / "never.pt").exists()
-
-
-def _start_nproc_run(tmp_path: Path, bnfold_argv: list[str], stderr: Path) -> subprocess.Popen[str]:
+def _start_nproc_run(tmp_path: Path, bnfold_argv: list[str], stderr: Path, output: str = "x.pt"
+                     ) -> subprocess.Popen[str]:
     """``bnfold train --nproc 2`` for 500 epochs in its own process group (a terminal's foreground job), with
     SIGINT at its default (a shell without job control would pass it on ignored); returns once both ranks train."""
     import signal
 
     with stderr.open("w") as err:
         proc = subprocess.Popen([*bnfold_argv, "train", "--nproc", "2", "--epochs", "500", "--width", "4",
-                                 "--depth", "1", "-o", "x.pt"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                                 "--depth", "1", "-o", output], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
                                 stderr=err, text=True, start_new_session=True,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + DEADLINE_S
-    while " 1/500  loss " not in stderr.read_text():  # one epoch done: there is a best epoch to keep
-        assert proc.poll() is None, stderr.read_text()
-        assert time.monotonic() < deadline, "training never started"
-        time.sleep(0.2)
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while " 1/500  loss " not in stderr.read_text():  # one epoch done on both ranks: a best epoch to keep
+            assert proc.poll() is None, stderr.read_text()
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.2)
+    except BaseException:
+        _stop(proc)
+        raise
     return proc
 
 
+def _stop(proc: subprocess.Popen[str]) -> None:
+    for pid in _descendants(proc.pid):
+        with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+            os.kill(pid, 9)
+    proc.kill()
+    proc.wait()
+
+
 def _finish(proc: subprocess.Popen[str]) -> str:
+    """The run's stdout once it ends by itself (at most 120 s: fails the test rather than hang)."""
     try:
-        out, _ = proc.communicate(timeout=120)  # fails the test rather than hang
+        out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            for pid in _descendants(proc.pid):
-                os.kill(pid, 9)
-            proc.kill()
+            _stop(proc)
     return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks through /proc")
+def test_a_rank_that_dies_fails_the_nproc_run_with_a_clear_message(tmp_path: Path, bnfold_argv: list[str]) -> None:
+    stderr = tmp_path / "stderr.txt"
+    proc = _start_nproc_run(tmp_path, bnfold_argv, stderr, "never.pt")
+    try:
+        (victim,) = [pid for pid in _descendants(proc.pid) if _rank_of(pid) == "1"]
+        os.kill(victim, 9)
+    finally:
+        out = _finish(proc)
+    message = f"bnfold: error: rank 1 of 2 (pid {victim}) was killed by SIGKILL; the other ranks were stopped and " \
+              "nothing was saved"
+    assert proc.returncode == 1, stderr.read_text()
+    assert message in stderr.read_text().splitlines()
+    assert out == "" and not (tmp_path / "never.pt").exists()
 
 
 @pytest.mark.slow
