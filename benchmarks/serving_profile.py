@@ -16,7 +16,9 @@ Two views of one batch-1 request (the serving benchmark's models and bodies):
     finiteness);
   - *queueing + hand-off*: :meth:`service.batching.Batcher.submit` around a model that does nothing,
     on the worker thread (the first run of a model) and inline (:data:`service.batching.INLINE_S`);
-  - *onnxruntime*: ``session.run`` of one row, with the service's session settings;
+  - *onnxruntime*: ``session.run`` of one row, with the service's session settings; also the median of
+    single runs back to back and of runs each after a :data:`PAUSE_S` sleep (a server waits between
+    requests at c=1, and a run after a wait is slower: caches and the core's idle state);
   - *response building*: :func:`service.codec.encode_infer_response` and the metrics update;
   - *whole request in-process*: all of the above through the real app, over the same protocol
     and a fake transport (everything but the socket system calls and the event loop's polling);
@@ -54,6 +56,7 @@ if __package__ in (None, ""):
 
 from benchmarks import common, loadgen, serving
 
+AFTER_PAUSE = "onnxruntime one row after a 0.1 ms pause (median)"
 STAGES = ("HTTP (httptools, uvicorn, direct path)", "auth, limits, body", "JSON decode", "array building",
           "queueing + hand-off", "onnxruntime", "response building", "socket I/O and event loop")
 # Live-profile stage of a sample: the first rule whose fragment is in one of its frames (innermost first).
@@ -69,6 +72,23 @@ RULES: tuple[tuple[str, str], ...] = (
     ("HTTP (httptools, uvicorn, direct path)", "uvicorn"), ("HTTP (httptools, uvicorn, direct path)", "protocol.py"),
     ("HTTP (httptools, uvicorn, direct path)", "starlette"),
 )
+
+
+PAUSE_S = 1e-4  # the wait before each run of "after a pause": about a c=1 round trip's idle time
+
+
+def _median_wall_us(fn: Callable[[], Any], n: int, pause_s: float) -> float:
+    """Median wall time of ``fn`` over ``n`` calls, each after sleeping ``pause_s`` (0: back to back)."""
+    for _ in range(max(1, n // 10)):
+        fn()
+    times = []
+    for _ in range(n):
+        if pause_s:
+            time.sleep(pause_s)
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
 
 
 def _per_call_us(fn: Callable[[], Any], n: int, rounds: int) -> float:
@@ -204,6 +224,8 @@ def in_process(repo: Path, model: serving.Model, encoding: str, n: int, rounds: 
     decode = _per_call_us(lambda: decoder.decode(body, length), n, rounds)
     out["array building"] = max(0.0, decode - out["JSON decode"])
     out["onnxruntime"] = _per_call_us(lambda: runtime.run(request.inputs), n, rounds)
+    out["onnxruntime one row, back to back (median)"] = _median_wall_us(lambda: runtime.run(request.inputs), n, 0.0)
+    out[AFTER_PAUSE] = _median_wall_us(lambda: runtime.run(request.inputs), n, PAUSE_S)
     rows32 = {"input": np.concatenate([request.inputs["input"]] * 32)}
     out["onnxruntime per row, batch of 32"] = _per_call_us(lambda: runtime.run(rows32), max(1, n // 32), rounds) / 32
     app = create_app(settings)
@@ -311,7 +333,8 @@ def live_floor(model: serving.Model, encoding: str, seconds: float) -> dict[str,
 
 def live_trivial(body: bytes, seconds: float) -> dict[str, float]:
     """Server CPU per request of the load generator's trivial endpoint (uvloop + httptools, no framework, a
-    fixed answer) at c=32 with ``body``: the floor of any Python HTTP server's cost per request."""
+    fixed answer) at c=32 with ``body``: the floor of any Python HTTP server's cost per request; and its
+    p50 at c=1 (``p50_ms_c1``), the floor of a request's latency."""
     port = serving.free_port()
     with serving.server([sys.executable, str(common.BENCH / "loadgen.py"), "--serve-trivial", str(port)],
                         f"http://127.0.0.1:{port}/", log=common.CACHE / "serving-profile" / "trivial.log") as proc:
@@ -320,7 +343,8 @@ def live_trivial(body: bytes, seconds: float) -> dict[str, float]:
         before = _ticks(proc.pid)
         load = loadgen.run_wrk(url, body, {}, concurrency=32, seconds=seconds, cpus=serving.GENERATOR_CPUS)
         cpu_us = (_ticks(proc.pid) - before) / os.sysconf("SC_CLK_TCK") / max(1, load.requests) * 1e6
-    return {"rps": load.rps, "server_cpu_us_per_request": cpu_us}
+        one = loadgen.run_wrk(url, body, {}, concurrency=1, seconds=seconds, cpus=serving.GENERATOR_CPUS)
+    return {"rps": load.rps, "server_cpu_us_per_request": cpu_us, "p50_ms_c1": one.p50_ms}
 
 
 def classify(frames: list[str]) -> str:
@@ -385,9 +409,9 @@ def markdown(body: dict[str, Any]) -> str:
             f"{body['settings']['generator_cpus']}, server CPU from /proc. Load average "
             f"{body['machine']['load_average_1_5_15']}.\n\n")
     header = ["stage (us per request)"] + [f"{r['model']} {r['encoding']}" for r in body["results"]]
-    keys = [*STAGES[:-1], "onnxruntime per row, batch of 32", "queueing + hand-off, worker thread",
-            "whole request in-process"]
-    rows = [[k, *[f"{r['stages_us'].get(k, 0.0):.1f}" for r in body["results"]]] for k in keys]
+    keys = [*STAGES[:-1], "onnxruntime per row, batch of 32", "onnxruntime one row, back to back (median)",
+            AFTER_PAUSE, "queueing + hand-off, worker thread", "whole request in-process"]
+    rows = [[k, *[_cell(r["stages_us"].get(k)) for r in body["results"]]] for k in keys]
     for c in (1, 32):
         rows.append([f"live server CPU per request, c={c}",
                      *[f"{r['live'][str(c)]['server_cpu_us_per_request']:.1f}" for r in body["results"]]])
@@ -398,6 +422,14 @@ def markdown(body: dict[str, Any]) -> str:
                  *[f"{r['trivial_http']['server_cpu_us_per_request']:.1f}" for r in body["results"]]])
     rows.append(["best share of the c=32 ceiling with that floor: row / (row + floor)",
                  *[f"{_floor_share(r):.2f}" for r in body["results"]]])
+    rows.append(["same, with the JSON parse too: row / (row + floor + JSON decode)",
+                 *[f"{_floor_share(r, parse=True):.2f}" if r["encoding"] == "json" else "-"
+                   for r in body["results"]]])
+    if all("p50_ms_c1" in r["trivial_http"] and AFTER_PAUSE in r["stages_us"] for r in body["results"]):
+        rows.append(["trivial HTTP endpoint, p50 at c=1 (us)",
+                     *[f"{1e3 * r['trivial_http']['p50_ms_c1']:.1f}" for r in body["results"]]])
+        rows.append(["least c=1 p50 over in-process: that p50 + (after a pause - back to back)",
+                     *[f"{_least_c1_gap_us(r):.1f}" for r in body["results"]]])
     if all("python_floor" in r for r in body["results"]):
         rows.append(["Python floor (oip_floor.py), live CPU per request, c=32",
                      *[f"{r['python_floor']['server_cpu_us_per_request']:.1f}" for r in body["results"]]])
@@ -418,11 +450,25 @@ def markdown(body: dict[str, Any]) -> str:
     return text
 
 
-def _floor_share(row: dict[str, Any]) -> float:
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _floor_share(row: dict[str, Any], parse: bool = False) -> float:
     """The largest share of in-process onnxruntime's c=32 req/s a Python HTTP server could reach: one row's
-    run at batch 32 over that plus the trivial endpoint's CPU per request (which does no work at all)."""
+    run at batch 32 over that plus the trivial endpoint's CPU per request (which does no work at all), and
+    with ``parse`` plus orjson's parse of the request's JSON (which every Python JSON server pays)."""
     run = row["stages_us"]["onnxruntime per row, batch of 32"]
-    return run / (run + row["trivial_http"]["server_cpu_us_per_request"])
+    extra = row["stages_us"]["JSON decode"] if parse else 0.0
+    return run / (run + row["trivial_http"]["server_cpu_us_per_request"] + extra)
+
+
+def _least_c1_gap_us(row: dict[str, Any]) -> float:
+    """The least a server's c=1 p50 can exceed in-process onnxruntime's (back-to-back runs) by: an HTTP round
+    trip doing nothing, plus what a run after the wait between requests costs over a back-to-back one."""
+    stages = row["stages_us"]
+    return 1e3 * row["trivial_http"]["p50_ms_c1"] + stages[AFTER_PAUSE] - \
+        stages["onnxruntime one row, back to back (median)"]
 
 
 def main(argv: list[str] | None = None) -> int:
