@@ -131,22 +131,27 @@ class Model:
     input_shape: list[int]
     sample: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (1, *input_shape)
 
-    def oip_json(self) -> tuple[bytes, dict[str, str]]:
-        body = {"inputs": [{"name": "input", "shape": list(self.sample.shape), "datatype": "FP32",
-                            "data": self.sample.reshape(-1).tolist()}]}
+    def oip_json(self, sample: np.ndarray | None = None) -> tuple[bytes, dict[str, str]]:
+        """The OIP JSON request of ``sample`` (default: :attr:`sample`, what the load generators send)."""
+        x = self.sample if sample is None else sample
+        body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                            "data": x.reshape(-1).tolist()}]}
         return json.dumps(body).encode(), {"Content-Type": "application/json"}
 
-    def oip_binary(self) -> tuple[bytes, dict[str, str]]:
-        raw = self.sample.astype("<f4").tobytes()
-        header = json.dumps({"inputs": [{"name": "input", "shape": list(self.sample.shape), "datatype": "FP32",
+    def oip_binary(self, sample: np.ndarray | None = None) -> tuple[bytes, dict[str, str]]:
+        """The OIP request of ``sample`` with the binary tensor extension, asking for a binary answer."""
+        x = self.sample if sample is None else sample
+        raw = x.astype("<f4").tobytes()
+        header = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
                                          "parameters": {"binary_data_size": len(raw)}}],
                              "parameters": {"binary_data_output": True}}).encode()
         return header + raw, {"Content-Type": "application/octet-stream",
                               "Inference-Header-Content-Length": str(len(header))}
 
-    def plain_json(self) -> tuple[bytes, dict[str, str]]:
+    def plain_json(self, sample: np.ndarray | None = None) -> tuple[bytes, dict[str, str]]:
         """``{"input": nested list}``: the body of servers without the Open Inference Protocol (BentoML, LitServe)."""
-        return json.dumps({"input": self.sample.tolist()}).encode(), {"Content-Type": "application/json"}
+        x = self.sample if sample is None else sample
+        return json.dumps({"input": x.tolist()}).encode(), {"Content-Type": "application/json"}
 
 
 def prepare_models(workdir: Path, mode: str) -> dict[str, Model]:
@@ -446,10 +451,36 @@ def targets(models: dict[str, Model], workdir: Path, bentoml: Path | None, peers
     return found
 
 
-def _body(target: Target, model: Model, encoding: str) -> tuple[bytes, dict[str, str]]:
+def _body(target: Target, model: Model, encoding: str, sample: np.ndarray | None = None
+          ) -> tuple[bytes, dict[str, str]]:
     if target.body == "plain":
-        return model.plain_json()
-    return model.oip_binary() if encoding == "binary" else model.oip_json()
+        return model.plain_json(sample)
+    return model.oip_binary(sample) if encoding == "binary" else model.oip_json(sample)
+
+
+CONCURRENT_CHECK = 16  # distinct requests sent at once to each server before timing, each answer checked
+
+
+def check_concurrent(target: Target, model: Model, encoding: str, samples: np.ndarray, want: np.ndarray) -> float:
+    """Send one request per row of ``samples`` at once (so that a batching server batches them) and return the
+    largest error of an answer against its own row of ``want``; raises ``RuntimeError`` for an answer that
+    is another row's (rows mixed up within a batch) or wrong, naming the row."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(i: int) -> np.ndarray:
+        return decode_output(*post(target.urls[model.name], *_body(target, model, encoding, samples[i:i + 1])))
+
+    with ThreadPoolExecutor(len(samples)) as pool:
+        answers = list(pool.map(ask, range(len(samples))))
+    tolerance = 1e-4 * max(1.0, float(np.max(np.abs(want))))
+    worst = 0.0
+    for i, got in enumerate(answers):
+        err = float(np.max(np.abs(got.reshape(want[i:i + 1].shape) - want[i:i + 1])))
+        if err > tolerance:
+            raise RuntimeError(f"{target.label} answered request {i} of {len(samples)} concurrent ones for "
+                               f"{model.name} ({encoding}) with an error of {err:.3g} against its own input")
+        worst = max(worst, err)
+    return worst
 
 
 def run(out: Path, *, mode: str = "full", skip: tuple[str, ...] = (), generator: str = "auto",
@@ -505,7 +536,11 @@ def run(out: Path, *, mode: str = "full", skip: tuple[str, ...] = (), generator:
 
     rows: list[dict[str, Any]] = []
     checks: list[dict[str, Any]] = []
+    from bnfold import export
+
     references = {m.name: _reference(m) for m in models.values()}
+    distinct = {m.name: export.random_inputs(m.input_shape, CONCURRENT_CHECK, seed=11) for m in models.values()}
+    distinct_want = {m.name: _reference(m, distinct[m.name]) for m in models.values()}
     running = [t for t in targets(models, workdir, bentoml, available, baseline)
                if not any(s in t.label.lower() for s in skip)]
     pids: dict[str, int] = {}
@@ -532,10 +567,12 @@ def run(out: Path, *, mode: str = "full", skip: tuple[str, ...] = (), generator:
                     body, headers = _body(target, model, encoding)
                     got = decode_output(*post(target.urls[name], body, headers)).reshape(references[name].shape)
                     err = float(np.max(np.abs(got - references[name])))
-                    checks.append({"server": target.label, "model": name, "encoding": encoding,
-                                   "max_abs_error_vs_inprocess": err, "startup_s": startup})
                     if err > 1e-4 * max(1.0, float(np.max(np.abs(references[name])))):
                         raise RuntimeError(f"{target.label} answered {got} for {name}, expected {references[name]}")
+                    concurrent = check_concurrent(target, model, encoding, distinct[name], distinct_want[name])
+                    checks.append({"server": target.label, "model": name, "encoding": encoding,
+                                   "max_abs_error_vs_inprocess": err, "concurrent_requests": CONCURRENT_CHECK,
+                                   "max_abs_error_concurrent": concurrent, "startup_s": startup})
         ceil = Ceiling(models)
         stack.callback(ceil.close)
         idle = idle_cpu_shares(pids)
@@ -640,11 +677,12 @@ def _latency_floor(generator_ceiling: list[dict[str, Any]]) -> dict[str, Any] | 
     return next((g for g in generator_ceiling if g["concurrency"] == 1), None)
 
 
-def _reference(model: Model) -> np.ndarray:
+def _reference(model: Model, inputs: np.ndarray | None = None) -> np.ndarray:
+    """In-process onnxruntime's output for ``inputs`` (default: the model's sample)."""
     from bnfold.export import read_onnx
     from bnfold.verification import ort_runner
 
-    return ort_runner(read_onnx(model.onnx))(model.sample)
+    return ort_runner(read_onnx(model.onnx))(model.sample if inputs is None else inputs)
 
 
 def _find(rows: list[dict[str, Any]], server: str, model: str, encoding: str, c: int) -> dict[str, Any] | None:
@@ -783,6 +821,13 @@ def markdown(body: dict[str, Any]) -> str:
         text += ("Peers as measured: " + "; ".join(
             f"{label} ({', '.join(f'{name} {version}' for name, version in found.items())})"
             for label, found in versions.items()) + ".\n\n")
+    checked = [c for c in body.get("checks", []) if "max_abs_error_concurrent" in c]
+    if checked:
+        text += (f"Answers checked against in-process onnxruntime before timing, for every server, model and body: "
+                 f"one request, then {checked[0]['concurrent_requests']} distinct requests at once, each answer "
+                 f"against its own input (largest error "
+                 f"{max(max(c['max_abs_error_vs_inprocess'], c['max_abs_error_concurrent']) for c in checked):.2g}"
+                 f"; the tolerance is 1e-4 of the output scale).\n\n")
     levels = s["concurrency"]
     top = levels[-2] if len(levels) > 2 else levels[-1]  # c=32 in the full run
     header = ["server", "model", "body", *[f"req/s c={c}" for c in levels], *[f"p50/p99 ms c={c}" for c in levels],

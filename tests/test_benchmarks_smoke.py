@@ -102,6 +102,8 @@ def test_serving_values(smoke: Path) -> None:
     for r in body["results"]:
         assert r["errors"] == 0 and _positive(r["rps"]) and 0 < r["p50_ms"] <= r["p99_ms"]
     assert len(body["checks"]) == 6 and all(c["max_abs_error_vs_inprocess"] <= 1e-4 for c in body["checks"])
+    assert all(c["concurrent_requests"] == serving.CONCURRENT_CHECK and c["max_abs_error_concurrent"] <= 1e-4
+               for c in body["checks"])
     assert all(_positive(g["rps"]) and g["errors"] == 0 for g in body["generator_ceiling"])
     assert body["latency_floor"] == next(g for g in body["generator_ceiling"] if g["concurrency"] == 1)
     assert {t["target"] for t in body["targets"]} >= {"c=1 p50 within 1 ms of in-process onnxruntime"}
@@ -367,3 +369,28 @@ def test_peer_versions_are_read_from_the_peer_interpreter_and_shown(tmp_path: Pa
     assert found == {"pytest": pytest.__version__, "no-such-distribution": "missing",
                      "onnxruntime": onnxruntime.__version__}
     assert serving.peer_versions(tmp_path / "no-python", ("kserve",)) == {"kserve": "unknown", "onnxruntime": "unknown"}
+
+
+def test_the_concurrent_check_finds_an_answer_that_belongs_to_another_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows mixed up within a batch: each answer is compared with its own input's output, not any output."""
+    import numpy as np
+
+    samples = np.arange(4 * 3, dtype=np.float32).reshape(4, 1, 3)
+    want = samples.reshape(4, 3) * 2  # a "model" doubling its input
+    model = serving.Model("m", Path("unused.pt"), Path("unused.onnx"), [1, 3], samples[:1])
+    target = serving.Target("server", [], "", {"m": "http://unused/infer"}, ("json",))
+
+    def answer(swap: bool) -> Any:
+        def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+            x = np.asarray(json.loads(body)["inputs"][0]["data"], np.float32)
+            if swap and x[0] in (0.0, 3.0):  # requests 0 and 1 get each other's answer
+                x = x + (3.0 if x[0] == 0.0 else -3.0)
+            out = {"outputs": [{"name": "y", "shape": [1, 3], "datatype": "FP32", "data": (x * 2).tolist()}]}
+            return json.dumps(out).encode(), {"content-type": "application/json"}
+        return post
+
+    monkeypatch.setattr(serving, "post", answer(swap=False))
+    assert serving.check_concurrent(target, model, "json", samples, want) == 0.0
+    monkeypatch.setattr(serving, "post", answer(swap=True))
+    with pytest.raises(RuntimeError, match=r"answered request [01] of 4 concurrent ones for m \(json\)"):
+        serving.check_concurrent(target, model, "json", samples, want)
