@@ -91,29 +91,38 @@ def serving(body: dict[str, Any], path: Path) -> None:
     fig, axes = _figure(12, 4.0 * len(models), len(models), 2)
     styles = {"json": "-", "binary": "--", "none": ":"}
     servers = list(dict.fromkeys(r["server"] for r in rows))
-    colors = {s: f"C{i}" for i, s in enumerate(servers)}
+    from matplotlib import colormaps
+
+    palette = colormaps["tab20"]  # 20 distinct colours: the dark ten first, then their light shades
+    colors = {s: palette((2 * i) % 20 + (2 * i) // 20) for i, s in enumerate(servers)}
     for row_axes, model in zip(axes, models, strict=True):
+        silent_notes = []
         for server in servers:
             for encoding in ("json", "binary", "none"):
-                pts = sorted((r["concurrency"], r["rps"], r["p50_ms"]) for r in rows  # none answered: no point
-                             if r["server"] == server and r["model"] == model and r["encoding"] == encoding
-                             and r.get("requests", 1))
+                series = [r for r in rows
+                          if r["server"] == server and r["model"] == model and r["encoding"] == encoding]
+                pts = sorted((r["concurrency"], r["rps"], r["p50_ms"]) for r in series if r.get("requests", 1))
                 if not pts:
                     continue
                 c, rps, p50 = zip(*pts, strict=True)
-                label = server if encoding == "none" else f"{server}, {encoding}"
+                label = f"{server} (latency: one run of the batch)" if encoding == "none" else f"{server}, {encoding}"
+                silent = sorted(r["concurrency"] for r in series if not r.get("requests", 1))
+                if silent:  # no request finished within a slice: no point to draw, said in the panel's title
+                    silent_notes.append(f"{label} at c={', '.join(map(str, silent))}")
                 row_axes[0].plot(c, rps, styles[encoding], marker="o", color=colors[server], label=label)
                 row_axes[1].plot(c, p50, styles[encoding], marker="o", color=colors[server], label=label)
         ceiling = sorted((g["concurrency"], g["rps"]) for g in body["generator_ceiling"])
         if ceiling:
             c, rps = zip(*ceiling, strict=True)
-            row_axes[0].plot(c, rps, color="gray", lw=3, alpha=0.4, label="load generator ceiling (trivial endpoint)")
+            row_axes[0].plot(c, rps, color="gray", lw=3, alpha=0.4,
+                             label="load generator ceiling (trivial endpoint, largest JSON body)")
         for ax, ylabel in zip(row_axes, ("requests/s", "p50 latency (ms)"), strict=True):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("concurrent connections (batch-1 requests)")
             ax.set_ylabel(ylabel)
-            ax.set_title(f"{model}: {ylabel}", fontsize=10)
+            note = f"\nno answer within a slice, not drawn: {'; '.join(silent_notes)}" if silent_notes else ""
+            ax.set_title(f"{model}: {ylabel}{note}", fontsize=10 if not note else 8)
             ax.grid(alpha=0.3, which="both")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
