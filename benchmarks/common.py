@@ -111,6 +111,38 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def _busy_and_total(cpus: set[int]) -> tuple[int, int]:
+    """Busy and total jiffies of ``cpus`` so far (Linux ``/proc/stat``; (0, 0) elsewhere)."""
+    busy = total = 0
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return 0, 0
+    for line in lines:
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            values = [int(v) for v in fields]
+            idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+            busy += sum(values[:8]) - idle
+            total += sum(values[:8])
+    return busy, total
+
+
+def wait_quiet(cpus: set[int], *, busy_below: float = 0.1, window_s: float = 1.0, max_s: float = 30.0) -> float:
+    """Wait until ``cpus`` are busy less than ``busy_below`` of a ``window_s`` window (what a run before left
+    running, e.g. servers still shutting down, would skew the next measurement), at most ``max_s``; returns
+    the last window's busy share (0 when it cannot be read)."""
+    deadline = time.monotonic() + max_s
+    share = 0.0
+    while True:
+        busy0, total0 = _busy_and_total(cpus)
+        time.sleep(window_s)
+        busy1, total1 = _busy_and_total(cpus)
+        share = (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
+        if share < busy_below or time.monotonic() > deadline:
+            return share
+
+
 def _key(**config: Any) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
 

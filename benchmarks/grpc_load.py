@@ -191,6 +191,9 @@ def ceilings(levels: tuple[int, ...], seconds: float, body: tuple[bytes, dict[st
         cpu = common.tree_cpu_seconds(pid) - before
         return {"protocol": protocol, **got.to_dict(), "server_cpu_ms_per_request": cpu / max(1, got.requests) * 1e3}
 
+    if server_cpus:  # e.g. the serving benchmark's servers still exiting: the ceiling would be theirs
+        busy = common.wait_quiet(server_cpus)
+        common.log(f"gRPC comparison: server CPUs {busy:.0%} busy before the ceilings")
     rows = []
     http_port, grpc_port = free_port(), free_port()
     taskset = ["taskset", "-c", ",".join(map(str, sorted(server_cpus)))] if server_cpus else []

@@ -25,8 +25,10 @@ Two views of one batch-1 request (the serving benchmark's models and bodies):
 
 * **A live profile**: ``bnfold serve`` pinned to the server CPU under wrk load (``c`` connections),
   sampled by ``py-spy record`` (``--nonblocking``); the collapsed stacks are checked in and each
-  sample is assigned to a stage by the frames it holds. Server CPU per request comes from
-  ``/proc/PID/stat``, so *socket I/O and event loop* = live CPU per request - in-process request.
+  sample is assigned to a stage by the frames it holds (the loop's own C code, polling and socket
+  I/O included, is *socket I/O and event loop*). Server CPU per request comes from ``/proc/PID/stat``.
+  The in-process *whole request* includes the loop that polls for its answer, so live minus
+  in-process is no measure of the socket's cost and is not reported.
 
 Run: ``python benchmarks/serving_profile.py`` (writes ``serving_profile.{md,json}`` and the py-spy
 output ``serving_profile_<model>_<body>.txt`` / ``.svg`` under ``benchmarks/results``).
@@ -305,14 +307,15 @@ def live(repo: Path, model: serving.Model, encoding: str, concurrency: int, seco
                                     cpus=serving.GENERATOR_CPUS)
                     spy.wait(timeout=60)
                 raw = (Path(tmp) / "raw.txt").read_text()
-            lines = sorted(raw.splitlines(), key=lambda ln: -int(ln.rsplit(" ", 1)[1]))
-            stem.with_suffix(".txt").write_text("\n".join(lines[:400]) + "\n")  # the heaviest stacks
-            for line in lines:
-                stack, count = line.rsplit(" ", 1)
-                shares[classify(stack.split(";"))] += int(count)
+            stacks, unparsed = parse_collapsed(raw)
+            stem.with_suffix(".txt").write_text(
+                "\n".join(f"{stack} {count}" for stack, count in stacks[:400]) + "\n")  # the heaviest stacks
+            for stack, count in stacks:
+                shares[classify(stack.split(";"))] += count
             total = sum(shares.values())
             result["profile_shares"] = {k: v / total for k, v in shares.most_common()}
             result["profile_samples"] = total
+            result["profile_unparsed_lines"] = unparsed
     return result
 
 
@@ -345,6 +348,20 @@ def live_trivial(body: bytes, seconds: float) -> dict[str, float]:
         cpu_us = (_ticks(proc.pid) - before) / os.sysconf("SC_CLK_TCK") / max(1, load.requests) * 1e6
         one = loadgen.run_wrk(url, body, {}, concurrency=1, seconds=seconds, cpus=serving.GENERATOR_CPUS)
     return {"rps": load.rps, "server_cpu_us_per_request": cpu_us, "p50_ms_c1": one.p50_ms}
+
+
+def parse_collapsed(raw: str) -> tuple[list[tuple[str, int]], int]:
+    """py-spy's collapsed stacks (``frame;frame;... count`` per line), heaviest first, and how many lines were
+    not of that form (py-spy has written a line cut in two, once: a profile must not die of it)."""
+    stacks, unparsed = [], 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            stacks.append((stack, int(count)))
+        elif line.strip():
+            unparsed += 1
+    stacks.sort(key=lambda item: -item[1])
+    return stacks, unparsed
 
 
 def classify(frames: list[str]) -> str:
@@ -415,9 +432,6 @@ def markdown(body: dict[str, Any]) -> str:
     for c in (1, 32):
         rows.append([f"live server CPU per request, c={c}",
                      *[f"{r['live'][str(c)]['server_cpu_us_per_request']:.1f}" for r in body["results"]]])
-    rows.append(["socket I/O and event loop, c=1 (live - in-process)",
-                 *[f"{r['live']['1']['server_cpu_us_per_request'] - r['stages_us']['whole request in-process']:.1f}"
-                   for r in body["results"]]])
     rows.append(["floor: trivial HTTP endpoint, live CPU per request, c=32",
                  *[f"{r['trivial_http']['server_cpu_us_per_request']:.1f}" for r in body["results"]]])
     rows.append(["best share of the c=32 ceiling with that floor: row / (row + floor)",
@@ -442,7 +456,9 @@ def markdown(body: dict[str, Any]) -> str:
              "one row's run.\n")
     profiled = [r for r in body["results"] if r["live"]["32"].get("profile_shares")]
     if profiled:
-        text += "\n### Live profile at c=32 (py-spy samples by stage)\n\n"
+        text += ("\n### Live profile at c=32 (py-spy samples by stage)\n\nFrom the collapsed stacks checked in "
+                 "beside this file (`serving_profile_<model>_<body>.txt`, the heaviest 400); the flame graphs "
+                 "(`.svg`) are a second recording of the same load.\n\n")
         text += common.markdown_table(
             ["stage (% of samples)"] + [f"{r['model']} {r['encoding']}" for r in profiled],
             [[s, *[f"{100 * r['live']['32']['profile_shares'].get(s, 0.0):.1f}"

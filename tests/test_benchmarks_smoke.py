@@ -394,3 +394,21 @@ def test_the_concurrent_check_finds_an_answer_that_belongs_to_another_request(mo
     monkeypatch.setattr(serving, "post", answer(swap=True))
     with pytest.raises(RuntimeError, match=r"answered request [01] of 4 concurrent ones for m \(json\)"):
         serving.check_concurrent(target, model, "json", samples, want)
+
+
+def test_wait_quiet_measures_the_cpus_busy_share_and_gives_up_in_time() -> None:
+    import os
+
+    cpus = os.sched_getaffinity(0)
+    began = time.monotonic()
+    share = common.wait_quiet(cpus, busy_below=0.0, window_s=0.2, max_s=0.5)  # never quiet enough: gives up
+    assert 0.0 <= share <= 1.0 and time.monotonic() - began < 5
+    busy, total = common._busy_and_total(cpus)
+    assert 0 <= busy <= total and total > 0
+
+
+def test_collapsed_stacks_are_parsed_heaviest_first_and_a_cut_line_is_counted_not_fatal() -> None:
+    from benchmarks.serving_profile import parse_collapsed
+
+    raw = "a (x.py:1);b (y.py:2) 3\nc (z.py:9) 7\nd (service/protocol.py:349);\n\na (x.py:1) 1\n"
+    assert parse_collapsed(raw) == ([("c (z.py:9)", 7), ("a (x.py:1);b (y.py:2)", 3), ("a (x.py:1)", 1)], 1)
