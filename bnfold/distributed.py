@@ -20,12 +20,14 @@ failed rank into one line naming the rank and how it ended.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -169,6 +171,48 @@ def teardown(context: Context) -> None:
         torch.distributed.destroy_process_group()
 
 
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+                      if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def _one_stop_signal() -> Iterator[None]:
+    """While torch's elastic agent runs here: only the first stop signal stops the ranks.
+
+    The agent's handler raises ``SignalException`` for every signal, and one raised while it waits for
+    the ranks to stop makes it stop them again with SIGTERM: a second Ctrl-C killed rank 0 mid-save
+    (no checkpoint, a temporary file left). Later signals are acknowledged once and ignored; a rank
+    that does not stop is still killed by the agent's own shutdown timeout. Afterwards the handlers
+    are those from before (the agent leaves its own installed, and a signal then raised its exception
+    out of unrelated code). Without the agent's handler (another torch) this changes nothing.
+    """
+    from torch.distributed.elastic.multiprocessing import api
+
+    original = getattr(api, "_terminate_process_handler", None)
+    before = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+    seen: list[int] = []
+
+    def first_only(signum: int, frame: Any) -> None:
+        seen.append(signum)
+        if len(seen) == 1:
+            assert original is not None
+            original(signum, frame)  # raises SignalException: the agent passes it on and waits
+        elif len(seen) == 2:
+            print(f"bnfold: already stopping ({signal.Signals(signum).name} ignored): waiting for the ranks",
+                  file=sys.stderr)
+
+    if original is not None:
+        api._terminate_process_handler = first_only  # the agent installs it by this name when it starts
+    try:
+        yield
+    finally:
+        if original is not None:
+            api._terminate_process_handler = original
+        for sig, handler in before.items():
+            with contextlib.suppress(ValueError, TypeError):  # not the main thread; a handler set from C
+                signal.signal(sig, handler)
+
+
 def launch(nproc: int, args: Sequence[str]) -> int:
     """Run ``python -m bnfold ARGS`` in ``nproc`` processes on this machine via ``torch.distributed.run``.
 
@@ -179,7 +223,8 @@ def launch(nproc: int, args: Sequence[str]) -> int:
     as soon as one fails (``--max-restarts 0``). A signal to this process (Ctrl-C, a ``kill``) is passed
     on to every rank, which the agent waits for; then it returns 128 + the signal's number, as a shell
     reports a process killed by it (the ranks said what they saved: one interrupted by SIGINT keeps
-    the best epoch so far).
+    the best epoch so far). Signals while the ranks stop are acknowledged and otherwise ignored (see
+    :func:`_one_stop_signal`), and this process's signal handlers are its own again on return.
     """
     if not isinstance(nproc, int) or nproc < 1:
         raise BnfoldError(f"--nproc must be a positive integer, got {nproc!r}")
@@ -198,7 +243,8 @@ def launch(nproc: int, args: Sequence[str]) -> int:
         "--monitor-interval", "0.5", "--module", "bnfold", *args,
     ])
     try:
-        run(parsed)
+        with _one_stop_signal():
+            run(parsed)
     except ChildFailedError as exc:
         killed = sorted((rank, f) for rank, f in exc.failures.items() if f.exitcode < 0)
         if not killed:  # every failed rank exited with a code, after printing its error
@@ -213,7 +259,7 @@ def launch(nproc: int, args: Sequence[str]) -> int:
     except SignalException as exc:  # the agent passed the signal on to the ranks and waited for them
         number = int(exc.sigval)
         if number != signal.SIGINT:  # SIGINT: each rank said what it saved; any other signal stops them unsaid
-            print(f"bnfold: stopped by {signal.Signals(number).name}; the {nproc} ranks were stopped with it",
+            print(f"bnfold: stopped by {signal.Signals(number).name}, passed on to the ranks still running",
                   file=sys.stderr)
         return 128 + number
     finally:

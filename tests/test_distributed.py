@@ -279,3 +279,24 @@ def test_launch_names_the_killed_rank_not_the_one_the_agent_stopped(monkeypatch:
     monkeypatch.setattr(run_module, "run", fail)
     with pytest.raises(BnfoldError, match=r"^rank 1 of 2 \(pid 101\) was killed by SIGKILL; "):
         distributed.launch(2, ["train"])
+
+
+def test_only_the_first_stop_signal_raises_and_the_handlers_come_back(capsys: pytest.CaptureFixture[str]) -> None:
+    """A second Ctrl-C while the agent waits for the ranks must not raise again (it would stop them with
+    SIGTERM mid-save); after the run the process's own handlers are back."""
+    import signal
+
+    from torch.distributed.elastic.multiprocessing import api
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    original, before = api._terminate_process_handler, signal.getsignal(signal.SIGINT)
+    with distributed._one_stop_signal():
+        handler = api._terminate_process_handler
+        assert handler is not original
+        signal.signal(signal.SIGINT, handler)  # as the agent does when it starts the ranks
+        with pytest.raises(SignalException):
+            handler(signal.SIGINT, None)
+        handler(signal.SIGINT, None)  # acknowledged, not raised
+        handler(signal.SIGTERM, None)  # neither: the first one is being handled
+    assert api._terminate_process_handler is original and signal.getsignal(signal.SIGINT) is before
+    assert capsys.readouterr().err == "bnfold: already stopping (SIGINT ignored): waiting for the ranks\n"

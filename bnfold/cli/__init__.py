@@ -116,7 +116,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("bnfold: interrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under a launcher every rank is interrupted: one says so
+            print("bnfold: interrupted", file=sys.stderr)
         return 130
     except BnfoldError as exc:
         return _fail(args, exc, exc.exit_code)

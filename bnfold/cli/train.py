@@ -104,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = train(config, output=args.output, plot=args.plot, progress=not args.quiet)
     except KeyboardInterrupt:
-        print("bnfold: interrupted before the first epoch finished; nothing was saved", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank got the signal; rank 0 says it, once
+            print("bnfold: interrupted before the first epoch finished; nothing was saved", file=sys.stderr)
         return 130
     except BnfoldError as exc:
         # Every rank checks the same options and agrees on the rest; rank 0 says what is wrong, once.
