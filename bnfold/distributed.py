@@ -25,6 +25,7 @@ import datetime
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,9 +94,17 @@ class Context:
         raised.exit_code = code
         raise raised
 
-    def barrier(self) -> None:
-        if self.distributed:
+    def barrier(self, *, after_interrupt: bool = False) -> None:
+        """Wait for every rank. ``after_interrupt``: this rank was interrupted (Ctrl-C), and a rank gone
+        already is no failure: a rank interrupted outside the training loop's agreed stop (see
+        :class:`StopRequest`) may leave at once while another has a best epoch to save."""
+        if not self.distributed:
+            return
+        try:
             torch.distributed.barrier()
+        except RuntimeError as exc:
+            if not (after_interrupt and collective_failure(exc)):
+                raise
 
     def _collective_device(self) -> torch.device:
         return self.device if self.backend == "nccl" else torch.device("cpu")
@@ -110,6 +119,44 @@ def collective_failure(exc: BaseException) -> bool:
     if isinstance(exc, torch.distributed.DistError):
         return True
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _COLLECTIVE_MARKERS)
+
+
+class StopRequest:
+    """Ctrl-C in a distributed run, as a request every rank acts on at the same step.
+
+    Each rank gets the signal on its own, at its own moment: one raising ``KeyboardInterrupt`` at once
+    could leave the training loop while another waits in a collective for it, and both hang until the
+    collective's timeout (seen: a rank in an all-reduce, the other in the final barrier). Inside the
+    ``with`` block SIGINT only notes the request; :meth:`agreed`, called by every rank at the same point
+    of the loop, all-reduces it, so all ranks stop at the same step. In one process it changes nothing:
+    Ctrl-C raises ``KeyboardInterrupt`` where it lands, as before.
+    """
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> StopRequest:
+        if self.context.distributed and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._note)
+            self._installed = True
+        return self
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """Whether any rank was asked to stop (a collective: every rank calls it at the same point)."""
+        if not self._installed:
+            return False
+        return self.context.sum([1.0 if self.requested else 0.0])[0] > 0
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
 
 
 class ReportedByRankZero(BnfoldError):

@@ -194,7 +194,7 @@ def _train(config: TrainConfig, plan: _Plan, context: Context, output: str | Pat
             if plot is not None:
                 _draw(result, writes.path(plot, "plot"), title=f"{config.arch} on {data.name}")
             writes.commit()
-    context.barrier()  # the other ranks end only once rank 0 has written (or failed to)
+    context.barrier(after_interrupt=result.interrupted)  # the others end once rank 0 has written (or failed to)
     return result
 
 
@@ -298,7 +298,7 @@ def _fit(config: TrainConfig, plan: _Plan, data: Dataset, progress: bool, contex
     started = time.perf_counter()
     bar = _ProgressBar(progress, epochs, steps_per_epoch)
     interrupted = False
-    with bar:
+    with bar, distributed.StopRequest(context) as stop:
         try:
             for epoch in range(first_epoch, epochs + 1):
                 t0 = time.perf_counter()
@@ -328,6 +328,8 @@ def _fit(config: TrainConfig, plan: _Plan, data: Dataset, progress: bool, contex
                     loss_sum += float(loss.detach()) * len(idx)
                     correct += int((logits.detach().argmax(1) == yb).sum())
                     bar.advance(loss_sum / seen, correct / seen)
+                    if stop.agreed():  # Ctrl-C on any rank: every rank stops here, at this step
+                        raise KeyboardInterrupt
                 # a rank may hold no validation sample when there are fewer than ranks
                 val_loss, val_acc = evaluate(model, x_val, y_val, batch_size=max(batch_size, 256)) \
                     if len(x_val) else (0.0, 0.0)
@@ -350,6 +352,8 @@ def _fit(config: TrainConfig, plan: _Plan, data: Dataset, progress: bool, contex
                     best, best_epoch, best_state, resume_state = (val_acc, val_loss), epoch, state, saved
                 history.append(row)
                 bar.end_epoch(row, best=improved)
+                if stop.agreed():  # one noted during validation: stop with this epoch counted
+                    raise KeyboardInterrupt
         except KeyboardInterrupt:
             if best_epoch == 0:
                 raise  # not one epoch finished: nothing worth saving
