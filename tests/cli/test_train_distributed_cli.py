@@ -133,10 +133,11 @@ def _rank_of(pid: int) -> str | None:
     return ranks[0] if ranks else None
 
 
-def _start_nproc_run(tmp_path: Path, bnfold_argv: list[str], stderr: Path, output: str = "x.pt"
-                     ) -> subprocess.Popen[str]:
+def _start_nproc_run(tmp_path: Path, bnfold_argv: list[str], stderr: Path, output: str = "x.pt",
+                     ready: str = " 1/500  loss ") -> subprocess.Popen[str]:
     """``bnfold train --nproc 2`` for 500 epochs in its own process group (a terminal's foreground job), with
-    SIGINT at its default (a shell without job control would pass it on ignored); returns once both ranks train."""
+    SIGINT at its default (a shell without job control would pass it on ignored); returns once ``ready`` is on
+    its stderr (by default: the first epoch is done on both ranks, so there is a best epoch to keep)."""
     import signal
 
     with stderr.open("w") as err:
@@ -146,7 +147,7 @@ def _start_nproc_run(tmp_path: Path, bnfold_argv: list[str], stderr: Path, outpu
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + DEADLINE_S
-        while " 1/500  loss " not in stderr.read_text():  # one epoch done on both ranks: a best epoch to keep
+        while ready not in stderr.read_text():
             assert proc.poll() is None, stderr.read_text()
             assert time.monotonic() < deadline, "training never started"
             time.sleep(0.2)
@@ -235,20 +236,7 @@ def test_ctrl_c_before_the_first_epoch_is_said_once(tmp_path: Path, bnfold_argv:
     import signal
 
     stderr = tmp_path / "stderr.txt"
-    with stderr.open("w") as err:
-        proc = subprocess.Popen([*bnfold_argv, "train", "--nproc", "2", "--epochs", "500", "-o", "x.pt"],
-                                cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=err, text=True,
-                                start_new_session=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        deadline = time.monotonic() + DEADLINE_S
-        while "training: world size 2" not in stderr.read_text():  # both ranks set up, the epoch begun
-            assert proc.poll() is None, stderr.read_text()
-            assert time.monotonic() < deadline, "training never started"
-            time.sleep(0.05)
-    except BaseException:
-        _stop(proc)
-        raise
+    proc = _start_nproc_run(tmp_path, bnfold_argv, stderr, ready="training: world size 2")  # the epoch begun
     os.killpg(proc.pid, signal.SIGINT)
     _finish(proc)
     err = stderr.read_text()
