@@ -4,7 +4,10 @@ A request body is either one JSON object, or (binary extension) ``N`` bytes of J
 raw little-endian bytes of every input whose ``parameters.binary_data_size`` is set, in input order;
 ``N`` comes from the ``Inference-Header-Content-Length`` header. Responses are framed the same way
 when the client asks for binary outputs. Everything is parsed without per-element Python work:
-JSON data goes through one ``np.asarray``, binary data through ``np.frombuffer`` (no copy).
+binary data goes through ``np.frombuffer`` (no copy); JSON data of a body over
+:data:`service.jsondata.LIFT_BYTES` is read into one float64 buffer by simdjson (:mod:`service.jsondata`),
+smaller or other JSON data through one ``np.asarray`` of orjson's lists. A JSON number's value is its
+float64 value, cast to a floating-point input's datatype (whichever way it was parsed).
 
 :class:`Limits` are checked from what a request declares, before anything is allocated for it:
 the JSON size before parsing, each input's rows, elements and bytes from its ``shape`` and
@@ -25,6 +28,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from service import jsondata
 from service.errors import InvalidInput, TooLarge
 
 # Open Inference Protocol datatype -> numpy dtype (little-endian, as the binary extension specifies).
@@ -141,6 +145,13 @@ def loads(data: bytes | memoryview) -> Any:
             gc.enable()
 
 
+def loads_body(body: bytes) -> Any:
+    """A JSON request body parsed: with each input's flat ``data`` lifted (:func:`service.jsondata.loads`) from
+    :data:`service.jsondata.LIFT_BYTES` on, else (or when that declines) :func:`loads`."""
+    lifted = jsondata.loads(body) if len(body) >= jsondata.LIFT_BYTES and type(body) is bytes else None
+    return loads(body) if lifted is None else lifted
+
+
 def _shape(raw: Any, name: str) -> tuple[int, ...]:
     if isinstance(raw, list):  # a plain loop: this runs for every input of every request
         for d in raw:
@@ -182,8 +193,8 @@ def _as_array(data: Any, spec: TensorSpec, what: str = "data") -> np.ndarray:
             if low < info.min or high > info.max:
                 raise _fail(f"input {spec.name!r} values [{low}, {high}] do not fit {spec.datatype} "
                             f"[{info.min}, {info.max}]")
-        else:  # JSON's float64 (or an integer, for FP16) past the datatype's range is inf after the cast
-            cast = array.astype(dtype)
+        else:  # JSON's float64 (an integer's, too: the value simdjson reads) past the range is inf after the cast
+            cast = (array if array.dtype.kind == "f" else array.astype(np.float64)).astype(dtype)
             if not _all_finite(cast):  # JSON itself has no inf or NaN: only the cast makes them
                 low, high = array.min(), array.max()
                 raise _fail(f"input {spec.name!r} {what} holds values in [{low:.6g}, {high:.6g}], past the largest "
@@ -222,10 +233,12 @@ def _check_finite(array: np.ndarray, spec: TensorSpec, what: str) -> None:
 
 
 def _from_json(data: Any, shape: tuple[int, ...], spec: TensorSpec) -> np.ndarray:
+    if type(data) is jsondata.Numbers:  # lifted out of the body: its float64 numbers, or orjson's list
+        data = data.floats if data.floats is not None and DATATYPES[spec.datatype].kind == "f" else data.value()
     count = math.prod(shape)
-    if isinstance(data, list) and len(data) != count and (not shape or len(data) != shape[0]):  # neither flat
-        # nor nested as declared: refused before numpy walks it (0.25 s for 4 MiB of [[[0]]],...)
-        if data and isinstance(data[0], list):
+    if isinstance(data, list | np.ndarray) and len(data) != count and (not shape or len(data) != shape[0]):
+        # neither flat nor nested as declared: refused before numpy walks it (0.25 s for 4 MiB of [[[0]]],...)
+        if isinstance(data, list) and data and isinstance(data[0], list):
             raise _fail(f"input {spec.name!r} data is not a regular (non-ragged) array of numbers shaped "
                         f"{list(shape)}: its outer list has {len(data)} entries")
         raise _fail(f"input {spec.name!r} with shape {list(shape)} needs {count} elements, got {len(data)}")
@@ -323,7 +336,7 @@ class Decoder:
         limits = self.limits
         if header_length is None:
             limits.check_json(len(body))
-            return self._plan(loads(body), None).request(memoryview(b""))
+            return self._plan(loads_body(body), None).request(memoryview(b""))
         limits.check_json(header_length)
         view = memoryview(body)
         binary = view[header_length:]
