@@ -2,7 +2,8 @@
 
 It answers ``POST /v2/models/{name}/infer`` for FP32 models with one input and one output, JSON or
 binary tensor data, and nothing else. It does only what every such server must do: parse HTTP
-(httptools, C), parse the JSON (orjson, C), build the input array, batch the requests for one model
+(httptools, C), parse the JSON (as ``bnfold serve`` does: :func:`service.codec.loads_body`, simdjson for a
+large body's tensor data, orjson for the rest), build the input array, batch the requests for one model
 that arrived in one event-loop iteration into one onnxruntime run on the loop's own thread (with
 ``bnfold serve``'s session settings), and write each answer with one ``write``. It has no checks at
 all: no auth, no limits, no deadlines, no metrics, no error answers, no worker thread (a batch blocks
@@ -26,6 +27,7 @@ import orjson
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from service import codec, jsondata
 from service.runtime import ModelRuntime
 
 _OK = b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d%s\r\n\r\n"
@@ -105,8 +107,11 @@ class _Connection(asyncio.Protocol):
             return
         floor, body = self.floors[self.url], b"".join(self.body)
         if self.header_length is None:
-            spec = orjson.loads(body)["inputs"][0]
-            floor.submit(self, np.asarray(spec["data"], np.float32).reshape(spec["shape"]), False)
+            spec = codec.loads_body(body)["inputs"][0]
+            data = spec["data"]
+            array = data.floats.astype(np.float32) if isinstance(data, jsondata.Numbers) and data.floats is not None \
+                else np.asarray(data, np.float32)
+            floor.submit(self, array.reshape(spec["shape"]), False)
         else:
             spec = orjson.loads(body[:self.header_length])["inputs"][0]
             floor.submit(self, np.frombuffer(body, np.float32, offset=self.header_length).reshape(spec["shape"]),
