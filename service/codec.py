@@ -180,7 +180,7 @@ def _as_array(data: Any, spec: TensorSpec, what: str = "data") -> np.ndarray:
         array = np.asarray(data)
     except (ValueError, TypeError, OverflowError) as exc:
         raise _fail(f"input {spec.name!r} {what} is not a regular (non-ragged) array of numbers: {exc}") from None
-    if dtype.kind == "u" and dtype.itemsize == 8 and array.dtype.kind in "fO":
+    if dtype.kind == "u" and dtype.itemsize == 8 and array.dtype.kind in "fO" and array.size:
         array = _uint64_integers(data, array, spec, what)
     if array.size and array.dtype.kind not in _ACCEPTED_KINDS[dtype.kind]:
         got = {"U": "strings", "O": "mixed values or objects", "b": "booleans", "f": "floats"}.get(

@@ -10,8 +10,8 @@ How an array is lifted, and why the result equals ``orjson.loads(body)``:
 
 1. ``"data"`` followed by ``:`` and ``[`` is found in the raw bytes. Its closing quote follows a letter,
    so it ends a string, and the ``[`` after it is outside any string: the start of an array value.
-2. The array's text is taken up to the first ``]``, and kept only when no ``[`` lies between (no
-   nested array) and simdjson parses it as a JSON array. A ``]`` inside a string would cut the text
+2. The array's text is taken up to the first ``]``, and kept only when no ``[`` or ``{`` lies between
+   (nothing nested) and simdjson parses it as a JSON array. A ``]`` inside a string would cut the text
    short, and the cut text is not valid JSON; so a kept text is the whole array.
 3. The text is replaced by a placeholder string holding a per-process random token, and orjson
    parses the rest. A placeholder may only be found as the ``data`` of an entry of ``inputs``, each
@@ -19,8 +19,8 @@ How an array is lifted, and why the result equals ``orjson.loads(body)``:
    A request cannot forge a placeholder without the token, which never leaves the process.
 
 Replacing one JSON value by another keeps the document's structure, so the result is the parse of
-the whole body with each ``data`` as a :class:`Numbers`. Anything else (no flat array, a number
-simdjson refuses, e.g. an integer past 64 bits) makes :func:`loads` return ``None``, and the
+the whole body with each ``data`` as a :class:`Numbers`. Anything else (nothing to lift, a nested array,
+a number simdjson refuses, e.g. an integer past 64 bits) makes :func:`loads` return ``None``, and the
 caller parses the body with orjson as before: it also gives the error of a malformed body.
 
 Below :data:`LIFT_BYTES` the lifting costs more than it saves (measured): such bodies are not lifted.
@@ -37,6 +37,8 @@ import orjson
 import simdjson
 
 LIFT_BYTES = 4096  # a JSON body shorter than this is parsed by orjson alone (lifting costs more there)
+ARRAY_BYTES = 1024  # a shorter data array is left to orjson (about 50 numbers: lifting it would cost more)
+CANDIDATES = 64  # "data" keys looked at, at most: a model has a few inputs (past that, orjson parses it all)
 _KEY = re.compile(rb'"data"[ \t\n\r]*:[ \t\n\r]*\[')
 _TOKEN = "bnfold-lifted-" + secrets.token_hex(16) + ":"
 _PLACEHOLDER = b'"' + _TOKEN.encode() + b'%d"'
@@ -81,29 +83,39 @@ def _numbers(text: bytes) -> Numbers | None:
 
 def loads(body: bytes) -> Any | None:
     """``orjson.loads(body)`` with the ``data`` of each entry of ``inputs`` as a :class:`Numbers` when it is a
-    flat array, or ``None`` when that cannot be done safely (then parse ``body`` with orjson)."""
+    flat array of at least :data:`ARRAY_BYTES`, or ``None`` when no array is lifted or that cannot be done
+    safely (then parse ``body`` with orjson).
+
+    Linear in the body: each ``"data"`` looked at (at most :data:`CANDIDATES`) is either lifted or skipped up
+    to its first ``]``, and an array holding ``[`` or ``{`` before it (nested: its depth counts in orjson's
+    limit) ends the attempt.
+    """
     parts: list[bytes] = []
     lifted: list[Numbers] = []
     done = 0  # body[:done] is in parts already
     search = 0
-    while True:
+    for _ in range(CANDIDATES):
         match = _KEY.search(body, search)
         if match is None:
             break
         start = match.end() - 1
         end = body.find(b"]", start)
         if end < 0:
-            break
-        if body.find(b"[", start + 1, end) >= 0:  # nested: orjson's list, as before
-            search = start + 1
+            return None
+        search = end + 1
+        if end - start < ARRAY_BYTES:  # short: orjson's list costs less (a nested one's first row may be short)
             continue
-        numbers = _numbers(body[start:end + 1])
+        if body.find(b"[", start + 1, end) >= 0 or body.find(b"{", start + 1, end) >= 0:
+            return None
+        numbers = _numbers(body[start:search])
         if numbers is None:
             return None
         parts.append(body[done:start])
         parts.append(_PLACEHOLDER % len(lifted))
         lifted.append(numbers)
-        done = search = end + 1
+        done = search
+    else:
+        return None  # more "data" than any model has inputs
     if not lifted:
         return None
     parts.append(body[done:])
@@ -124,7 +136,7 @@ def _restore(header: Any, lifted: list[Numbers]) -> bool:
         data = entry.get("data") if isinstance(entry, dict) else None
         if type(data) is str and data.startswith(_TOKEN):
             index = data[len(_TOKEN):]
-            if not index.isdigit() or int(index) >= len(lifted) or int(index) in placed:
+            if not (index.isascii() and index.isdigit()) or int(index) >= len(lifted) or int(index) in placed:
                 return False
             placed.add(int(index))
             entry["data"] = lifted[int(index)]

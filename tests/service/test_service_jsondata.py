@@ -29,6 +29,15 @@ NUMBERS = ["0", "-0", "-0.0", "1", "-17", "0.5", "1e3", "1E-3", "2.5e+2", "-1.79
            "18446744073709551615", "-9223372036854775808", "3.4028235e38", "3.5e38", "70000", "65504"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _lift_every_array() -> Any:
+    """Lift arrays of any length here (the service leaves those under ARRAY_BYTES to orjson), so that small
+    cases exercise the lifting."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(jsondata, "ARRAY_BYTES", 0)
+        yield
+
+
 def _unlifted(value: Any) -> Any:
     """``value`` with every Numbers replaced by its list (what orjson gives)."""
     if isinstance(value, jsondata.Numbers):
@@ -148,6 +157,11 @@ TRICKY = {
     "data as a string looking like a placeholder": _request(x='"bnfold-lifted-00000000000000000000000000000000:0"'),
     "data as a number": _request(x="5"),
     "inputs not a list": b'{"inputs": {"data": [1, 2, 3, 4]}}',
+    # orjson's depth limit (1024) counts the whole body; lifted, the objects' depth would count apart
+    "objects nested to orjson's depth limit": _request(x="[" + '{"a":' * 1021 + "1" + "}" * 1021 + ", 2, 3, 4]"),
+    "the same, with an input error before it": _request(x="[" + '{"a":' * 1021 + "1" + "}" * 1021 + ", 2, 3, 4]"
+                                                         ).replace(b'"name": "x"', b'"name": "zz"'),
+    "an empty UINT64 input": _request({"u": [0]}, u="[]"),
     "not an object": b'[{"data": [1, 2]}]',
 }
 
@@ -161,6 +175,43 @@ def test_tricky_bodies_parse_and_decode_as_without_lifting(body: bytes, monkeypa
     else:
         _check_loads(body)
     _assert_same_decode(body, monkeypatch)
+
+
+def test_short_arrays_are_left_to_orjson_in_service() -> None:
+    """Lifting an array of a few numbers costs more than orjson's list; the service lifts only long ones."""
+    long, short = "[" + ", ".join(["0.25"] * 300) + "]", "[1, 2, 3, 4]"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(jsondata, "ARRAY_BYTES", 1024)
+        lifted = _check_loads(_request({"d": [300]}, d=long, x=short))
+    assert lifted is not None
+    assert [type(entry["data"]) for entry in lifted["inputs"]] == [list, list, jsondata.Numbers, list, list]
+
+
+ADVERSARIAL = {
+    # each of these once made the search quadratic in the body or created one lifted array per tiny input
+    "many unclosed data keys": b'"data":[' * 50_000 + b"]",
+    "nested data keys, then a long string": b'{"data": [' * 500 + b'"' + b"a" * 200_000 + b'"' + b"]}" * 500,
+    "many inputs with tiny arrays": b'{"inputs": [' + b",".join([b'{"data":[1]}'] * 20_000) + b"]}",
+}
+
+
+@pytest.mark.parametrize("body", ADVERSARIAL.values(), ids=ADVERSARIAL.keys())
+def test_adversarial_bodies_are_given_up_on_after_linear_work(body: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The search looks at no "data" twice, ends at the first nested array and after CANDIDATES keys; no
+    simdjson parse starts for these."""
+    searched: list[int] = []
+    key = jsondata._KEY
+
+    class Counting:
+        def search(self, text: bytes, pos: int) -> Any:
+            searched.append(pos)
+            return key.search(text, pos)
+
+    monkeypatch.setattr(jsondata, "_KEY", Counting())
+    monkeypatch.setattr(jsondata, "_numbers", lambda text: pytest.fail("nothing here is lifted"))
+    monkeypatch.setattr(jsondata, "ARRAY_BYTES", 1024)
+    assert jsondata.loads(body) is None
+    assert len(searched) <= jsondata.CANDIDATES and searched == sorted(set(searched))
 
 
 def test_a_placeholder_cannot_be_forged_by_a_client(monkeypatch: pytest.MonkeyPatch) -> None:
