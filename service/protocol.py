@@ -42,7 +42,9 @@ cycle; the app's request deadline (``direct_timeout_s``) bounds the body's arriv
 path. Under load it cut the server's CPU per request by a fifth for a small model (``benchmarks/serving.py``).
 
 Bytes that httptools cannot parse get uvicorn's 400 and a close after the answers to the requests
-pipelined before them (:meth:`LimitedHttpToolsProtocol.send_400_response`), on either path.
+pipelined before them (:meth:`LimitedHttpToolsProtocol.send_400_response`), on either path; so does a
+pipelined request whose head breaks a limit (its 431, or its 408): the request still running before it
+gets its answer first (:class:`_Refusal`). A refusal of a ``HEAD`` request is its head alone.
 """
 
 from __future__ import annotations
@@ -96,15 +98,16 @@ class _Answered:
         self.message_event = asyncio.Event()
 
 
-class _Unparsable(_Answered):
-    """Stands in for a request httptools could not parse, pipelined behind answers still pending: its 400
-    waits its turn (:meth:`LimitedHttpToolsProtocol.send_400_response`)."""
+class _Refusal(_Answered):
+    """Stands in for a request refused while the answers before it are pending (pipelined): httptools could
+    not parse it (:meth:`LimitedHttpToolsProtocol.send_400_response`), or its head broke a limit. Its answer,
+    ``write()``, waits its turn, so the requests before it still get theirs."""
 
     response_started = response_complete = disconnected = False
 
-    def __init__(self, message: str, before: Any) -> None:
+    def __init__(self, write: Callable[[], None], before: Any) -> None:
         super().__init__()
-        self.message = message
+        self.write = write
         self.before = before  # the request parsed last: a disconnect reaches it, as uvicorn's would
 
 
@@ -244,7 +247,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._timer.cancel()
             self._timer = None
         cycle = self.cycle
-        if type(cycle) is _Unparsable and not cycle.before.response_complete:
+        if type(cycle) is _Refusal and not cycle.before.response_complete:
             cycle.before.disconnected = True
             cycle.before.message_event.set()
         super().connection_lost(exc)
@@ -267,7 +270,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if state == _HEAD:
             if self._fed > self.limits.max_header_bytes:
                 self._refuse(431, f"the request line and headers exceed {self.limits.max_header_bytes} bytes "
-                                  "(BNFOLD_MAX_HEADER_BYTES)")
+                                  "(BNFOLD_MAX_HEADER_BYTES)", later=True)
                 return
             if self._head_started is None:
                 self._head_started = now
@@ -312,7 +315,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             super().send_400_response(msg)
             return
         self._refused = True  # the parser is broken: what follows is read and dropped
-        self.cycle = _Unparsable(msg, cycle)  # type: ignore[assignment]
+        self._defer(functools.partial(self._send_unparsable, msg), cycle)
+
+    def _defer(self, write: Callable[[], None], before: Any) -> None:
+        """Write a refusal once the answers pending before it are written (:class:`_Refusal`)."""
+        self.cycle = _Refusal(write, before)  # type: ignore[assignment]
         self.pipeline.appendleft((self.cycle, None))  # type: ignore[arg-type]
 
     # -- parser callbacks ----------------------------------------------------------------------
@@ -342,8 +349,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
             if size > limit:
                 self._refuse(431, f"the request line and headers have {size} bytes, over the limit of {limit} "
-                                  "(BNFOLD_MAX_HEADER_BYTES)")
-                self.cycle = _Answered()  # type: ignore[assignment]
+                                  "(BNFOLD_MAX_HEADER_BYTES)", later=True)
+                if type(self.cycle) is not _Refusal:  # (a deferred refusal drops the rest of the message too)
+                    self.cycle = _Answered()  # type: ignore[assignment]
                 return
         if self._start_direct():
             return
@@ -354,6 +362,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             cycle.__class__ = _OneWriteCycle
 
     def on_body(self, body: bytes) -> None:
+        if self._refused:  # the rest of a refused request (its answer may wait its turn: _Refusal)
+            return
         cycle = self.cycle
         if type(cycle) is _DirectCycle:
             cycle.body.append(body)  # at most DIRECT_BODY_BYTES: the parser stops at Content-Length
@@ -363,6 +373,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._state = _IDLE
         self._fed = 0
+        if self._refused:
+            return
         cycle = self.cycle
         if type(cycle) is _DirectCycle:
             cycle.more_body = False
@@ -416,9 +428,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         return True
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-        if type(cycle) is _Unparsable:  # the answers before it are complete (_OneWriteCycle writes right after)
+        if type(cycle) is _Refusal:  # the answers before it are complete (_OneWriteCycle writes right after)
             cycle.response_complete = True
-            self.loop.call_soon(self._send_unparsable, cycle.message)
+            self.loop.call_soon(cycle.write)
             return
         if type(cycle) is _DirectCycle:  # a pipelined direct request whose turn came
             self._begin_direct(cycle)
@@ -529,7 +541,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self._arm(due)
             elif self._state == _HEAD:
                 self._refuse(408, "the request line and headers did not arrive within "
-                                  f"{self.limits.header_timeout_s:g} s (BNFOLD_HEADER_TIMEOUT_S)")
+                                  f"{self.limits.header_timeout_s:g} s (BNFOLD_HEADER_TIMEOUT_S)", later=True)
             else:  # nothing of a request arrived: close quietly, as uvicorn's keep-alive timeout does
                 self.transport.close()
             return
@@ -555,23 +567,36 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(408, f"the request body paused for more than {self.limits.body_timeout_s:g} s "
                               "(BNFOLD_BODY_TIMEOUT_S)")
 
-    def _refuse(self, status: int, message: str) -> None:
-        """Answer ``status`` with a JSON error body and close; the app (if it runs) sees a disconnect."""
+    def _refuse(self, status: int, message: str, later: bool = False) -> None:
+        """Answer ``status`` with a JSON error body (its head only, to a ``HEAD`` request) and close; the app
+        (if it runs) sees a disconnect. With ``later`` the refused request is one after :attr:`cycle` (its head
+        is what broke the limit), whose answer, still pending, is written first (:class:`_Refusal`)."""
         self._refused = True
         cycle = self.cycle
+        head_only = bool(self.url) and self.parser.get_method() == b"HEAD"  # (its method is parsed once its URL is)
+        write = functools.partial(self._write_refusal, status, message, head_only)
+        if later and cycle is not None and not cycle.response_complete:
+            self.flow.pause_reading()
+            self._defer(write, cycle)
+            return
         busy = cycle is not None and cycle.response_started and not cycle.response_complete
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True  # its receive() returns http.disconnect, its send() writes nothing
             cycle.message_event.set()
-        transport = self.transport
         if busy:  # never interleave with a response being written: just close
-            transport.close()
+            self.transport.close()
+            return
+        write()
+
+    def _write_refusal(self, status: int, message: str, head_only: bool) -> None:
+        transport = self.transport
+        if transport.is_closing():  # (a deferred refusal whose client left)
             return
         body = orjson.dumps({"error": message})  # with the date and server headers of every other answer
         transport.write(b"HTTP/1.1 %d %s\r\n%scontent-type: application/json\r\ncontent-length: %d\r\n"
                         b"connection: close\r\n\r\n%s" % (status, _REASONS[status],
                                                           _default_head(self.server_state.default_headers),
-                                                          len(body), body))
+                                                          len(body), b"" if head_only else body))
         if transport.can_write_eof():
             transport.write_eof()
         self.loop.call_later(LINGER_S, transport.close)

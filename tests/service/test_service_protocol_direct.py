@@ -571,3 +571,84 @@ def test_an_asgi_request_gets_uvicorns_scope_though_the_direct_path_builds_none(
     assert ours[0]["path"] == "/echo/a b" and ours[0]["query_string"] == b"x=1&y=2"
     assert ours[0]["headers"] == [(b"host", b"h"), (b"x-one", b"1"), (b"x-two", b"two")]
     assert ours[0]["state"] == {"shared": 1}
+
+
+def _held(protocol: LimitedHttpToolsProtocol, release: threading.Event) -> Callable[[], None]:
+    """Make the model's runs wait for ``release``; returns the undo."""
+    entry = _direct_app(protocol.app).state.service.repository.get("classifier")
+    original = entry.batcher._run
+    entry.batcher._run = lambda feeds, run=original: (release.wait(30), run(feeds))[1]
+
+    def undo() -> None:
+        entry.batcher._run = original
+    return undo
+
+
+PIPELINED_REFUSALS = {
+    # (the bytes after the running request, in one read and then the next; the limits; the refusal)
+    "over the header limit, complete in the same read": (
+        [_post("/v2/health/live", b"", "X-Big: " + "a" * 2000 + "\r\n")], HttpLimits(1024, 30.0, 30.0), 431),
+    "over the header limit while it streams": (
+        [b"GET /v2/health/live HTTP/1.1\r\nX-Big: ", b"a" * 2000], HttpLimits(1024, 30.0, 30.0), 431),
+    "a head that stops arriving": ([b"GET /v2/health/live HTTP/1.1\r\nHost: a\r\n"], HttpLimits(16384, 0.3, 30.0), 408),
+}
+
+
+@pytest.mark.parametrize("case", list(PIPELINED_REFUSALS))
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "asgi"])
+def test_a_pipelined_request_refused_by_the_limits_waits_for_the_answer_before_it(
+        settings: Settings, case: str, direct: bool) -> None:
+    """A refusal for a request pipelined behind one still running no longer takes that one's answer: the
+    200 comes first, then the refusal and the close (as uvicorn's own 400 for unparsable bytes does)."""
+    reads, limits, status = PIPELINED_REFUSALS[case]
+    release = threading.Event()
+
+    async def scenario(connect: Any) -> Any:
+        protocol, transport = await connect(direct)
+        undo = _held(protocol, release)
+        try:
+            protocol.data_received(CASES["json"] + reads[0])
+            await until(lambda: bool(protocol.tasks), "the first request's start")
+            for more in reads[1:]:
+                protocol.data_received(more)
+            await asyncio.sleep(0.6)  # past the 0.3 s header timeout, with the first request still running
+            written_while_running = transport.data
+            release.set()
+            await until(lambda: len(responses(transport.data)) >= 2, "both answers")
+            await until(lambda: transport.closed, "the close", seconds=30)
+        finally:
+            undo()
+        return written_while_running, responses(transport.data)
+
+    try:
+        written_while_running, answers = _run(settings, scenario, limits)
+    finally:
+        release.set()
+    assert written_while_running == b""
+    assert [a[0][:12] for a in answers] == [b"HTTP/1.1 200", b"HTTP/1.1 %d" % status]
+    assert len(json.loads(answers[0][2])["outputs"][0]["data"]) == 2 * 3  # the classifier's logits, 2 rows
+    assert answers[1][1][b"connection"] == b"close" and json.loads(answers[1][2])["error"]
+
+
+HEAD_REFUSALS = {
+    "a head that stops arriving": (b"HEAD /v2/health/live HTTP/1.1\r\nHost: a\r\n", HttpLimits(16384, 0.2, 30.0)),
+    "over the header limit": (b"HEAD /v2/health/live HTTP/1.1\r\nX-Big: " + b"a" * 2000, HttpLimits(1024, 30.0, 30.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(HEAD_REFUSALS))
+def test_a_head_request_refused_by_the_limits_gets_no_body(settings: Settings, case: str) -> None:
+    """A response to HEAD has no body (RFC 9110 9.3.2), a refusal too: its head says the length it would have."""
+    raw, limits = HEAD_REFUSALS[case]
+
+    async def scenario(connect: Any) -> Any:
+        protocol, transport = await connect(True)
+        protocol.data_received(raw)
+        await until(lambda: bool(transport.data), "the refusal", seconds=30)
+        await asyncio.sleep(0.05)
+        return transport.data
+
+    data = _run(settings, scenario, limits)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith((b"HTTP/1.1 408 ", b"HTTP/1.1 431 ")) and rest == b"", data
+    assert int(dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:])[b"content-length"]) > 0
