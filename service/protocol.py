@@ -310,6 +310,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         """uvicorn's 400 for bytes httptools cannot parse, and a close; in its turn, after the answers to the
         requests before those bytes (pipelined, either path), which uvicorn would write after the close.
         Bytes inside the body of the request parsed last get it at once: that request's answer waits for them."""
+        if self._refused:  # bytes after a refusal in the same read: that refusal is the connection's last answer
+            return
         cycle = self.cycle
         if cycle is None or cycle.response_complete or cycle.more_body:
             super().send_400_response(msg)
@@ -570,7 +572,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self, status: int, message: str, later: bool = False) -> None:
         """Answer ``status`` with a JSON error body (its head only, to a ``HEAD`` request) and close; the app
         (if it runs) sees a disconnect. With ``later`` the refused request is one after :attr:`cycle` (its head
-        is what broke the limit), whose answer, still pending, is written first (:class:`_Refusal`)."""
+        is what broke the limit), whose answer, still pending, is written first (:class:`_Refusal`); so is the
+        answer of a request still running when the refused one (its body stalled) is queued behind it."""
         self._refused = True
         cycle = self.cycle
         head_only = bool(self.url) and self.parser.get_method() == b"HEAD"  # (its method is parsed once its URL is)
@@ -579,6 +582,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.flow.pause_reading()
             self._defer(write, cycle)
             return
+        pipeline = self.pipeline
+        for index, (queued, _) in enumerate(pipeline):  # the refused request waits behind one still running
+            if queued is cycle:
+                cycle.disconnected = True  # it never starts: its refusal takes its turn instead
+                refusal = _Refusal(write, cycle)
+                pipeline[index] = (refusal, None)  # type: ignore[assignment]
+                self.cycle = refusal  # type: ignore[assignment]
+                return
         busy = cycle is not None and cycle.response_started and not cycle.response_complete
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True  # its receive() returns http.disconnect, its send() writes nothing

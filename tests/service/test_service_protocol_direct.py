@@ -652,3 +652,75 @@ def test_a_head_request_refused_by_the_limits_gets_no_body(settings: Settings, c
     head, _, rest = data.partition(b"\r\n\r\n")
     assert head.startswith((b"HTTP/1.1 408 ", b"HTTP/1.1 431 ")) and rest == b"", data
     assert int(dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:])[b"content-length"]) > 0
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "asgi"])
+def test_a_pipelined_body_that_stalls_gets_its_408_after_the_answer_before_it(settings: Settings, direct: bool) -> None:
+    """A request queued behind a running one whose body stops arriving is refused in its turn: the running
+    request's reading resumes its connection's reads, so the stall is timed, but its answer comes first."""
+    release = threading.Event()
+
+    async def scenario(connect: Any) -> Any:
+        protocol, transport = await connect(direct)
+        undo = _held(protocol, release)
+        try:
+            stalled = _post("/v2/models/classifier/infer", JSON_BODY)[:-10]
+            protocol.data_received(CASES["json"] + stalled)
+            await until(lambda: bool(protocol.tasks), "the first request's start")
+            await asyncio.sleep(0.6)  # past the 0.3 s body timeout, with the first request still running
+            written_while_running = transport.data
+            release.set()
+            await until(lambda: len(responses(transport.data)) >= 2, "both answers")
+        finally:
+            undo()
+        return written_while_running, responses(transport.data)
+
+    try:
+        written_while_running, answers = _run(settings, scenario, HttpLimits(16384, 0.3, 0.3))
+    finally:
+        release.set()
+    assert written_while_running == b""
+    assert [a[0][:12] for a in answers] == [b"HTTP/1.1 200", b"HTTP/1.1 408"]
+    assert b"BNFOLD_BODY_TIMEOUT_S" in answers[1][2]
+
+
+OVERSIZED_THEN_GARBAGE = _post("/v2/health/live", b"", "X-Big: " + "a" * 2000 + "\r\n") + b"\x00garbage\r\n\r\n"
+
+
+def test_unparsable_bytes_after_a_refused_head_get_no_second_answer(settings: Settings) -> None:
+    """The 431 is the connection's last answer: a 400 for what follows it in the same read is not written."""
+    async def scenario(connect: Any) -> Any:
+        protocol, transport = await connect(True)
+        protocol.data_received(OVERSIZED_THEN_GARBAGE)
+        await asyncio.sleep(0.05)
+        return responses(transport.data)
+
+    answers = _run(settings, scenario, HttpLimits(1024, 30.0, 30.0))
+    assert [a[0][:12] for a in answers] == [b"HTTP/1.1 431"]
+
+
+def test_a_deferred_refusal_followed_by_unparsable_bytes_still_passes_a_disconnect_on(settings: Settings) -> None:
+    """Behind a running request, the 431 waits its turn; the garbage after it adds nothing, and a client that
+    leaves then still reaches the running request (its answer is not written to a closed connection)."""
+    release = threading.Event()
+
+    async def scenario(connect: Any) -> Any:
+        protocol, transport = await connect(True)
+        undo = _held(protocol, release)
+        try:
+            protocol.data_received(CASES["json"] + OVERSIZED_THEN_GARBAGE)
+            await until(lambda: bool(protocol.tasks), "the first request's start")
+            running = protocol.cycle.before  # type: ignore[attr-defined]
+            protocol.connection_lost(None)
+            disconnected = running.disconnected
+            release.set()
+            await until(lambda: not protocol.tasks, "the request's end")
+        finally:
+            undo()
+        return disconnected, transport.data, transport.late_writes
+
+    try:
+        disconnected, data, late_writes = _run(settings, scenario, HttpLimits(1024, 30.0, 30.0))
+    finally:
+        release.set()
+    assert disconnected and data == b"" and late_writes == 0
