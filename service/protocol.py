@@ -281,10 +281,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             cycle = self.cycle
             if type(cycle) is _DirectCycle and cycle.deadline < due:  # the request deadline comes first
                 due = cycle.deadline
-                if self._timer is not None and self._timer.when() > due:  # armed for a later check
-                    self._timer.cancel()
-                    self._timer = None
-        if self._timer is None:
+        timer = self._timer
+        if timer is None:
+            self._arm(due)
+        elif timer.when() > due:  # armed for a later check (keep-alive, a longer header timeout): this one first
+            timer.cancel()
             self._arm(due)
 
     def on_response_complete(self) -> None:

@@ -724,3 +724,19 @@ def test_a_deferred_refusal_followed_by_unparsable_bytes_still_passes_a_disconne
     finally:
         release.set()
     assert disconnected and data == b"" and late_writes == 0
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "asgi"])
+def test_a_body_timeout_shorter_than_the_header_timeout_is_kept(settings: Settings, direct: bool) -> None:
+    """The connection's one timer was armed for the header timeout at connect; a body that stalls is still
+    refused at its own, shorter timeout, not at that later check."""
+    async def scenario(connect: Any) -> Any:
+        protocol, transport = await connect(direct)
+        began = asyncio.get_running_loop().time()
+        protocol.data_received(CASES["json"][:-5])
+        await until(lambda: bool(transport.data), "the refusal", seconds=60)
+        return transport.data, asyncio.get_running_loop().time() - began
+
+    data, took = _run(settings, scenario, HttpLimits(16384, 60.0, 0.3))
+    assert data.startswith(b"HTTP/1.1 408 ") and b"BNFOLD_BODY_TIMEOUT_S" in data
+    assert took < 30  # by the 0.3 s body timeout, not the 60 s header timeout's check
