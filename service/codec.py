@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import math
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ ORT_TYPES: dict[str, str] = {
 warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning, r"service\.codec")
 LARGE_JSON_BYTES = 64 * 1024  # JSON larger than this is parsed with the GC paused (and, by the service, off the loop)
 # numpy kinds JSON data may arrive as, per target kind ("b" bool, "i"/"u" integer, "f" float).
+_LITTLE_ENDIAN = sys.byteorder == "little"  # the wire's byte order (binary tensor data) is the machine's
 _ACCEPTED_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
 
 
@@ -463,20 +465,26 @@ def _binary_data(array: np.ndarray) -> bytes:
     if array.dtype.kind not in "biuf":  # BYTES: each element as a 4-byte little-endian length + its bytes
         items = [v if isinstance(v, bytes) else str(v).encode() for v in array.reshape(-1).tolist()]
         return b"".join(len(v).to_bytes(4, "little") + v for v in items)
+    if _LITTLE_ENDIAN and array.dtype.isnative:  # tobytes() is C order: one copy
+        return array.tobytes()
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
 
 
 def encode_infer_response(model_name: str, model_version: str, request: InferRequest,
                           outputs: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) -> tuple[bytes, int | None]:
     """Encode the response body; the second value is the JSON header length when binary outputs follow."""
-    datatypes = {spec.name: spec.datatype for spec in specs}
-    names = request.outputs if request.outputs is not None else list(outputs)
+    names = request.outputs if request.outputs is not None else outputs
     entries: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for name in names:
         array = outputs[name]
-        entry: dict[str, Any] = {"name": name, "datatype": datatypes.get(name) or _datatype_of(array),
-                                 "shape": list(array.shape)}
+        for spec in specs:  # (a model has a few outputs: a scan, not a dict built per response)
+            if spec.name == name:
+                datatype = spec.datatype or _datatype_of(array)
+                break
+        else:
+            datatype = _datatype_of(array)
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if name in request.binary_outputs:
             blob = _binary_data(array)
             entry["parameters"] = {"binary_data_size": len(blob)}

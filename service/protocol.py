@@ -77,6 +77,11 @@ Respond = Callable[[Answer | None], None]  # takes a request's answer (None: nob
 # (path, path parameters, headers, body, respond): returns at once; ``respond`` gets the answer later or now.
 DirectHandler = Callable[[str, dict[str, str], list[tuple[bytes, bytes]], bytes, Respond], None]
 _CONNECTION_CLOSE = (b"connection", b"close")
+_NOT_DIRECT = -1  # LimitedHttpToolsProtocol._length of a request whose headers keep it off the direct path
+_CODINGS = (b"transfer-encoding", b"content-encoding")  # headers that keep a request off the direct path
+ROUTE_BYTES_KEPT = 256  # longest request target whose verdict is remembered
+DIRECT_PATHS_KEPT = 256  # request targets whose direct-path verdict is remembered (cleared when full)
+_direct_paths: dict[bytes, str | None] = {}  # request target -> its path, or None: not for the direct path
 _INTERNAL_ERROR: Answer = (500, b'{"error":"internal server error"}', [(b"content-type", b"application/json")])
 
 
@@ -230,6 +235,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._refused = False
         self._dropped = 0  # bytes read and dropped after a refusal
         self._handling = False  # a direct request's handler is running (inside the parser's callbacks)
+        self._length: int | None = None  # the request's Content-Length (None: none yet; _NOT_DIRECT)
         self._idle_since: float | None = None  # loop time the last response completed with nothing pipelined
         # The direct path (see the module docstring): off with access logging, which only the ASGI path writes.
         self._direct = None if self.access_log else _direct_app(config.loaded_app)
@@ -333,6 +339,21 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.url = b""
         self.expect_100_continue = False
         self.headers = []
+        self._length = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """uvicorn's, noting on the way what the direct path asks of the headers (one valid ``Content-Length``,
+        no transfer or content coding), so that :meth:`_start_direct` need not scan them again."""
+        name = name.lower()
+        value = value.rstrip(b" \t")  # (llhttp keeps trailing whitespace, which RFC 9110 5.5 excludes)
+        if name == b"content-length":  # a second one, or one after a coding, is _NOT_DIRECT
+            self._length = int(value) if self._length is None and value.isdigit() and len(value) <= 18 \
+                else _NOT_DIRECT
+        elif name in _CODINGS:
+            self._length = _NOT_DIRECT
+        elif name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def _asgi_scope(self) -> None:
         """uvicorn's scope of this request (its ``on_message_begin``), keeping the URL and headers parsed since."""
@@ -397,25 +418,18 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if parser.get_method() != b"POST" or parser.get_http_version() != "1.1" or self.expect_100_continue \
                 or parser.should_upgrade():
             return False
+        length = self._length
+        if length is None or length < 0 or length > DIRECT_BODY_BYTES:
+            return False
         url = self.url
-        query = url.find(b"?")
-        raw_path = url if query < 0 else url[:query]
-        if b"%" in raw_path or b"#" in raw_path or not raw_path.isascii() or not raw_path.startswith(b"/"):
-            return False  # escapes and a fragment: uvicorn's URL parser makes the path
-        length = None
-        for name, value in self.headers:
-            if name == b"content-length":
-                if length is not None or not value.isdigit() or len(value) > 18:
-                    return False
-                length = int(value)
-            elif name in (b"transfer-encoding", b"content-encoding"):
-                return False
-        if length is None or length > DIRECT_BODY_BYTES:
+        path = _direct_paths.get(url, _UNSEEN)
+        if path is _UNSEEN:
+            path = _direct_path(url)
+        if path is None:
             return False
         limit = self.limit_concurrency
         if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
             return False  # uvicorn answers 503
-        path = raw_path.decode("ascii")
         route = direct.direct_route(path)
         if route is None:
             return False
@@ -423,8 +437,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         cycle = _DirectCycle(handler, path, params, self.headers, parser.should_keep_alive(), self._direct_timeout_s)
         existing = self.cycle
         self.cycle = cycle  # type: ignore[assignment]
-        if existing is None or existing.response_complete:
-            self._begin_direct(cycle)
+        if existing is None or existing.response_complete:  # its turn: _begin_direct's, inline
+            cycle.started = True
+            if cycle.timeout_s is not None:
+                cycle.deadline = self.loop.time() + cycle.timeout_s
         else:  # pipelined behind a response still pending: uvicorn starts it after that one (on_response_complete)
             self.flow.pause_reading()
             self.pipeline.appendleft((cycle, None))  # type: ignore[arg-type]
@@ -612,6 +628,24 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if transport.can_write_eof():
             transport.write_eof()
         self.loop.call_later(LINGER_S, transport.close)
+
+
+_UNSEEN: Any = object()
+
+
+def _direct_path(url: bytes) -> str | None:
+    """The path of request target ``url`` when the direct path may take it (remembered in :data:`_direct_paths`
+    for targets of at most :data:`ROUTE_BYTES_KEPT` bytes), else ``None``: escapes and a fragment are left to
+    uvicorn's URL parser, which makes the ASGI path."""
+    query = url.find(b"?")
+    raw_path = url if query < 0 else url[:query]
+    path = None if b"%" in raw_path or b"#" in raw_path or not raw_path.isascii() or not raw_path.startswith(b"/") \
+        else raw_path.decode("ascii")
+    if len(url) <= ROUTE_BYTES_KEPT:
+        if len(_direct_paths) >= DIRECT_PATHS_KEPT:
+            _direct_paths.clear()
+        _direct_paths[url] = path
+    return path
 
 
 _head_of: tuple[Any, bytes] = (None, b"")  # the last default headers seen, and their bytes

@@ -31,6 +31,7 @@ from service.codec import ORT_TYPES, Decoder, Limits, TensorSpec
 from service.cpu import usable_cpus
 
 SHRINK_INPUT_BYTES = 1024 * 1024  # runs with more input than this shrink the arena after they finish
+DECODERS_BY_ID = 16  # limits objects whose decoder is found by identity (cleared when full)
 _SHRINK = ort.RunOptions()
 _SHRINK.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
@@ -103,12 +104,21 @@ class ModelRuntime:
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self.batches = all(len(s.shape) >= 1 and s.shape[0] == -1 for s in (*self.inputs, *self.outputs))
         self._decoders: dict[Limits, Decoder] = {}
+        self._decoders_by_id: dict[int, tuple[Limits, Decoder]] = {}
 
     def decoder(self, limits: Limits) -> Decoder:
         """The request decoder of this model under ``limits`` (built once per limits, then kept with its plans)."""
+        # Found by identity first: hashing the frozen dataclass costs a call per request. The entry holds
+        # ``limits``, so its id is not reused while the entry lives; equal limits share one decoder.
+        seen = self._decoders_by_id.get(id(limits))
+        if seen is not None and seen[0] is limits:
+            return seen[1]
         found = self._decoders.get(limits)
         if found is None:
             found = self._decoders[limits] = Decoder(self.inputs, self.outputs, limits)
+        if len(self._decoders_by_id) >= DECODERS_BY_ID:
+            self._decoders_by_id.clear()
+        self._decoders_by_id[id(limits)] = (limits, found)
         return found
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

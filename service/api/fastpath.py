@@ -63,6 +63,7 @@ PREDICT = "/v1/models/{name}:predict"
 PATTERNS = [(re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$"), path)
             for path in (INFER, INFER_VERSION, PREDICT)]
 _JSON = [(b"content-type", b"application/json")]
+_BINARY = (b"content-type", b"application/octet-stream")
 _CLOSE = (b"connection", b"close")
 _INTERNAL_ERROR: Answer = (500, b'{"error":"internal server error"}', _JSON)
 
@@ -177,8 +178,11 @@ class _Call:
 
     def authorized(self, read: bool) -> bool:
         """The API key check; on a miss, answer 401 (closing the connection when the body is not ``read``)."""
+        settings = self.endpoints.service.settings
+        if settings.api_key is None:  # (check_api_key's own first test, without the call)
+            return True
         try:
-            check_api_key(self.endpoints.service.settings, self.headers.get(b"authorization", b""))
+            check_api_key(settings, self.headers.get(b"authorization", b""))
         except HTTPException as exc:
             self.refuse(exc, read)
             return False
@@ -209,20 +213,18 @@ class _Call:
                 length = self.headers.get(_HEADER_LENGTH_KEY)
                 inference.infer_soon(repository, name, version, body,
                                      None if length is None else length.decode("latin-1"), endpoints.limits,
-                                     self.share.take_decoding, self._inferred)
+                                     self.share.take_decoding, self._inferred, _http_answer)
         except Exception as exc:
             self.failed(exc)
 
-    def _inferred(self, result: inference.Encoded | BaseException) -> None:
+    def _inferred(self, result: Answer | BaseException) -> None:
         if self.answered:  # its deadline answered it (504): this late result is neither sent nor counted
             return
         if isinstance(result, BaseException):
             self.failed(result)
             return
         self.endpoints.service.metrics.request(self.label, "success", time.perf_counter() - self.started)
-        self.answer((200, result.body, _JSON) if result.header_length is None else
-                    (200, result.body, [(b"content-type", b"application/octet-stream"),
-                                        (_HEADER_LENGTH_KEY, str(result.header_length).encode())]))
+        self.answer(result)
 
     def _predicted(self, result: list[dict[str, Any]] | BaseException) -> None:
         if self.answered:
@@ -271,6 +273,16 @@ class _Call:
             trim_soon()
         share.release()
         self.respond(answer)
+
+
+def _http_answer(model_name: str, model_version: str, request: codec.InferRequest, outputs: dict[str, Any],
+                 specs: Any) -> Answer:
+    """The 200 answer to an inference request (an :data:`service.inference.Encoder`): the body of
+    :func:`codec.encode_infer_response`, and its content type and JSON header length."""
+    body, header_length = codec.encode_infer_response(model_name, model_version, request, outputs, specs)
+    if header_length is None:
+        return 200, body, _JSON
+    return 200, body, [_BINARY, (_HEADER_LENGTH_KEY, b"%d" % header_length)]
 
 
 async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:

@@ -155,3 +155,11 @@ def test_inputs_come_in_the_models_order_whatever_order_the_request_lists_them(l
             assert np.array_equal(request.inputs["a"], a)
     assert list(request.inputs) == ["a", "b", "m"]
     assert request.inputs["b"].tolist() == [4] and request.inputs["m"].tolist() == [True]
+
+
+def test_binary_output_data_is_little_endian_c_order_whatever_the_array() -> None:
+    values = np.arange(12, dtype=np.float32).reshape(3, 4)
+    want = values.astype("<f4").tobytes()
+    for array in (values, values.astype(">f4"), np.asfortranarray(values), values.T.copy().T):
+        assert codec._binary_data(array) == want
+    assert codec._binary_data(np.array([True, False])) == b"\x01\x00"

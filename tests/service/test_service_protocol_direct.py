@@ -168,6 +168,9 @@ def test_the_api_key_is_checked_on_the_direct_path(repository: Path, key: str, a
                  + b"%x\r\n" % len(JSON_BODY) + JSON_BODY + b"\r\n0\r\n\r\n", id="chunked"),
     pytest.param(_post("/v2/models/classifier/infer", JSON_BODY, "Content-Encoding: identity\r\n"),
                  id="content-encoding"),
+    pytest.param(_post("/v2/models/classifier/infer", JSON_BODY).replace(b"Content-Length", b"CONTENT-ENCODING: "
+                                                                         b"identity\r\nContent-Length", 1),
+                 id="content-encoding-before-the-length"),
     pytest.param(_post("/v2/models/classifier/infer", JSON_BODY).replace(b"HTTP/1.1", b"HTTP/1.0", 1), id="http-1.0"),
     pytest.param(_post("/v2/models/classifie%72/infer", JSON_BODY), id="percent-encoded"),
     pytest.param(_post("/v2/models/classifier/infer", b" " * DIRECT_BODY_BYTES + JSON_BODY), id="large-body"),
@@ -177,6 +180,30 @@ def test_what_the_direct_path_does_not_take_goes_through_asgi_and_is_served(sett
     assert not isinstance(cycle, _DirectCycle)
     assert answers[0][0].startswith(b"HTTP/1.1 200 "), answers
     assert json.loads(answers[0][2])["outputs"][0]["shape"] == [2, 3]
+
+
+@pytest.mark.parametrize("length", [b"Content-Length", b"content-LENGTH"])
+def test_the_content_length_header_is_read_whatever_its_case_and_trailing_space(settings: Settings,
+                                                                               length: bytes) -> None:
+    raw = _post("/v2/models/classifier/infer", JSON_BODY).replace(b"Content-Length: %d" % len(JSON_BODY),
+                                                                   length + b": %d  \t" % len(JSON_BODY), 1)
+    answers, _, cycle = _answers(settings, raw, True)
+    assert isinstance(cycle, _DirectCycle)
+    assert answers[0][0].startswith(b"HTTP/1.1 200 "), answers
+
+
+def test_what_kept_one_request_off_the_direct_path_does_not_keep_the_next(settings: Settings) -> None:
+    """The headers' verdict is per request: a pipelined plain request after an encoded one is direct again."""
+    async def scenario(connect: Any) -> tuple[list[Any], Any]:
+        protocol, transport = await connect(True)
+        protocol.data_received(_post("/v2/models/classifier/infer", JSON_BODY, "Content-Encoding: identity\r\n")
+                               + _post("/v2/models/classifier/infer", JSON_BODY))
+        await until(lambda: len(responses(transport.data)) >= 2, "both answers")
+        return responses(transport.data), protocol.cycle
+
+    answers, cycle = _run(settings, scenario)
+    assert [a[0][:13] for a in answers] == [b"HTTP/1.1 200 "] * 2
+    assert isinstance(cycle, _DirectCycle)
 
 
 def test_pipelined_requests_are_answered_in_order(settings: Settings) -> None:
