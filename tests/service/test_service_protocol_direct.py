@@ -22,6 +22,7 @@ from pydantic import SecretStr
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
+from service import protocol as http_protocol
 from service.config import Settings
 from service.main import create_app
 from service.protocol import DIRECT_BODY_BYTES, HttpLimits, LimitedHttpToolsProtocol, _direct_app, _DirectCycle
@@ -767,3 +768,24 @@ def test_a_body_timeout_shorter_than_the_header_timeout_is_kept(settings: Settin
     data, took = _run(settings, scenario, HttpLimits(16384, 60.0, 0.3))
     assert data.startswith(b"HTTP/1.1 408 ") and b"BNFOLD_BODY_TIMEOUT_S" in data
     assert took < 30  # by the 0.3 s body timeout, not the 60 s header timeout's check
+
+
+@pytest.mark.parametrize(("url", "path"), [
+    (b"/v2/models/m/infer", "/v2/models/m/infer"),
+    (b"/v2/models/m/infer?x=%41", "/v2/models/m/infer"),  # escapes in the query are not the path's
+    (b"/v2/models/%6d/infer", None), (b"/v2/models/m/infer#f", None), (b"v2/models/m/infer", None),
+    ("/v2/models/é/infer".encode(), None),
+])
+def test_a_request_targets_verdict_is_the_same_when_remembered(url: bytes, path: str | None) -> None:
+    http_protocol._direct_paths.clear()
+    assert http_protocol._direct_path(url) == path
+    assert http_protocol._direct_paths[url] == path  # what the next request to it finds
+
+
+def test_the_remembered_request_targets_are_bounded() -> None:
+    http_protocol._direct_paths.clear()
+    for k in range(3 * http_protocol.DIRECT_PATHS_KEPT):
+        http_protocol._direct_path(b"/v2/models/m%d/infer" % k)
+    assert 0 < len(http_protocol._direct_paths) <= http_protocol.DIRECT_PATHS_KEPT
+    long = b"/" + b"a" * http_protocol.ROUTE_BYTES_KEPT
+    assert http_protocol._direct_path(long) == long.decode() and long not in http_protocol._direct_paths
