@@ -35,7 +35,6 @@ from service.metrics import ServiceMetrics, shared_directory
 from service.protocol import HttpLimits, protocol_factory
 from service.repository import ModelRepository
 
-YOUNG_GC_THRESHOLD = 10_000  # net container allocations between young collections (CPython's default: 700)
 KEEP_ALIVE_S = 5  # uvicorn's default: an idle keep-alive connection is closed after this
 
 
@@ -79,16 +78,9 @@ def freeze_startup_objects() -> None:
     a reference cycle among them would never be collected. Only a serving process does it (the apps of
     :func:`run` and the module-level :data:`app`): a process building many apps, a test run, would keep
     the cycles of every app it discarded.
-
-    It also raises the youngest generation's threshold to :data:`YOUNG_GC_THRESHOLD`: with 32 requests in
-    flight their live containers alone pass CPython's default of 700, so a young collection walking them
-    ran about once per batch, 3% of the CPU per request to the small CNN at 32 and 64 connections
-    (in-process, interleaved). The cycles that wait longer for a collection are at most that many objects.
     """
     gc.collect()
     gc.freeze()
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(YOUNG_GC_THRESHOLD, middle, old)
 
 
 async def _start_grpc(app: FastAPI) -> Any:
