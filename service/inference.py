@@ -77,10 +77,11 @@ class _Flow(Generic[D]):
             if offload:
                 asyncio.get_running_loop().run_in_executor(None, self.decode).add_done_callback(self._decoded)
                 return
-            decoded = self.decoded = self.decode()
-            self.batcher.enqueue(self.feeds(decoded), self._ran)  # (_submit's, without its call)
-        except Exception as exc:  # decoding, queue full, batcher failed
+            decoded = self.decode()
+        except Exception as exc:
             self._finish(exc)
+            return
+        self._submit(decoded)
 
     def _decoded(self, future: asyncio.Future[D]) -> None:
         # future.exception(), not a raising future.result(): re-raised here, the exception's traceback would

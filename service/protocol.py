@@ -79,7 +79,7 @@ DirectHandler = Callable[[str, dict[str, str], list[tuple[bytes, bytes]], bytes,
 _CONNECTION_CLOSE = (b"connection", b"close")
 _NOT_DIRECT = -1  # LimitedHttpToolsProtocol._length of a request whose headers keep it off the direct path
 _CODINGS = (b"transfer-encoding", b"content-encoding")  # headers that keep a request off the direct path
-ROUTE_BYTES_KEPT = 256  # longest request target whose verdict is remembered
+TARGET_BYTES_KEPT = 256  # longest request target whose verdict is remembered
 DIRECT_PATHS_KEPT = 256  # request targets whose direct-path verdict is remembered (cleared when full)
 _direct_paths: dict[bytes, str | None] = {}  # request target -> its path, or None: not for the direct path
 _INTERNAL_ERROR: Answer = (500, b'{"error":"internal server error"}', [(b"content-type", b"application/json")])
@@ -437,10 +437,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         cycle = _DirectCycle(handler, path, params, self.headers, parser.should_keep_alive(), self._direct_timeout_s)
         existing = self.cycle
         self.cycle = cycle  # type: ignore[assignment]
-        if existing is None or existing.response_complete:  # its turn: _begin_direct's, inline
-            cycle.started = True
-            if cycle.timeout_s is not None:
-                cycle.deadline = self.loop.time() + cycle.timeout_s
+        if existing is None or existing.response_complete:
+            self._begin_direct(cycle)
         else:  # pipelined behind a response still pending: uvicorn starts it after that one (on_response_complete)
             self.flow.pause_reading()
             self.pipeline.appendleft((cycle, None))  # type: ignore[arg-type]
@@ -635,13 +633,13 @@ _UNSEEN: Any = object()
 
 def _direct_path(url: bytes) -> str | None:
     """The path of request target ``url`` when the direct path may take it (remembered in :data:`_direct_paths`
-    for targets of at most :data:`ROUTE_BYTES_KEPT` bytes), else ``None``: escapes and a fragment are left to
+    for targets of at most :data:`TARGET_BYTES_KEPT` bytes), else ``None``: escapes and a fragment are left to
     uvicorn's URL parser, which makes the ASGI path."""
     query = url.find(b"?")
     raw_path = url if query < 0 else url[:query]
     path = None if b"%" in raw_path or b"#" in raw_path or not raw_path.isascii() or not raw_path.startswith(b"/") \
         else raw_path.decode("ascii")
-    if len(url) <= ROUTE_BYTES_KEPT:
+    if len(url) <= TARGET_BYTES_KEPT:
         if len(_direct_paths) >= DIRECT_PATHS_KEPT:
             _direct_paths.clear()
         _direct_paths[url] = path

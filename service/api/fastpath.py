@@ -178,11 +178,8 @@ class _Call:
 
     def authorized(self, read: bool) -> bool:
         """The API key check; on a miss, answer 401 (closing the connection when the body is not ``read``)."""
-        settings = self.endpoints.service.settings
-        if settings.api_key is None:  # (check_api_key's own first test, without the call)
-            return True
         try:
-            check_api_key(settings, self.headers.get(b"authorization", b""))
+            check_api_key(self.endpoints.service.settings, self.headers.get(b"authorization", b""))
         except HTTPException as exc:
             self.refuse(exc, read)
             return False

@@ -787,5 +787,5 @@ def test_the_remembered_request_targets_are_bounded() -> None:
     for k in range(3 * http_protocol.DIRECT_PATHS_KEPT):
         http_protocol._direct_path(b"/v2/models/m%d/infer" % k)
     assert 0 < len(http_protocol._direct_paths) <= http_protocol.DIRECT_PATHS_KEPT
-    long = b"/" + b"a" * http_protocol.ROUTE_BYTES_KEPT
+    long = b"/" + b"a" * http_protocol.TARGET_BYTES_KEPT
     assert http_protocol._direct_path(long) == long.decode() and long not in http_protocol._direct_paths
