@@ -6,8 +6,8 @@ source trees at once (a ``git worktree`` or ``git archive`` of each commit), and
 alternation: ``--samples`` short wrk slices each, the order rotated every round, the servers
 restarted ``--restarts`` times (one process can be 8% off another of the same code), server pinned to one
 CPU and wrk to another (as in ``serving.py``). It reports, per tree, the median req/s and the median
-server CPU per request (from ``/proc``, which moves less than req/s under noise), and each tree's
-ratio to the first.
+server CPU per request (from ``/proc``, which moves less than req/s under noise), the median of the
+slices' p50 latencies (what the c=1 goal is about), and each tree's ratio to the first.
 
     python benchmarks/serving_ab.py /tmp/bnfold-old . --model cnn --encoding binary -c 32 --samples 12
 
@@ -67,6 +67,7 @@ def run(trees: list[str], *, model: str, encoding: str, concurrency: int, second
     body, headers = chosen.oip_binary() if encoding == "binary" else chosen.oip_json()
     rps: dict[str, list[float]] = {t: [] for t in trees}
     cpu_us: dict[str, list[float]] = {t: [] for t in trees}
+    p50_ms: dict[str, list[float]] = {t: [] for t in trees}
     done = 0
     for start in range(restarts):  # fresh processes: one process of the same code can be 8% off another
         with contextlib.ExitStack() as stack:
@@ -92,16 +93,17 @@ def run(trees: list[str], *, model: str, encoding: str, concurrency: int, second
                         raise RuntimeError(f"{tree}: {load.errors} errors in a slice")
                     rps[tree].append(load.rps)
                     cpu_us[tree].append(used / max(1, load.requests) * 1e6)
+                    p50_ms[tree].append(load.p50_ms)
                 common.log(f"sample {done}/{samples}, req/s / CPU us per request in tree order: " + "  ".join(
                     f"{rps[t][-1]:.0f}/{cpu_us[t][-1]:.0f}" for t in trees))
     first = trees[0]
     rows = []
     for tree in trees:
         r, c = statistics.median(rps[tree]), statistics.median(cpu_us[tree])
-        rows.append({"tree": tree, "rps": r, "cpu_us_per_request": c,
+        rows.append({"tree": tree, "rps": r, "cpu_us_per_request": c, "p50_ms": statistics.median(p50_ms[tree]),
                      "rps_ratio": r / statistics.median(rps[first]),
                      "cpu_ratio": c / statistics.median(cpu_us[first]),
-                     "rps_samples": rps[tree], "cpu_us_samples": cpu_us[tree]})
+                     "rps_samples": rps[tree], "cpu_us_samples": cpu_us[tree], "p50_ms_samples": p50_ms[tree]})
     return {"model": model, "encoding": encoding, "concurrency": concurrency, "seconds_per_sample": seconds,
             "samples": samples, "restarts": restarts, "generator": generator, "load_average": os.getloadavg(),
             "at": time.time(), "rows": rows}
@@ -112,9 +114,15 @@ def markdown(result: dict[str, Any]) -> str:
             f"{result['seconds_per_sample']:g} s each over {result['restarts']} starts, {result['generator']}; load "
             f"{', '.join(f'{x:.2f}' for x in result['load_average'])}\n\n")
     return head + common.markdown_table(
-        ["tree", "req/s", "CPU us/request", "req/s vs first", "CPU vs first"],
-        [[r["tree"], f"{r['rps']:.0f}", f"{r['cpu_us_per_request']:.1f}", f"{r['rps_ratio']:.3f}",
+        ["tree", "req/s", "CPU us/request", "p50 ms", "req/s vs first", "CPU vs first"],
+        [[r["tree"], f"{r['rps']:.0f}", f"{r['cpu_us_per_request']:.1f}", _p50(r), f"{r['rps_ratio']:.3f}",
           f"{r['cpu_ratio']:.3f}"] for r in result["rows"]])
+
+
+def _p50(row: dict[str, Any]) -> str:
+    """The median p50 (results written before it was recorded have none)."""
+    return f"{row['p50_ms']:.3f}" if "p50_ms" in row else "-"
+
 
 
 def main(argv: list[str] | None = None) -> int:

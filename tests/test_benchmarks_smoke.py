@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 import time
@@ -128,7 +129,9 @@ def test_serving_ab_measures_each_tree_over_fresh_starts(tmp_path: Path, capsys:
     ours, floor = result["rows"]
     assert (ours["tree"], floor["tree"]) == (str(ROOT), "floor")
     for row in result["rows"]:
-        assert len(row["rps_samples"]) == len(row["cpu_us_samples"]) == 3 and all(map(_positive, row["rps_samples"]))
+        assert len(row["rps_samples"]) == len(row["cpu_us_samples"]) == len(row["p50_ms_samples"]) == 3
+        assert all(map(_positive, row["rps_samples"])) and all(map(_positive, row["p50_ms_samples"]))
+        assert row["p50_ms"] == statistics.median(row["p50_ms_samples"])
     assert ours["rps_ratio"] == 1.0 and floor["rps_ratio"] == pytest.approx(floor["rps"] / ours["rps"])
     assert "| floor |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="not a bnfold source tree"):
