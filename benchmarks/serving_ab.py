@@ -115,14 +115,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"{', '.join(f'{x:.2f}' for x in result['load_average'])}\n\n")
     return head + common.markdown_table(
         ["tree", "req/s", "CPU us/request", "p50 ms", "req/s vs first", "CPU vs first"],
-        [[r["tree"], f"{r['rps']:.0f}", f"{r['cpu_us_per_request']:.1f}", _p50(r), f"{r['rps_ratio']:.3f}",
+        [[r["tree"], f"{r['rps']:.0f}", f"{r['cpu_us_per_request']:.1f}", f"{r['p50_ms']:.3f}", f"{r['rps_ratio']:.3f}",
           f"{r['cpu_ratio']:.3f}"] for r in result["rows"]])
-
-
-def _p50(row: dict[str, Any]) -> str:
-    """The median p50 (results written before it was recorded have none)."""
-    return f"{row['p50_ms']:.3f}" if "p50_ms" in row else "-"
-
 
 
 def main(argv: list[str] | None = None) -> int:

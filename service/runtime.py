@@ -20,8 +20,9 @@ mantissa, about 1e-3 relative error on Ampere and newer GPUs), so the certificat
 
 A CPU-only session fed numpy arrays is run through onnxruntime's binding (``session._sess.run``), past the
 Python ``run``'s per-call checks (WebGPU graph capture, OrtValues of another session, provider fallback:
-none applies), with its missing-input check made here; anything else takes the public ``run``. Live, at
-one connection, this cut the server CPU per request of the digits CNN by 18% (``benchmarks/serving_ab.py``).
+none applies), with its missing-input check made here; anything else takes the public ``run``. The checks
+cost 2-3 us a call in a hot loop; in one live A/B at one connection (``benchmarks/serving_ab.py``, digits
+CNN) the server CPU per request went to 0.82x.
 """
 
 from __future__ import annotations
@@ -108,10 +109,7 @@ class ModelRuntime:
         self.output_names = [spec.name for spec in self.outputs]
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self.batches = all(len(s.shape) >= 1 and s.shape[0] == -1 for s in (*self.inputs, *self.outputs))
-        # onnxruntime's Python ``run`` checks, per call, for WebGPU graph capture, missing inputs and OrtValues of
-        # another session, then calls its binding (``_sess.run``): 2-3 us a call here. On a CPU-only session
-        # (no provider fallback to retry) fed numpy arrays, only the missing-input check can fail, and
-        # :meth:`run` makes it itself; elsewhere, or without that binding, the public ``run``.
+        # onnxruntime's binding, for :meth:`run` (see the module docstring), and the inputs it must be given.
         binding = getattr(self.session, "_sess", None)
         self._direct_run = binding.run if self.providers == (CPU,) and binding is not None else None
         self._required = frozenset(arg.name for arg in self.session.get_inputs() if not arg.type.startswith("optional"))
