@@ -30,8 +30,12 @@ group) except during its own slices and warm-up; the results say which were, and
 (g) with ``--baseline DIR``: ``bnfold serve`` (batching) from another source tree, e.g. the commit
     before a change (``git archive COMMIT | tar -x -C DIR``), labelled ``--baseline-label``;
 (h) the Python floor (``oip_floor.py``): the cheapest OIP server we could write in Python (httptools,
-    orjson, per-iteration batching, onnxruntime inline, no checks). A goal the floor misses too is
-    beyond any Python server; one it meets is bnfold's own overhead (the goals table says which).
+    orjson, per-iteration batching, onnxruntime inline, no checks), and the same floor with
+    ``bnfold serve``'s per-request checks (``oip_floor.py --checks``: limits, API key, byte budget,
+    deadline, validation, metrics, error answers, with the service's own functions). A goal the
+    floor misses too is beyond any Python server; one the floor meets and the checked floor misses
+    is beyond any Python server that keeps bnfold's checks; one both meet is bnfold's own structure
+    (the goals table says which).
 
 Bodies are Open Inference Protocol requests of one sample, JSON (``data`` as a flat list) or binary
 (raw FP32 after a JSON header; binary output requested). Models: bnfold's ``resnet`` on 3x32x32
@@ -72,6 +76,7 @@ BENTOML_VENV = common.BENCH / ".venv-bentoml"
 BENTOML_PIN = "bentoml==1.4.39"
 SERVER_CPUS, GENERATOR_CPUS = {0}, {1}
 BN, CEIL, FLOOR = "bnfold serve (batching)", "in-process onnxruntime", "Python floor (no checks)"
+FLOOR_CHECKS = "Python floor + bnfold's checks"
 
 
 @dataclass(frozen=True)
@@ -423,9 +428,11 @@ def targets(models: dict[str, Model], workdir: Path, bentoml: Path | None, peers
                         f"http://127.0.0.1:{port}/v2/health/ready",
                         {m: f"http://127.0.0.1:{port}/v2/models/{m}/infer" for m in models}, ("json", "binary")))
     port = free_port()
-    found.append(Target(FLOOR, [py, str(common.BENCH / "oip_floor.py"), str(port),
-                                *[f"{m.name}={m.onnx}" for m in models.values()]], f"http://127.0.0.1:{port}/",
-                        {m: f"http://127.0.0.1:{port}/v2/models/{m}/infer" for m in models}, ("json", "binary")))
+    for label, flags in ((FLOOR, []), (FLOOR_CHECKS, ["--checks"])):
+        port = free_port()
+        found.append(Target(label, [py, str(common.BENCH / "oip_floor.py"), *flags, str(port),
+                                    *[f"{m.name}={m.onnx}" for m in models.values()]], f"http://127.0.0.1:{port}/",
+                            {m: f"http://127.0.0.1:{port}/v2/models/{m}/infer" for m in models}, ("json", "binary")))
     if bentoml is not None:
         port = free_port()
         found.append(Target("BentoML (adaptive batching)",
@@ -760,23 +767,31 @@ def _goals(body: dict[str, Any], model: str, encoding: str, server: str = BN) ->
 
 
 def goal_verdicts(body: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each of bnfold's issue-16 goals beside the floor's value in the same run, and why a missed one is missed.
+    """Each of bnfold's issue-16 goals beside the floors' values in the same run, and why a missed one is missed.
 
     Verdict: ``met``; ``floor misses it too`` (the least an OIP server written in Python does misses it as
     well: a measured bound, not a proof; bnfold's distance from the floor's value is its own cost);
-    ``bnfold overhead`` (the floor meets it: bnfold's own cost, fixable); ``floor not measured``.
+    ``the checks`` (the floor meets it, the floor with bnfold's checks does not: no server keeping those
+    checks written this way meets it); ``bnfold overhead`` (both floors meet it: bnfold's own structure,
+    fixable); ``floor not measured``.
     """
     out = []
     for model in sorted({r["model"] for r in body["results"]}):
         for encoding in ("json", "binary"):
             floor = {g["target"]: g for g in _goals(body, model, encoding, FLOOR)}
+            checked = {g["target"]: g for g in _goals(body, model, encoding, FLOOR_CHECKS)}
             for goal in _goals(body, model, encoding):
-                other = floor.get(goal["target"])
+                other, with_checks = floor.get(goal["target"]), checked.get(goal["target"])
                 verdict = ("met" if goal["met"] else "floor not measured" if other is None
-                           else "bnfold overhead" if other["met"] else "floor misses it too")
+                           else "floor misses it too" if not other["met"]
+                           else "the checks" if with_checks is not None and not with_checks["met"]
+                           else "bnfold overhead")
                 out.append({"goal": goal["target"], "model": model, "encoding": encoding, "bnfold": goal["value"],
                             "floor": None if other is None else other["value"], "met": goal["met"],
-                            "floor_met": None if other is None else other["met"], "verdict": verdict})
+                            "floor_met": None if other is None else other["met"],
+                            "floor_checks": None if with_checks is None else with_checks["value"],
+                            "floor_checks_met": None if with_checks is None else with_checks["met"],
+                            "verdict": verdict})
     return out
 
 
@@ -855,11 +870,12 @@ def markdown(body: dict[str, Any]) -> str:
             text += common.markdown_table(header_, shares)
     verdicts = body.get("goals") or goal_verdicts(body)
     if verdicts:
-        text += "\n### Issue 16 goals: bnfold beside the Python floor (oip_floor.py), same run\n\n"
+        text += "\n### Issue 16 goals: bnfold beside the Python floors (oip_floor.py), same run\n\n"
         text += common.markdown_table(
-            ["goal", "model", "body", "bnfold", "floor", "verdict"],
+            ["goal", "model", "body", "bnfold", "floor", "floor + checks", "verdict"],
             [[v["goal"], v["model"], v["encoding"], _number(v["goal"], v["bnfold"]),
               "-" if v["floor"] is None else _number(v["goal"], v["floor"]),
+              "-" if v.get("floor_checks") is None else _number(v["goal"], v["floor_checks"]),
               v["verdict"] if v["met"] else f"**not met**: {v['verdict']}"] for v in verdicts])
     latency = body.get("latency_floor")
     if latency:

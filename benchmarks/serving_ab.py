@@ -11,9 +11,9 @@ slices' p50 latencies (what the c=1 goal is about), and each tree's ratio to the
 
     python benchmarks/serving_ab.py /tmp/bnfold-old . --model cnn --encoding binary -c 32 --samples 12
 
-``floor`` in place of a tree measures ``oip_floor.py`` beside them. Results go to stdout as a table
-and, with ``--json``, to a file; nothing is checked in by default (a checked-in claim belongs to
-``serving.py``'s run).
+``floor`` in place of a tree measures ``oip_floor.py`` beside them, ``floor-checks`` ``oip_floor.py --checks``.
+Results go to stdout as a table and, with ``--json``, to a file; nothing is checked in by default (a
+checked-in claim belongs to ``serving.py``'s run).
 """
 
 from __future__ import annotations
@@ -32,11 +32,13 @@ if __package__ in (None, ""):
 
 from benchmarks import common, loadgen, serving
 
+FLOORS = {"floor": [], "floor-checks": ["--checks"]}  # oip_floor.py, plain and with the service's checks
+
 
 def _command(tree: str, port: int, workdir: Path, models: dict[str, serving.Model]) -> tuple[list[str], dict[str, str],
                                                                                             Path, str]:
-    if tree == "floor":
-        return ([sys.executable, str(common.BENCH / "oip_floor.py"), str(port),
+    if tree in FLOORS:
+        return ([sys.executable, str(common.BENCH / "oip_floor.py"), *FLOORS[tree], str(port),
                  *[f"{m.name}={m.onnx}" for m in models.values()]], {}, common.ROOT, f"http://127.0.0.1:{port}/")
     root = Path(tree).resolve()
     env = {"BNFOLD_MODEL_REPOSITORY": str(workdir / "repo-batching"), "BNFOLD_PORT": str(port),
@@ -52,9 +54,9 @@ def run(trees: list[str], *, model: str, encoding: str, concurrency: int, second
     code differ by up to 8% here (measured: three copies of one tree), more than the changes measured.
     """
     for tree in trees:  # before any work
-        if tree != "floor" and not (Path(tree) / "service" / "__main__.py").is_file():
+        if tree not in FLOORS and not (Path(tree) / "service" / "__main__.py").is_file():
             raise SystemExit(f"error: {tree} is not a bnfold source tree (no service/__main__.py); "
-                             "pass a checkout, a `git archive` of one, or `floor`")
+                             "pass a checkout, a `git archive` of one, `floor` or `floor-checks`")
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) >= 2:
         serving.SERVER_CPUS, serving.GENERATOR_CPUS = {cpus[0]}, {cpus[1]}
@@ -121,7 +123,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("trees", nargs="+", help="bnfold source trees (or `floor`); the first is the reference")
+    parser.add_argument("trees", nargs="+",
+                        help="bnfold source trees (or `floor`, `floor-checks`); the first is the reference")
     parser.add_argument("--model", choices=("cnn", "resnet"), default="cnn")
     parser.add_argument("--encoding", choices=("binary", "json"), default="binary")
     parser.add_argument("-c", "--concurrency", type=int, default=32)

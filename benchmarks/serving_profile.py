@@ -320,19 +320,27 @@ def live(repo: Path, model: serving.Model, encoding: str, concurrency: int, seco
     return result
 
 
-def live_floor(model: serving.Model, encoding: str, seconds: float) -> dict[str, float]:
-    """Server CPU per request at c=32 of the Python floor (``oip_floor.py``: the least work an OIP server
-    can do, onnxruntime included) for ``model`` with ``encoding`` bodies."""
+def live_floor(model: serving.Model, encoding: str, seconds: float, checks: bool = False) -> dict[str, float]:
+    """Server CPU per request at c=32 and c=1, and the c=1 p50, of the Python floor (``oip_floor.py``: the least
+    work an OIP server can do, onnxruntime included; with ``checks``, ``--checks``: plus ``bnfold serve``'s
+    per-request checks) for ``model`` with ``encoding`` bodies."""
     port = serving.free_port()
     body, headers = model.oip_binary() if encoding == "binary" else model.oip_json()
-    with serving.server([sys.executable, str(common.BENCH / "oip_floor.py"), str(port), f"{model.name}={model.onnx}"],
-                        f"http://127.0.0.1:{port}/", log=common.CACHE / "serving-profile" / "floor.log") as proc:
+    command = [sys.executable, str(common.BENCH / "oip_floor.py"), *(["--checks"] if checks else []), str(port),
+               f"{model.name}={model.onnx}"]
+    log = common.CACHE / "serving-profile" / ("floor-checks.log" if checks else "floor.log")
+    with serving.server(command, f"http://127.0.0.1:{port}/", log=log) as proc:
         url = f"http://127.0.0.1:{port}/v2/models/{model.name}/infer"
         loadgen.run_wrk(url, body, headers, concurrency=32, seconds=1, cpus=serving.GENERATOR_CPUS)
-        before = _ticks(proc.pid)
-        load = loadgen.run_wrk(url, body, headers, concurrency=32, seconds=seconds, cpus=serving.GENERATOR_CPUS)
-        cpu_us = (_ticks(proc.pid) - before) / os.sysconf("SC_CLK_TCK") / max(1, load.requests) * 1e6
-    return {"rps": load.rps, "server_cpu_us_per_request": cpu_us}
+        found: dict[str, float] = {}
+        for c, suffix in ((32, ""), (1, "_c1")):
+            before = _ticks(proc.pid)
+            load = loadgen.run_wrk(url, body, headers, concurrency=c, seconds=seconds, cpus=serving.GENERATOR_CPUS)
+            found["server_cpu_us_per_request" + suffix] = \
+                (_ticks(proc.pid) - before) / os.sysconf("SC_CLK_TCK") / max(1, load.requests) * 1e6
+            found["rps" + suffix] = load.rps
+            found["p50_ms" + suffix] = load.p50_ms
+    return found
 
 
 def live_trivial(body: bytes, seconds: float) -> dict[str, float]:
@@ -409,9 +417,10 @@ def run(out: Path, *, mode: str = "full") -> dict[str, Any]:
             body_bytes = (model.oip_binary() if encoding == "binary" else model.oip_json())[0]
             common.log(f"serving profile: {model.name} {encoding}: the trivial endpoint's floor")
             trivial = live_trivial(body_bytes, seconds)
-            common.log(f"serving profile: {model.name} {encoding}: the Python floor")
+            common.log(f"serving profile: {model.name} {encoding}: the Python floors, plain and with the checks")
             rows.append({"model": model.name, "encoding": encoding, "stages_us": stages, "live": results,
-                         "trivial_http": trivial, "python_floor": live_floor(model, encoding, seconds)})
+                         "trivial_http": trivial, "python_floor": live_floor(model, encoding, seconds),
+                         "python_floor_checks": live_floor(model, encoding, seconds, checks=True)})
     body = {"benchmark": "serving_profile", "mode": mode, "machine": common.machine(), "py_spy": py_spy,
             "settings": {"calls_per_round": n, "rounds": rounds, "live_seconds": seconds,
                          "server_cpus": sorted(serving.SERVER_CPUS), "generator_cpus": sorted(serving.GENERATOR_CPUS)},
@@ -451,6 +460,23 @@ def markdown(body: dict[str, Any]) -> str:
         over = [r["live"]["32"]["server_cpu_us_per_request"] - r["python_floor"]["server_cpu_us_per_request"]
                 for r in body["results"]]
         rows.append(["bnfold over the Python floor, c=32 (checks, layers)", *[f"{v:.1f}" for v in over]])
+    if all("python_floor_checks" in r for r in body["results"]):
+        for c, suffix in ((1, "_c1"), (32, "")):
+            for label, key in (("Python floor", "python_floor"), ("Python floor + checks", "python_floor_checks")):
+                rows.append([f"{label}, live CPU per request, c={c}",
+                             *[f"{r[key]['server_cpu_us_per_request' + suffix]:.1f}" for r in body["results"]]])
+        for c, suffix in ((1, "_c1"), (32, "")):
+            rows.append([f"the checks: floor + checks over the floor, c={c}",
+                         *[f"{_over(r['python_floor_checks'], r['python_floor'], suffix):.1f}"
+                           for r in body["results"]]])
+            rows.append([f"bnfold's structure: bnfold over floor + checks, c={c}",
+                         *[f"{_over(r['live'][str(c)], r['python_floor_checks'], suffix):.1f}"
+                           for r in body["results"]]])
+        rows.append(["c=1 p50 (us): floor / floor + checks / bnfold",
+                     *[" / ".join(f"{1e3 * p50:.0f}" for p50 in (r["python_floor"]["p50_ms_c1"],
+                                                               r["python_floor_checks"]["p50_ms_c1"],
+                                                               r["live"]["1"]["p50_ms"]))
+                       for r in body["results"]]])
     text += common.markdown_table(header, rows)
     text += ("\nThe stages are timed one by one; *whole request in-process* is one request through the real app "
              "and protocol (fake transport). At c=32 onnxruntime runs batches, so its cost per request is below "
@@ -465,6 +491,13 @@ def markdown(body: dict[str, Any]) -> str:
             [[s, *[f"{100 * r['live']['32']['profile_shares'].get(s, 0.0):.1f}"
                    for r in profiled]] for s in STAGES])
     return text
+
+
+def _over(ours: dict[str, float], other: dict[str, float], suffix: str) -> float:
+    """Server CPU per request of ``ours`` over ``other``'s; the floors' c=1 values carry ``suffix``, bnfold's
+    live rows (one per concurrency) none."""
+    mine = ours.get("server_cpu_us_per_request" + suffix, ours["server_cpu_us_per_request"])
+    return mine - other["server_cpu_us_per_request" + suffix]
 
 
 def _cell(value: float | None) -> str:

@@ -99,10 +99,10 @@ def test_serving_values(smoke: Path) -> None:
     body = _load(smoke, "serving")
     servers = {r["server"] for r in body["results"]}
     assert servers == {"bnfold serve (batching)", "naive FastAPI + PyTorch", "Python floor (no checks)",
-                       "in-process onnxruntime"}
+                       "Python floor + bnfold's checks", "in-process onnxruntime"}
     for r in body["results"]:
         assert r["errors"] == 0 and _positive(r["rps"]) and 0 < r["p50_ms"] <= r["p99_ms"]
-    assert len(body["checks"]) == 6 and all(c["max_abs_error_vs_inprocess"] <= 1e-4 for c in body["checks"])
+    assert len(body["checks"]) == 8 and all(c["max_abs_error_vs_inprocess"] <= 1e-4 for c in body["checks"])
     assert all(c["concurrent_requests"] == serving.CONCURRENT_CHECK and c["max_abs_error_concurrent"] <= 1e-4
                for c in body["checks"])
     assert all(_positive(g["rps"]) and g["errors"] == 0 for g in body["generator_ceiling"])
@@ -115,7 +115,8 @@ def test_serving_values(smoke: Path) -> None:
         assert set(r["beside"]) == {"json", "binary"} and r["requests"] >= 2 * 5 * r["concurrency"]
         assert all(_positive(b["rps"]) for b in r["beside"].values())
     assert body["goals"] == serving_goal_verdicts(body)
-    assert body["goals"] and {v["verdict"] for v in body["goals"]} <= {"met", "floor misses it too", "bnfold overhead"}
+    assert body["goals"] and {v["verdict"] for v in body["goals"]} <= {"met", "floor misses it too", "the checks",
+                                                                   "bnfold overhead"}
 
 
 def test_serving_ab_measures_each_tree_over_fresh_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -207,10 +208,12 @@ def _ceiling(model: str, c: int, rps: float, p50: float, beside: dict[str, tuple
 
 
 def test_serving_goals_beside_the_floor_from_rows() -> None:
-    """Each goal shows bnfold and the floor; a miss is the floor's too (beyond it) or bnfold's alone (overhead)."""
+    """Each goal shows bnfold and both floors; a miss is the floor's too (beyond it), the checked floor's (the
+    checks), or bnfold's alone (overhead)."""
     from benchmarks import serving
 
     bn, floor, before = "bnfold serve (batching)", "Python floor (no checks)", "bnfold serve, before"
+    checks = "Python floor + bnfold's checks"
     body: dict[str, Any] = {"settings": {"baseline": {"label": before, "tree": "/x"}}, "results": [
         # resnet binary: the floor meets 0.92 of the ceiling, bnfold does not (overhead)
         _row(bn, "resnet", "binary", 32, 800.0, 40.0), _row(floor, "resnet", "binary", 32, 940.0, 30.0),
@@ -224,16 +227,27 @@ def test_serving_goals_beside_the_floor_from_rows() -> None:
         # cnn binary c=32: 1.4x the baseline, the floor 5x; no floor row for json (not measured)
         _row(bn, "cnn", "binary", 32, 1400.0, 20.0), _row(floor, "cnn", "binary", 32, 5000.0, 6.0),
         _row(before, "cnn", "binary", 32, 1000.0, 30.0), _row(bn, "cnn", "json", 32, 1600.0, 20.0),
-        _row(before, "cnn", "json", 32, 1000.0, 30.0)]}
+        _row(before, "cnn", "json", 32, 1000.0, 30.0),
+        # resnet binary c=32: the checked floor meets it too (0.93): still bnfold's overhead
+        _row(checks, "resnet", "binary", 32, 930.0, 31.0),
+        # resnet binary c=1: the floor within 0.1 ms, the checked floor not (the checks), bnfold not
+        _row(bn, "resnet", "binary", 1, 1000.0, 0.30), _row(floor, "resnet", "binary", 1, 2000.0, 0.12),
+        _row(checks, "resnet", "binary", 1, 1500.0, 0.20),
+        _ceiling("resnet", 1, 3000.0, 0.05, {"json": (3000.0, 0.05), "binary": (3000.0, 0.05)})]}
     got = {(v["goal"], v["model"], v["encoding"]): v for v in serving.goal_verdicts(body)}
     share92, share75 = "c=32 req/s >= 0.92 of in-process onnxruntime", "c=32 req/s >= 0.75 of in-process onnxruntime"
     p50, gain = "c=1 p50 within 0.1 ms of in-process onnxruntime", f"c=32 req/s >= 1.5x {before}"
     overhead = got[share92, "resnet", "binary"]
     assert (overhead["bnfold"], overhead["floor"]) == (pytest.approx(0.80), pytest.approx(0.94))
     assert overhead["verdict"] == "bnfold overhead" and not overhead["met"] and overhead["floor_met"]
+    assert overhead["floor_checks"] == pytest.approx(0.93) and overhead["floor_checks_met"]
+    by_checks = got[p50, "resnet", "binary"]
+    assert (by_checks["bnfold"], by_checks["floor"], by_checks["floor_checks"]) == \
+        (pytest.approx(0.25), pytest.approx(0.07), pytest.approx(0.15))
+    assert by_checks["verdict"] == "the checks" and by_checks["floor_met"] and not by_checks["floor_checks_met"]
     beyond = got[share75, "resnet", "json"]
     assert (beyond["bnfold"], beyond["floor"]) == (pytest.approx(0.50), pytest.approx(0.70))
-    assert beyond["verdict"] == "floor misses it too"
+    assert beyond["verdict"] == "floor misses it too" and beyond["floor_checks"] is None
     assert got[p50, "cnn", "binary"]["verdict"] == "met"
     assert got[p50, "cnn", "binary"]["bnfold"] == pytest.approx(0.07)
     assert got[p50, "cnn", "json"]["verdict"] == "floor misses it too"
@@ -244,15 +258,17 @@ def test_serving_goals_beside_the_floor_from_rows() -> None:
     assert got[gain, "cnn", "json"]["floor"] is None
     header, *rows = serving.floor_shares(body)
     assert header == ["server", "cnn json", "cnn binary", "resnet json", "resnet binary"]
-    assert rows == [[bn, "-", "0.28", "0.71", "0.85"], [before, "-", "0.20", "-", "-"]]
+    assert rows == [[bn, "-", "0.28", "0.71", "0.85"], [before, "-", "0.20", "-", "-"], [checks, "-", "-", "-", "0.99"]]
     header, *rows = serving.ceiling_shares(body)
     assert rows[:2] == [[bn, "-", "-", "0.50", "0.80"], [floor, "-", "-", "0.70", "0.94"]]
     text = serving.markdown({**body, "machine": {"load_average_1_5_15": [1.0, 1.0, 1.0]}, "generator_ceiling": [],
                              "targets": [], "latency_floor": {"concurrency": 1, "p50_ms": 0.18},
                              "settings": {**body["settings"], "generator": "wrk", "generator_cpus": [1],
                                           "server_cpus": [0], "seconds_per_point": 1.0, "concurrency": [1, 32]}})
-    assert "| c=32 req/s >= 0.75 of in-process onnxruntime | resnet | json | 0.50 | 0.70 | " \
+    assert "| c=32 req/s >= 0.75 of in-process onnxruntime | resnet | json | 0.50 | 0.70 | - | " \
            "**not met**: floor misses it too |" in text
+    assert "| c=1 p50 within 0.1 ms of in-process onnxruntime | resnet | binary | 0.25 ms | 0.07 ms | 0.15 ms | " \
+           "**not met**: the checks |" in text
     assert "c=1 in p50 0.180 ms" in text
 
 
