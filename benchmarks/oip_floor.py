@@ -166,7 +166,9 @@ class _Checked:
         return self.answered
 
     def cancel(self) -> None:
-        self.error(504, "the request did not finish in time")
+        from service.api.fastpath import late_message
+
+        self.error(504, late_message(True, self.checks.deadlines.timeout_s))
 
     def error(self, status: int, message: str) -> None:
         self.checks.metrics.http_error(status)
@@ -260,8 +262,9 @@ class _CheckedConnection(_Connection):
         from fastapi import HTTPException
 
         from service.api.deps import check_api_key
-        from service.api.errors import STATUS, http_error
+        from service.api.errors import OUTCOME, http_error
         from service.errors import ModelNotFound, ServiceError
+        from service.metrics import UNKNOWN_MODEL
 
         if self.parser.get_method() != b"POST":
             self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
@@ -270,6 +273,7 @@ class _CheckedConnection(_Connection):
         settings = checks.settings
         call = _Checked(self, checks)
         body = b"".join(self.body)
+        floor = None
         try:
             if self.head_bytes > settings.max_header_bytes:
                 raise HTTPException(431, "headers too large")
@@ -289,9 +293,11 @@ class _CheckedConnection(_Connection):
         except HTTPException as exc:
             call.error(exc.status_code, str(exc.detail))
             return
-        except ServiceError as exc:
-            checks.metrics.request(self.url.decode("latin-1"), "error")
-            call.error(STATUS.get(type(exc), 500), str(http_error(exc).detail))
+        except ServiceError as exc:  # as bnfold counts it: by model (bounded labels) and outcome
+            error = http_error(exc)
+            label = floor.name if isinstance(floor, CheckedFloor) else UNKNOWN_MODEL
+            checks.metrics.request(label, OUTCOME.get(error.status_code, "error"))
+            call.error(error.status_code, str(error.detail))
             return
         floor.enqueue(call)
 

@@ -427,7 +427,6 @@ def targets(models: dict[str, Model], workdir: Path, bentoml: Path | None, peers
                                                     *[f"--model={m.name}={m.checkpoint}" for m in models.values()]],
                         f"http://127.0.0.1:{port}/v2/health/ready",
                         {m: f"http://127.0.0.1:{port}/v2/models/{m}/infer" for m in models}, ("json", "binary")))
-    port = free_port()
     for label, flags in ((FLOOR, []), (FLOOR_CHECKS, ["--checks"])):
         port = free_port()
         found.append(Target(label, [py, str(common.BENCH / "oip_floor.py"), *flags, str(port),
